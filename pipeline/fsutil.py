@@ -1,0 +1,55 @@
+"""Filesystem helpers shared by stages: the cache folder and atomic writes.
+
+Why atomic: cron may kill a run at any moment (reboot, OOM, timeout). Readers
+of our outputs (the inventory system, the next night's run) must see either
+the previous complete file or the new complete file, never a torn one. Writing
+to a temporary file in the same folder and ``os.replace``-ing it gives exactly
+that on POSIX filesystems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: ``$LABELCAT_CACHE`` or ``~/.cache/labelcat``."""
+    base = os.environ.get("LABELCAT_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "labelcat"
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success, rename it over ``dest``.
+
+    On any exception the temporary file is removed and ``dest`` is untouched.
+    The temporary name starts with a dot so globbing readers skip it, and ends
+    with ``suffix`` for writers (Keras) that insist on an extension.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dir_fd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
