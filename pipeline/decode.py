@@ -121,8 +121,6 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         if fmt:
             raise DecodeError("unsupported_format", f"{fmt} is not supported") from None
         raise DecodeError("not_an_image", "not a recognised image format") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
-        raise DecodeError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _decoder_error(exc) from None
     w, h = img.size
@@ -175,14 +173,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
-    """Decode ``data`` to an upright RGB image, first frame only.
+    """Decode ``data`` to an upright RGB image, first frame only (see ``decode_opened``)."""
+    return decode_opened(open_image(data, max_pixels), min_side)
+
+
+def decode_opened(img: Image.Image, min_side: int | None = None) -> Image.Image:
+    """Decode an image from ``open_image`` to upright RGB, first frame only.
 
     ``min_side``: the caller needs at least this many pixels on each side, so a
     JPEG may be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
     (draft mode); a 4000 px photo bound for a 224 px model never exists at full
     size in memory.
     """
-    img = open_image(data, max_pixels)
     try:
         if min_side and img.format == "JPEG":
             img.draft(None, (min_side, min_side))
@@ -191,8 +193,6 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | No
         img = ImageOps.exif_transpose(img) or img
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _decoder_error(exc) from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - guard disabled above
-        raise DecodeError("too_large", str(exc)) from None
     return to_rgb(img)
 
 

@@ -1,0 +1,87 @@
+"""Filter junk: photos that should not go into the catalogue, each with a reason.
+
+Two families of checks. Quality checks need only pixels and run before the
+model (a blank upload is not worth classifying, nor deduplicating: every
+blank image hashes alike). Semantic checks need the model's opinion: the
+photo shows no product at all (its ImageNet evidence is an animal, a remote
+control, a circuit board...), or it confidently contradicts the folder or
+hint it was filed under (the remote in the TV folder). Junk rows keep the
+model's label and confidence so a reviewer can overrule the filter.
+
+Default thresholds were chosen on sample_catalog (see README, "Junk rules").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class JunkConfig:
+    min_side: int = 64  # pixels; thumbnails and tracking pixels are smaller
+    blank_std: float = 5.0  # greyscale standard deviation (0-255) below which a photo is blank
+    max_aspect: float = 4.0  # banners and strips
+    not_product: float = 0.4  # not-product group mass that makes a photo junk
+    min_product_evidence: float = 0.3  # below this much product mass the photo shows no product we know
+    mismatch_confidence: float = 0.85  # a confident contradiction of the hint...
+    weak_evidence: float = 0.6  # ...or a contradiction with this little product evidence...
+    hint_floor: float = 0.05  # ...while the hint's own category gets less than this
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Pixel statistics behind the quality checks, written to the output."""
+
+    pixel_std: float
+    aspect_ratio: float
+
+
+def quality_stats(img: Image.Image) -> Quality:
+    """Greyscale spread and long/short side ratio of an upright RGB image."""
+    small = img.convert("L")
+    small.thumbnail((128, 128))
+    std = float(np.asarray(small, dtype=np.float32).std())
+    w, h = img.size
+    return Quality(pixel_std=std, aspect_ratio=max(w, h) / max(1, min(w, h)))
+
+
+def quality_reason(q: Quality, width: int, height: int, cfg: JunkConfig) -> str | None:
+    """The first failed quality check as ``code: detail``, or None."""
+    if min(width, height) < cfg.min_side:
+        return f"too_small: {width}x{height} < {cfg.min_side} px"
+    if q.pixel_std < cfg.blank_std:
+        return f"near_blank: pixel std {q.pixel_std:.1f} < {cfg.blank_std}"
+    if q.aspect_ratio > cfg.max_aspect:
+        return f"extreme_aspect: {q.aspect_ratio:.1f}:1 > {cfg.max_aspect}:1"
+    return None
+
+
+def semantic_reason(
+    label: str,
+    confidence: float,
+    probs: np.ndarray,
+    categories: list[str],
+    product_mass: float,
+    group_mass: np.ndarray,
+    groups: list[str],
+    hint_category: str | None,
+    cfg: JunkConfig,
+) -> str | None:
+    """Why the model says this photo does not belong, or None."""
+    if group_mass.size:
+        g = int(group_mass.argmax())
+        if group_mass[g] >= cfg.not_product:
+            return f"not_product: looks like {groups[g].replace('_', ' ')} ({group_mass[g]:.2f})"
+    if group_mass.size and product_mass < cfg.min_product_evidence:
+        return f"no_product: product evidence {product_mass:.2f} < {cfg.min_product_evidence}"
+    if hint_category and label != hint_category:
+        p_hint = float(probs[categories.index(hint_category)])
+        if p_hint < cfg.hint_floor and (confidence >= cfg.mismatch_confidence or product_mass < cfg.weak_evidence):
+            return (
+                f"hint_mismatch: filed as {hint_category} ({p_hint:.2f}) "
+                f"but looks like {label} ({confidence:.2f})"
+            )
+    return None
