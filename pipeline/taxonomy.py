@@ -84,9 +84,7 @@ def _resolve_entry(entry: object, classes: list[str], first_names: dict[str, lis
         if not 0 <= lo <= hi < len(classes):
             raise TaxonomyError(f"ImageNet range {entry!r} out of range")
         return list(range(lo, hi + 1))
-    if entry in classes:
-        return [classes.index(entry)]
-    hits = first_names.get(entry, [])
+    hits = [i for i, name in enumerate(classes) if name == entry] or first_names.get(entry, [])
     if len(hits) == 1:
         return hits
     if not hits:
