@@ -15,15 +15,17 @@ copies whose *pixels* were rotated by 90/180/270 degrees are caught by also
 querying the index with the pHash of each rotation.
 
 Scaling: near-duplicate search uses multi-index hashing (Norouzi et al.):
-the 64-bit pHash is cut into ``m`` 16-bit blocks; two hashes within Hamming
-distance ``r`` agree within ``r // m`` bits on at least one block
-(pigeonhole), so a query probes only the buckets within that small radius of
-each of its blocks instead of comparing against every kept photo.
+the 64-bit pHash is cut into ``m`` blocks; two hashes within Hamming distance
+``r`` agree within ``r // m`` bits on at least one block (pigeonhole), so a
+query probes only the buckets within that small radius of each of its blocks
+instead of comparing against every kept photo. ``m`` is chosen from a cost
+model as the collection grows.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -119,51 +121,90 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(((a - b) ** 2).sum(axis=-1)).max() / np.sqrt(3.0))
 
 
+def _within(bits: int, radius: int) -> int:
+    """How many keys lie within ``radius`` bits of a ``bits``-bit key."""
+    return sum(math.comb(bits, d) for d in range(radius + 1))
+
+
+def _widths(blocks: int) -> list[int]:
+    return [HASH_BITS // blocks + (1 if i < HASH_BITS % blocks else 0) for i in range(blocks)]
+
+
+def plan_blocks(n: int, radius: int) -> int:
+    """Block count that minimises expected query cost for ``n`` stored hashes.
+
+    A query with ``m`` blocks of ``b`` bits probes ``m * V(b, r // m)`` buckets
+    (V: Hamming-ball volume) and checks the ``n * m * V / 2**b`` hashes they
+    hold (for spread-out hashes). Few wide blocks cost more probes but far
+    fewer candidates, so the best ``m`` falls as the collection grows.
+    """
+    best, best_cost = 1, float("inf")
+    for m in range(1, radius + 2):
+        if HASH_BITS // m > 32:  # a 64-bit ball of radius r is too big to enumerate
+            continue
+        probes = sum(_within(b, radius // m) for b in _widths(m))
+        candidates = sum(n * _within(b, radius // m) / 2.0**b for b in _widths(m))
+        if probes + candidates < best_cost:
+            best, best_cost = m, probes + candidates
+    return best
+
+
 class MultiIndexHash:
     """Exact r-neighbour search over 64-bit hashes without comparing all pairs.
 
-    ``m`` tables, one per 64/m-bit block. A query enumerates, for each block,
+    ``m`` tables, one per block of the hash. A query enumerates, for each block,
     every key within ``r // m`` bits of its own block and collects those
     buckets' entries as candidates; candidates are then checked in full.
-    Inserting is O(m); a query costs m * C(block_bits, <= r//m) probes plus the
-    candidates, independent of how many hashes are stored when buckets are
-    sparse (see README, "How dedupe scales").
+    ``m`` follows ``plan_blocks`` and the tables are rebuilt whenever the
+    collection doubles, so inserts stay amortised O(m) and a query's cost stays
+    near the cost model's minimum (README, "How dedupe scales").
     """
 
-    def __init__(self, radius: int, blocks: int = 4) -> None:
-        if HASH_BITS % blocks:
-            raise ValueError("blocks must divide 64")
+    def __init__(self, radius: int, blocks: int | None = None) -> None:
         self.radius = radius
-        self.blocks = blocks
-        self.block_bits = HASH_BITS // blocks
-        self.sub_radius = radius // blocks
-        self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(blocks)]
+        self._fixed = blocks
         self._hashes: dict[int, int] = {}
-        mask = (1 << self.block_bits) - 1
-        self._mask = mask
+        self._replan_at = 1024
+        self._build(blocks or plan_blocks(self._replan_at, radius))
+
+    def _build(self, blocks: int) -> None:
+        self.blocks = blocks
+        self.sub_radius = self.radius // blocks
+        widths = _widths(blocks)
+        self._shifts = [sum(widths[:i]) for i in range(blocks)]
+        self._masks = [(1 << w) - 1 for w in widths]
         self._flips = [
-            sum(1 << b for b in combo)
-            for d in range(self.sub_radius + 1)
-            for combo in itertools.combinations(range(self.block_bits), d)
+            [sum(1 << bit for bit in combo) for d in range(self.sub_radius + 1) for combo in itertools.combinations(range(w), d)]
+            for w in widths
         ]
+        self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(blocks)]
+        for key, h in self._hashes.items():
+            self._insert(key, h)
 
     def __len__(self) -> int:
         return len(self._hashes)
 
     def _split(self, h: int) -> list[int]:
-        return [(h >> (i * self.block_bits)) & self._mask for i in range(self.blocks)]
+        return [(h >> shift) & mask for shift, mask in zip(self._shifts, self._masks)]
+
+    def _insert(self, key: int, h: int) -> None:
+        for table, part in zip(self._tables, self._split(h)):
+            table[part].append(key)
 
     def add(self, key: int, h: int) -> None:
         self._hashes[key] = h
-        for table, part in zip(self._tables, self._split(h)):
-            table[part].append(key)
+        self._insert(key, h)
+        if len(self._hashes) >= self._replan_at:
+            self._replan_at *= 2
+            if self._fixed is None and (m := plan_blocks(self._replan_at, self.radius)) != self.blocks:
+                self._build(m)
 
     def query(self, h: int) -> list[tuple[int, int]]:
         """All stored (key, distance) within ``radius`` of ``h``, nearest first."""
         seen: set[int] = set()
         hits: list[tuple[int, int]] = []
-        for table, part in zip(self._tables, self._split(h)):
-            for flip in self._flips:
+        for table, part, flips in zip(self._tables, self._split(h), self._flips):
+            for flip in flips:
                 for key in table.get(part ^ flip, ()):
                     if key in seen:
                         continue

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import SAMPLE, product_photo
 from pipeline.decode import decode
-from pipeline.dedupe import Candidate, DedupeConfig, MultiIndexHash, compute_hashes, find_duplicates, hamming
+from pipeline.dedupe import Candidate, DedupeConfig, MultiIndexHash, plan_blocks, compute_hashes, find_duplicates, hamming
 
 
 def _jpeg(img, q=85):
@@ -22,17 +22,30 @@ def _cand(row, img, sha=None):
     return Candidate(row, sha or f"sha{row}", img.width * img.height, compute_hashes(img))
 
 
-def test_multi_index_hash_equals_brute_force():
+@pytest.mark.parametrize("blocks", [None, 3, 4, 6, 11])
+def test_multi_index_hash_equals_brute_force(blocks):
     rng = random.Random(3)
     base = [rng.getrandbits(64) for _ in range(300)]
     # plant near neighbours at known distances
     hashes = base + [b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(0, 14))) for b in base[:100]]
-    index = MultiIndexHash(radius=10)
+    index = MultiIndexHash(radius=10, blocks=blocks)
     for i, h in enumerate(hashes):
         index.add(i, h)
     for q in hashes[:150]:
         expected = sorted((i, hamming(h, q)) for i, h in enumerate(hashes) if hamming(h, q) <= 10)
         assert sorted(index.query(q)) == expected
+
+
+def test_index_replans_blocks_as_it_grows():
+    assert plan_blocks(10_000, 10) > plan_blocks(10_000_000, 10)
+    index = MultiIndexHash(radius=10)
+    first = index.blocks
+    rng = random.Random(5)
+    hashes = [rng.getrandbits(64) for _ in range(300_000)]
+    for i, h in enumerate(hashes):
+        index.add(i, h)
+    assert index.blocks < first  # rebuilt with wider blocks, nothing lost
+    assert (7, 0) in index.query(hashes[7])
 
 
 def test_finds_copies_and_keeps_the_largest():

@@ -1,0 +1,156 @@
+"""Throughput of labelcat against the naive baseline and the machine's limits, in one run.
+
+Measures, on N generated 1200x1200 JPEGs (quality 90):
+- decode only: the tf.data decode/resize stage alone (parallel Pillow, draft mode),
+  and the same single-threaded, to show what parallel decoding buys;
+- model only: synthetic uint8 batches through the compiled step;
+- classify stage: decode + model through ``predict`` (the tf.data loop);
+- full pipeline: ``labelcat run`` end to end (ingest, scan/hash, dedupe,
+  classify, junk, Parquet);
+- naive baseline: PIL open + resize + ``model.predict`` one image at a time.
+
+Usage: ``python bench/bench.py [--n 256] [--batch-size 32] [--naive-n 64] [--out bench/out]``.
+Writes ``results.json`` and ``results.md`` (the README table) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.decode import IMAGENET_224  # noqa: E402
+from pipeline.infer import cpu_count, dataset, has_gpu, load_classifier, make_step, predict  # noqa: E402
+from pipeline.run import RunConfig, run  # noqa: E402
+
+
+def make_photos(folder: Path, n: int, side: int = 1200) -> list[Path]:
+    """Photo-like JPEGs: smooth shading, a product-ish shape and sensor noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    paths = []
+    for i in range(n):
+        base = rng.uniform(60, 220, 3)
+        shade = 0.7 + 0.3 * np.sin(xx / rng.uniform(40, 200) + i) * np.cos(yy / rng.uniform(40, 200))
+        img = np.full((side, side, 3), 245, np.float32)
+        mask = ((xx - side / 2) / rng.uniform(200, 500)) ** 2 + ((yy - side / 2) / rng.uniform(200, 500)) ** 2 < 1
+        img[mask] = base * shade[mask][:, None]
+        img += rng.normal(0, 4, img.shape)
+        path = folder / f"photo_{i:05d}.jpg"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def bench_decode(paths: list[Path], batch_size: int, parallel: int | None) -> float:
+    t = time.perf_counter()
+    count = sum(int(idx.shape[0]) for idx, _, _ in dataset(paths, IMAGENET_224, batch_size, parallel=parallel))
+    return rate(count, time.perf_counter() - t)
+
+
+def bench_model(classifier, batch_size: int, batches: int) -> float:
+    step = make_step(classifier)
+    x = np.random.default_rng(1).integers(0, 255, (batch_size, 224, 224, 3), dtype=np.uint8)
+    step(x).numpy()  # trace once
+    t = time.perf_counter()
+    for _ in range(batches):
+        step(x).numpy()
+    return rate(batch_size * batches, time.perf_counter() - t)
+
+
+def bench_naive(classifier, paths: list[Path]) -> float:
+    model = classifier.model
+    x0 = np.asarray(Image.open(paths[0]).convert("RGB").resize((224, 224)), np.float32)[None]
+    model.predict(x0, verbose=0)  # warm up
+    t = time.perf_counter()
+    for p in paths:
+        x = np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR), np.float32)[None]
+        model.predict(x, verbose=0)
+    return rate(len(paths), time.perf_counter() - t)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = ""
+    if has_gpu():
+        import tensorflow as tf
+
+        gpu = ", GPU: " + ", ".join(
+            tf.config.experimental.get_device_details(d).get("device_name", d.name)
+            for d in tf.config.list_physical_devices("GPU")
+        )
+    return f"{cpu}, {cpu_count()} cores{gpu}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256, help="photos for the pipeline measurements")
+    ap.add_argument("--naive-n", type=int, default=64, help="photos for the (slow) naive baseline")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = ap.parse_args()
+
+    classifier = load_classifier(args.model, precision=args.precision)
+    results: dict[str, float | str | int] = {"machine": machine(), "n": args.n, "batch_size": args.batch_size,
+                                             "model": classifier.name, "precision": classifier.precision}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        paths = make_photos(folder, args.n)
+        bench_decode(paths[: args.batch_size], args.batch_size, None)  # warm the file cache and tf.data
+        results["decode_parallel"] = bench_decode(paths, args.batch_size, None)
+        results["decode_1_thread"] = bench_decode(paths, args.batch_size, 1)
+        results["model_only"] = bench_model(classifier, args.batch_size, max(4, args.n // args.batch_size))
+        t = time.perf_counter()
+        predict(classifier, paths, batch_size=args.batch_size)
+        results["classify_stage"] = rate(len(paths), time.perf_counter() - t)
+        t = time.perf_counter()
+        run(folder, Path(tmp) / "out.parquet", classifier, RunConfig(batch_size=args.batch_size, quiet=True))
+        results["full_pipeline"] = rate(len(paths), time.perf_counter() - t)
+        results["naive_baseline"] = bench_naive(classifier, paths[: args.naive_n])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    naive = float(results["naive_baseline"])
+    rows = [
+        ("naive baseline: PIL open + resize + `model.predict` per image", "naive_baseline"),
+        ("labelcat full pipeline (`labelcat run`: scan, hash, dedupe, classify, write)", "full_pipeline"),
+        ("labelcat classify stage (tf.data decode → batch → prefetch → compiled model)", "classify_stage"),
+        ("limit: decode + resize only, parallel (tf.data, draft mode)", "decode_parallel"),
+        ("limit: decode + resize only, 1 thread", "decode_1_thread"),
+        ("limit: model only (synthetic batches)", "model_only"),
+    ]
+    lines = [f"Machine: {results['machine']}; {args.n} JPEGs 1200x1200 q90; batch {args.batch_size}; "
+             f"{results['model']} ({results['precision']})", "",
+             "| measurement | images/s | vs naive |", "|---|---:|---:|"]
+    lines += [f"| {label} | {float(results[key]):.1f} | {float(results[key]) / naive:.1f}x |" for label, key in rows]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()
