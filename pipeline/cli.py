@@ -32,7 +32,7 @@ def quiet_option(fn: Callable) -> Callable:
 
 def model_options(fn: Callable) -> Callable:
     """--model, --taxonomy and --precision, shared by every command that classifies."""
-    from .infer import MODELS, PRECISIONS
+    from .infer import PRECISIONS
 
     fn = click.option(
         "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -43,8 +43,8 @@ def model_options(fn: Callable) -> Callable:
         help="JSON file mapping ImageNet classes to shop categories (default: the packaged one).",
     )(fn)
     fn = click.option(
-        "--model", "-m", type=click.Choice(MODELS.list()), default="efficientnet_lite0", show_default=True,
-        help="Registered model (see `labelcat models list`).",
+        "--model", "-m", default="efficientnet_lite0", show_default=True,
+        help="Registered model (`labelcat models list`) or a trained model folder (path, or a name under ./models).",
     )(fn)
     return fn
 
@@ -99,10 +99,8 @@ def run(
     labelled, duplicate, junk or error. Exit 0 when the run completed, even
     if some rows are errors; 1 when the run failed; 2 on usage errors.
     """
-    from .infer import load_classifier
     from .ingest import IngestError
     from .run import RunConfig, run as run_pipeline, write_summary_json
-    from .taxonomy import TaxonomyError
 
     cfg = RunConfig(
         batch_size=batch_size, top_k=top_k, max_pixels=max_pixels, max_bytes=max_bytes, workers=workers,
@@ -110,10 +108,7 @@ def run(
         junk=JunkConfig(min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
         quiet=quiet,
     )
-    try:
-        classifier = load_classifier(model, taxonomy, precision)
-    except (TaxonomyError, RuntimeError) as exc:
-        raise click.UsageError(str(exc)) from None
+    classifier = _load_classifier(model, taxonomy, precision)
     try:
         summary = run_pipeline(input_path, out, classifier, cfg)
     except IngestError as exc:
@@ -127,6 +122,122 @@ def run(
         click.echo(summary.render())
 
 
+def _load_classifier(model: str, taxonomy: Path | None, precision: str):
+    """Load a model or turn its failure into a usage error (exit 2)."""
+    from .card import CardError
+    from .infer import load_classifier
+    from .taxonomy import TaxonomyError
+
+    try:
+        return load_classifier(model, taxonomy, precision)
+    except KeyError as exc:
+        raise click.UsageError(exc.args[0]) from None
+    except (TaxonomyError, CardError, RuntimeError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _echo(quiet: bool) -> Callable[[str], None]:
+    return (lambda _msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+@cli.command()
+@click.argument("data", metavar="DATA")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model folder to write (model.keras + card.json), e.g. models/my-shop.")
+@click.option("--arch", default=None, help="Fashion-MNIST architecture (`labelcat models list`); default fmnist_best.")
+@click.option("--backbone", type=click.Choice(["efficientnet_lite0", "mobilenet_v2"]), default="efficientnet_lite0",
+              show_default=True, help="Pretrained backbone for shop photos.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (phase 1); default per architecture, 12 for shop photos.")
+@click.option("--fine-tune-epochs", type=click.IntRange(0), default=6, show_default=True,
+              help="Shop photos: epochs of phase 2 (top blocks unfrozen, learning rate / 10).")
+@click.option("--fine-tune-blocks", type=click.IntRange(0, 16), default=3, show_default=True,
+              help="Shop photos: how many top MBConv blocks phase 2 trains.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Batch size (default per architecture; 16 for photos).")
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=None, help="Phase-1 learning rate.")
+@click.option("--val-split", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True,
+              help="Share of each class held out for validation and calibration.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed (split, shuffling, initialisation).")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Precision the recommended review threshold in the card must reach on validation.")
+@quiet_option
+def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | None, fine_tune_epochs: int,
+          fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
+          target_precision: float, quiet: bool) -> None:
+    """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
+    or `fashion-mnist` (with --arch) for the studies' models.
+
+    Photos go through the same ingest, decode and dedupe as `labelcat run`; broken files are reported
+    and skipped, near duplicates never straddle the train/validation split. The model is calibrated
+    (temperature scaling) on the validation split and saved with its model card.
+    """
+    from .archs import ARCHS
+    from .fashion_mnist import DatasetMissing
+    from .ingest import IngestError
+    from .train import TrainConfig, train_fashion_mnist, train_images
+
+    cfg = TrainConfig(epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
+                      batch_size=batch_size, learning_rate=learning_rate, val_split=val_split, seed=seed,
+                      backbone=backbone, target_precision=target_precision, quiet=quiet, log=_echo(quiet))
+    try:
+        if data == "fashion-mnist":
+            name = arch or "fmnist_best"
+            if name not in ARCHS:
+                raise click.UsageError(f"unknown architecture {name!r} (known: {', '.join(ARCHS.list())})")
+            train_fashion_mnist(name, out, cfg)
+        else:
+            if arch:
+                raise click.UsageError("--arch applies to `labelcat train fashion-mnist`; photos use --backbone")
+            if not Path(data).exists():
+                raise click.UsageError(f"DATA {data!r} does not exist (a folder, a manifest or `fashion-mnist`)")
+            train_images(data, out, cfg)
+    except (IngestError, DatasetMissing) as exc:
+        raise click.UsageError(str(exc)) from None
+    except RuntimeError as exc:  # e.g. MobileNetV2 weights file missing
+        raise click.UsageError(str(exc)) from None
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.argument("data", metavar="DATA")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (report.md, report.json, confusion.png, reliability.png); default reports/<model>.")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Recommend the lowest confidence threshold whose accepted rows reach this precision.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per model call.")
+@quiet_option
+def evaluate(model: str, data: str, report_dir: Path | None, target_precision: float, batch_size: int, quiet: bool) -> None:
+    """Measure MODEL (registered name or model folder) on DATA (labelled folder/manifest, or `fashion-mnist`
+    for its official test set): accuracy, per-class precision/recall/F1, ECE, confusion matrix,
+    reliability diagram and the coverage table, written as Markdown + PNG + JSON.
+    """
+    from .card import CardError
+    from .evaluate import evaluate_model, summary_line, write_report
+    from .fashion_mnist import DatasetMissing
+    from .infer import resolve_model
+    from .ingest import IngestError
+
+    try:
+        resolve_model(model)
+    except KeyError as exc:
+        raise click.UsageError(exc.args[0]) from None
+    if data != "fashion-mnist" and not Path(data).exists():
+        raise click.UsageError(f"DATA {data!r} does not exist (a labelled folder, a manifest or `fashion-mnist`)")
+    try:
+        metrics = evaluate_model(model, data, target_precision, batch_size, quiet)
+    except (IngestError, DatasetMissing, CardError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    folder = report_dir or Path("reports") / Path(model).name
+    write_report(metrics, folder, f"labelcat evaluate {model} on {data}")
+    if not quiet:
+        rt = metrics["recommended_threshold"]
+        click.echo(f"{model} on {data}: {summary_line(metrics)}")
+        click.echo(f"  review threshold for precision {target_precision}: "
+                   + (f"{rt} (rows below it need a person)" if rt is not None else "not reachable"))
+        if metrics["skipped"]:
+            click.echo(f"  skipped {len(metrics['skipped'])} photos (see report.json)")
+        click.echo(f"  report: {folder / 'report.md'}")
+
+
 @cli.group()
 def models() -> None:
     """Inspect the model and backbone registries."""
@@ -134,16 +245,32 @@ def models() -> None:
 
 @models.command("list")
 def models_list() -> None:
-    """List registered models and backbones with one line each."""
+    """List registered models, backbones, trainable architectures and model folders under ./models."""
+    from .archs import ARCHS
     from .backbones import BACKBONES
+    from .card import CardError, read_card
     from .infer import MODELS
 
     click.echo("models (labelcat run --model NAME):")
     for name in MODELS.list():
         click.echo(f"  {name:20s} {MODELS.describe(name)}")
-    click.echo("backbones:")
+    click.echo("backbones (labelcat train --backbone NAME):")
     for name in BACKBONES.list():
         click.echo(f"  {name:20s} {BACKBONES.describe(name)}")
+    click.echo("architectures (labelcat train fashion-mnist --arch NAME):")
+    for name in ARCHS.list():
+        click.echo(f"  {name:20s} {ARCHS.describe(name)}")
+    folders = sorted(p for p in Path("models").glob("*/card.json")) if Path("models").is_dir() else []
+    if folders:
+        click.echo("model folders (labelcat run --model NAME):")
+        for card_file in folders:
+            try:
+                card = read_card(card_file.parent)
+                test = card.metrics.get("test") or card.metrics.get("validation") or {}
+                acc = f", accuracy {test['accuracy']:.3f}" if "accuracy" in test else ""
+                click.echo(f"  {card_file.parent.name:20s} {card.arch}, {len(card.classes)} classes{acc}")
+            except CardError as exc:
+                click.echo(f"  {card_file.parent.name:20s} unusable: {exc}")
 
 
 def main() -> None:  # console-script entry point

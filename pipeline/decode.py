@@ -219,14 +219,41 @@ def load_for_model(
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model wants its pixels; recorded in model cards."""
+    """How a model wants its pixels; named in model cards so ``run`` can rebuild it.
+
+    ``center_crop``: RGB, short side to ``resize_short``, central ``size`` square
+    (ImageNet convention). ``fashion_mnist``: the product trimmed, squared,
+    greyed and inverted at ``size`` px, one channel (the dataset's convention).
+    """
 
     name: str
     size: int
-    resize_short: int
+    resize_short: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, 1 if self.name == "fashion_mnist" else 3)
 
     def load(self, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        return load_for_model(path, self.size, self.resize_short, max_pixels)
+        """Path → HxWxC uint8 model input (raises ``DecodeError``)."""
+        if self.name == "center_crop":
+            return load_for_model(path, self.size, self.resize_short, max_pixels)
+        if self.name == "fashion_mnist":
+            from .fashion_mnist import to_fashion_mnist
+
+            img = decode(read_bytes(path), max_pixels=max_pixels, min_side=4 * self.size)
+            return to_fashion_mnist(img)[..., None]
+        raise ValueError(f"unknown preprocessing {self.name!r}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "resize_short": self.resize_short}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        if d.get("name") not in ("center_crop", "fashion_mnist"):
+            raise ValueError(f"unknown preprocessing {d.get('name')!r}")
+        return cls(d["name"], int(d["size"]), int(d.get("resize_short", 0)))
 
 
-IMAGENET_224 = Preprocess("imagenet_center_crop", 224, 256)
+IMAGENET_224 = Preprocess("center_crop", 224, 256)
+FASHION_MNIST_28 = Preprocess("fashion_mnist", 28)

@@ -85,7 +85,7 @@ def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float =
         return img
     mask = np.abs(arr - bg).max(axis=2) > tolerance
     ys, xs = np.nonzero(mask)
-    if ys.size < min_fraction * mask.size * 0.1:
+    if ys.size == 0 or ys.size < min_fraction * mask.size * 0.1:  # blank, or only specks
         return img
     sx, sy = img.width / small.width, img.height / small.height
     box = (int(xs.min() * sx), int(ys.min() * sy), int(np.ceil((xs.max() + 1) * sx)), int(np.ceil((ys.max() + 1) * sy)))

@@ -134,10 +134,57 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+MODELS_ENV = "LABELCAT_MODELS"
+
+
+def resolve_model(ref: str) -> str | Path:
+    """A registered name as is, else the model folder it names.
+
+    Looked up in order: the registry, ``ref`` as a path, ``$LABELCAT_MODELS/ref``,
+    ``./models/ref``. Raises ``KeyError`` naming what was tried.
+    """
+    if ref in MODELS:
+        return ref
+    from .card import CARD_FILE
+
+    candidates = [Path(ref)]
+    if os.environ.get(MODELS_ENV):
+        candidates.append(Path(os.environ[MODELS_ENV]) / ref)
+    candidates.append(Path("models") / ref)
+    for c in candidates:
+        if (c / CARD_FILE).is_file():
+            return c
+    raise KeyError(
+        f"unknown model {ref!r}: not a registered model ({', '.join(MODELS.list())}) "
+        f"nor a model folder with card.json (looked in {', '.join(str(c) for c in candidates)})"
+    )
+
+
 def load_classifier(name: str, taxonomy_path: str | Path | None = None, precision: str = "auto") -> Classifier:
-    """Build a registered model with its taxonomy at the resolved precision."""
+    """A registered model (with its taxonomy) or a trained model folder, at the resolved precision."""
+    ref = resolve_model(name)
+    if isinstance(ref, Path):
+        return _card_classifier(ref, resolve_precision(precision))
     taxonomy = load_taxonomy(taxonomy_path) if taxonomy_path else None
-    return MODELS.get(name)(taxonomy=taxonomy, precision=resolve_precision(precision))
+    return MODELS.get(ref)(taxonomy=taxonomy, precision=resolve_precision(precision))
+
+
+def _card_classifier(folder: Path, precision: str) -> Classifier:
+    """A model trained by ``labelcat train``: its card says labels, pixels and temperature."""
+    from .card import load_model
+
+    has_gpu()
+    model, card = load_model(folder)
+    return Classifier(
+        name=card.name,
+        version=f"{card.arch}-{card.training_data.get('fingerprint', 'unknown')}-{card.created_at}",
+        model=to_mixed_precision(model) if precision == "mixed" else model,
+        preprocess=card.preprocessing(),
+        categories=list(card.classes),
+        temperature=float(card.temperature),
+        precision=precision,
+        info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold},
+    )
 
 
 def to_mixed_precision(model):
@@ -167,11 +214,11 @@ def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
     """The compiled per-batch function: uint8 pixels → tempered softmax."""
     import tensorflow as tf
 
-    size = classifier.preprocess.size
+    shape = classifier.preprocess.shape
     model = classifier.model
     temperature = float(classifier.temperature)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], jit_compile=jit_compile)
+    @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8)], jit_compile=jit_compile)
     def step(pixels):
         logits = model(tf.cast(pixels, tf.float32), training=False)
         return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
@@ -194,18 +241,20 @@ def dataset(
     """
     import tensorflow as tf
 
-    size = preprocess.size
-    blank = np.zeros((size, size, 3), np.uint8)
+    shape = preprocess.shape
+    blank = np.zeros(shape, np.uint8)
 
     def load(i: np.ndarray) -> tuple[np.ndarray, bytes]:
         try:
             return preprocess.load(paths[int(i)], max_pixels), b""
         except DecodeError as exc:
             return blank, f"{exc.code}\t{exc.detail}".encode("utf-8", "replace")
+        except Exception as exc:  # noqa: BLE001 - one photo must never stop the batch
+            return blank, f"decode_failed\t{type(exc).__name__}: {exc}".encode("utf-8", "replace")
 
     def tf_load(i):
         pixels, err = tf.numpy_function(load, [i], [tf.uint8, tf.string], stateful=False)
-        pixels.set_shape((size, size, 3))
+        pixels.set_shape(shape)
         err.set_shape(())
         return i, pixels, err
 

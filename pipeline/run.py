@@ -73,6 +73,8 @@ def _scan_all(records: list[Record], cfg: RunConfig) -> dict[int, Scan | tuple[s
             return rec.row, scan_file(rec.resolved, cfg.max_pixels, cfg.max_bytes)
         except dec.DecodeError as exc:
             return rec.row, (exc.code, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one photo must not stop the night
+            return rec.row, ("decode_failed", f"{type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=cfg.workers or cpu_count()) as pool:
         for row, result in tqdm(pool.map(one, todo), total=len(todo), desc="scan", unit="img", disable=cfg.quiet or None):
@@ -169,7 +171,7 @@ def assemble(
 
     rows: list[dict[str, Any]] = []
     for rec in batch.records:
-        hint_cat = tax.resolve_hint(rec.category_hint) if tax else (rec.category_hint if rec.category_hint in cats else None)
+        hint_cat = tax.resolve_hint(rec.category_hint) if tax else _match_class(rec.category_hint, cats)
         row: dict[str, Any] = {
             "row": rec.row, "sku": rec.sku, "path": rec.path, "category_hint": rec.category_hint,
             "hint_category": hint_cat, "model": classifier.name, "model_version": classifier.version,
@@ -211,6 +213,16 @@ def assemble(
             for k in ("label", "confidence", "topk_labels", "topk_scores", "label_source", "product_evidence", "imagenet_top"):
                 r[k] = kept.get(k)
     return rows
+
+
+def _match_class(hint: str | None, classes: list[str]) -> str | None:
+    """The class a hint names for a trained model (case/separator-insensitive)."""
+    from .taxonomy import normalise_hint
+
+    if not hint:
+        return None
+    key = normalise_hint(hint)
+    return next((c for c in classes if normalise_hint(c) == key), None)
 
 
 def write_summary_json(summary: Summary, path: str | Path) -> None:

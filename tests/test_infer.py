@@ -51,3 +51,27 @@ def test_mixed_precision_agrees_with_float32(tiny_classifier, photos):
 def test_top_k_orders_best_first():
     labels, scores = top_k(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], 2)
     assert labels == [["b", "c"]] and scores == [[pytest.approx(0.7), pytest.approx(0.2)]]
+
+
+def test_an_unexpected_decoder_crash_is_one_error_row_not_a_failed_run(tiny_classifier, photos, monkeypatch):
+    from pipeline.decode import Preprocess
+
+    real = Preprocess.load
+
+    def flaky(self, path, max_pixels=None):
+        if path.name == "p2.jpg":
+            raise ZeroDivisionError("decoder bug")
+        return real(self, path)
+
+    monkeypatch.setattr(Preprocess, "load", flaky)
+    preds = predict(tiny_classifier, photos, batch_size=4)
+    assert preds.errors[2] == ("decode_failed", "ZeroDivisionError: decoder bug")
+    assert all(e is None for i, e in enumerate(preds.errors) if i != 2)
+
+
+def test_blank_photo_in_fashion_mnist_preprocessing(tmp_path):
+    from pipeline.decode import FASHION_MNIST_28
+
+    p = tmp_path / "blank.png"
+    Image.new("RGB", (100, 100), "white").save(p)
+    assert FASHION_MNIST_28.load(p).shape == (28, 28, 1)

