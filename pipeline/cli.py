@@ -22,6 +22,7 @@ from . import __version__  # noqa: E402
 from .dedupe import DEFAULT_COLOR_THRESHOLD, DEFAULT_FINE_THRESHOLD, DEFAULT_PHASH_THRESHOLD, DedupeConfig  # noqa: E402
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from .junk import JunkConfig  # noqa: E402
+from .review import DEFAULT_CORRECTIONS  # noqa: E402
 
 DEFAULT_OUT = "labelcat-output/labels.parquet"
 
@@ -86,12 +87,16 @@ def cli() -> None:
               help="Not-product evidence (animal, remote, circuit board...) that makes a photo junk.")
 @click.option("--mismatch-confidence", type=click.FloatRange(0, 1), default=JunkConfig.mismatch_confidence,
               show_default=True, help="Confidence at which contradicting the category hint makes a photo junk.")
+@click.option("--corrections", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CORRECTIONS,
+              show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
+@click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Confidence below which `review export` picks rows (default: the model card's, else 0.6).")
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
     batch_size: int, top_k: int, workers: int, max_pixels: int, max_bytes: int, phash_threshold: int,
     fine_threshold: int, color_threshold: float, min_size: int, not_product_threshold: float,
-    mismatch_confidence: float, quiet: bool,
+    mismatch_confidence: float, corrections: Path, review_threshold: float | None, quiet: bool,
 ) -> None:
     """Label the photos of INPUT (a folder tree or a CSV manifest) into Parquet.
 
@@ -106,7 +111,7 @@ def run(
         batch_size=batch_size, top_k=top_k, max_pixels=max_pixels, max_bytes=max_bytes, workers=workers,
         dedupe=DedupeConfig(phash_threshold, fine_threshold, color_threshold),
         junk=JunkConfig(min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
-        quiet=quiet,
+        quiet=quiet, corrections=corrections, review_threshold=review_threshold,
     )
     classifier = _load_classifier(model, taxonomy, precision)
     try:
@@ -236,6 +241,60 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
         if metrics["skipped"]:
             click.echo(f"  skipped {len(metrics['skipped'])} photos (see report.json)")
         click.echo(f"  report: {folder / 'report.md'}")
+
+
+@cli.group()
+def review() -> None:
+    """Send uncertain rows to people in a spreadsheet and take their corrections back."""
+
+
+@review.command("export")
+@click.argument("run_file", metavar="RUN.parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("review.xlsx"), show_default=True,
+              help="Workbook to write (.xlsx, with thumbnails and drop-downs) or .csv for Google Sheets-like tools.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Confidence below which a labelled row needs a look (default: the run's review threshold).")
+def review_export(run_file: Path, out: Path, threshold: float | None) -> None:
+    """Write the rows of RUN.parquet that need a person: low confidence, junk, hint mismatches.
+
+    Least confident first; an empty corrected_label column (a drop-down of valid labels plus
+    junk and duplicate) and a note column for the reviewer.
+    """
+    from .review import ReviewError, export
+
+    if out.suffix.lower() not in (".xlsx", ".csv"):
+        raise click.UsageError("--out must end in .xlsx or .csv")
+    try:
+        path, n = export(run_file, out, threshold)
+    except ReviewError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"{n} rows to review written to {path}")
+
+
+@review.command("import")
+@click.argument("review_file", metavar="REVIEW", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--run", "run_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The run's Parquet file (default: recorded in the workbook; required for CSV).")
+@click.option("--corrections", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CORRECTIONS,
+              show_default=True, help="Append-only corrections store (Parquet parts) to add to.")
+@click.option("--reviewer", default=None, help="Who reviewed (default: $LABELCAT_REVIEWER or $USER).")
+def review_import(review_file: Path, run_file: Path | None, corrections: Path, reviewer: str | None) -> None:
+    """Validate a filled REVIEW sheet (.xlsx or .csv) and store its corrections.
+
+    Every row is checked (known row, key columns unedited, valid label); if any row is wrong the
+    whole file is refused with one line per problem (exit 2) and nothing is stored.
+    """
+    from .review import ReviewError, import_review, reviewer_name
+
+    try:
+        n, part = import_review(review_file, run_file, corrections, reviewer or reviewer_name())
+    except ReviewError as exc:
+        click.echo("\n".join(f"labelcat: {p}" for p in exc.problems), err=True)
+        sys.exit(2)
+    if n:
+        click.echo(f"{n} corrections stored in {part}")
+    else:
+        click.echo("no corrections in the sheet (corrected_label is empty everywhere)")
 
 
 @cli.group()

@@ -30,10 +30,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("path", pa.string(), "the path exactly as given in the manifest / found in the folder"),
     ("status", pa.string(), "labelled | duplicate | junk | error"),
     ("label", pa.string(), "shop category (duplicates inherit the kept row's); null for errors"),
-    ("confidence", pa.float32(), "calibrated probability of label over the shop categories"),
+    ("confidence", pa.float32(), "calibrated probability of label over the shop categories (1.0 for human labels)"),
     ("topk_labels", pa.list_(pa.string()), "the k most likely categories, best first"),
     ("topk_scores", pa.list_(pa.float32()), "their probabilities"),
-    ("label_source", pa.string(), "model (the network's label); null when there is no label"),
+    ("label_source", pa.string(), "model, or human when a reviewer's correction (matched by sha256) set it"),
     ("duplicate_of", pa.int64(), "row of the kept photo this one duplicates"),
     ("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match)"),
     ("junk_reason", pa.string(), "code: detail, e.g. 'not_product: looks like animal (0.96)'"),
@@ -110,6 +110,7 @@ class Summary:
     seconds: float
     stage_seconds: dict[str, float]
     classified: int
+    human_labels: int
     model: str
     model_version: str
     device: str
@@ -127,7 +128,8 @@ class Summary:
         """Plain-text summary for the terminal and the cron mail."""
         lines = [f"labelcat run {self.run_id}: {self.rows} rows in {self.seconds:.1f}s "
                  f"({self.images_per_second:.1f} rows/s, {self.classified} classified on {self.device})"]
-        lines.append("  status: " + ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in STATUSES))
+        lines.append("  status: " + ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in STATUSES)
+                     + (f" ({self.human_labels} labelled by people)" if self.human_labels else ""))
         if self.by_label:
             lines.append("  labels: " + ", ".join(f"{k} {v}" for k, v in self.by_label.items()))
         if self.junk:
@@ -146,6 +148,7 @@ def summarise(rows: list[dict[str, Any]], **fields: Any) -> Summary:
     errors = Counter(r["error"] for r in rows if r["status"] == "error")
     junk = Counter((r["junk_reason"] or "").split(":")[0] for r in rows if r["status"] == "junk")
     return Summary(
+        human_labels=sum(1 for r in rows if r.get("label_source") == "human"),
         rows=len(rows),
         by_status={s: by_status.get(s, 0) for s in STATUSES},
         by_label=dict(by_label.most_common()),

@@ -25,6 +25,7 @@ from .infer import Classifier, cpu_count, has_gpu, predict, top_k
 from .ingest import Batch, Record, ingest
 from .junk import JunkConfig, Quality, quality_reason, quality_stats, semantic_reason
 from .output import Summary, summarise, to_table, write_json, write_parquet
+from .review import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
 
 SCAN_SIDE = 256  # decode size for hashing and quality checks (JPEG draft mode)
 
@@ -41,6 +42,8 @@ class RunConfig:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     junk: JunkConfig = field(default_factory=JunkConfig)
     quiet: bool = False
+    corrections: Path | None = None  # the review store; rows a person labelled get the person's label
+    review_threshold: float | None = None  # recorded for `review export`; default: the model card's
 
 
 @dataclass
@@ -125,9 +128,20 @@ def run(source: str | Path, out: str | Path, classifier: Classifier, cfg: RunCon
     stage["classify"] = time.perf_counter() - t
 
     rows = assemble(batch, scans, quality_junk, duplicates, to_classify, preds, classifier, cfg, run_id, started)
+    human = 0
+    if cfg.corrections is not None:
+        human = apply_corrections(rows, load_corrections(cfg.corrections))
+    inherit_duplicates(rows)
     t = time.perf_counter()
-    run_meta = {"run_id": run_id, "input": str(source), "started": started.isoformat(), "model": classifier.name,
-                "model_version": classifier.version, "config": _config_dict(cfg)}
+    source_path = Path(source)
+    run_meta = {
+        "run_id": run_id, "input": str(source), "started": started.isoformat(), "model": classifier.name,
+        "model_version": classifier.version, "config": _config_dict(cfg), "labels": list(classifier.categories),
+        "extra_columns": batch.extra_columns, "human_labels": human,
+        "review_threshold": cfg.review_threshold or classifier.info.get("recommended_threshold") or DEFAULT_REVIEW_THRESHOLD,
+        # manifest paths are relative to the manifest; folder paths are as walked from the working directory
+        "path_base": str((source_path.parent if batch.source == "manifest" else Path.cwd()).resolve()),
+    }
     write_parquet(to_table(rows, batch.extra_columns, run_meta), out)
     stage["write"] = time.perf_counter() - t
     return summarise(
@@ -144,7 +158,7 @@ def run(source: str | Path, out: str | Path, classifier: Classifier, cfg: RunCon
 
 
 def _config_dict(cfg: RunConfig) -> dict[str, Any]:
-    d = dict(cfg.__dict__)
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
     d["dedupe"] = dict(cfg.dedupe.__dict__)
     d["junk"] = dict(cfg.junk.__dict__)
     return d
@@ -206,13 +220,17 @@ def assemble(
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
         rows.append(row)
 
+    return rows
+
+
+def inherit_duplicates(rows: list[dict[str, Any]]) -> None:
+    """Duplicates take the kept row's label (after corrections, so a human label carries over)."""
     by_row = {r["row"]: r for r in rows}
-    for r in rows:  # duplicates inherit the kept row's label
-        if r["status"] == "duplicate":
+    for r in rows:
+        if r["status"] == "duplicate" and r.get("duplicate_of") is not None:
             kept = by_row[r["duplicate_of"]]
             for k in ("label", "confidence", "topk_labels", "topk_scores", "label_source", "product_evidence", "imagenet_top"):
                 r[k] = kept.get(k)
-    return rows
 
 
 def _match_class(hint: str | None, classes: list[str]) -> str | None:

@@ -226,15 +226,17 @@ class LabelledPhotos:
 
 
 def collect(data: str | Path, workers: int = 0, quiet: bool = True) -> LabelledPhotos:
-    """Labelled photos from a class-folder tree or a manifest with a ``label`` column.
+    """Labelled photos from a class-folder tree, a manifest with a ``label`` column, or a
+    review corrections store (the photos people labelled).
 
     Runs the same scan as ``labelcat run``: unreadable, broken and blank files
     are skipped with their reason; near duplicates share a group id.
     """
+    from .review import corrections_batch, corrections_store_exists
     from .run import RunConfig, Scan, _scan_all
 
-    batch = ingest(data)
-    if batch.source == "manifest":
+    batch = corrections_batch(data) if corrections_store_exists(data) else ingest(data)
+    if batch.source in ("manifest", "corrections"):
         if "label" not in batch.extra_columns:
             raise IngestError(f"manifest {str(data)!r} needs a 'label' column to train on")
         labels = {r.row: (r.extra.get("label") or "").strip() for r in batch.records}
