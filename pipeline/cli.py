@@ -177,8 +177,11 @@ def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | N
     """
     from .archs import ARCHS
     from .fashion_mnist import DatasetMissing
+    from .infer import has_gpu
     from .ingest import IngestError
     from .train import TrainConfig, train_fashion_mnist, train_images
+
+    has_gpu()  # imports TensorFlow with its start-up log muted
 
     cfg = TrainConfig(epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
                       batch_size=batch_size, learning_rate=learning_rate, val_split=val_split, seed=seed,
@@ -218,8 +221,10 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     from .card import CardError
     from .evaluate import evaluate_model, summary_line, write_report
     from .fashion_mnist import DatasetMissing
-    from .infer import resolve_model
+    from .infer import has_gpu, resolve_model
     from .ingest import IngestError
+
+    has_gpu()  # imports TensorFlow with its start-up log muted
 
     try:
         resolve_model(model)
