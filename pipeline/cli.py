@@ -118,8 +118,11 @@ def run(
         summary = run_pipeline(input_path, out, classifier, cfg)
     except IngestError as exc:
         raise click.UsageError(str(exc)) from None
-    except OSError as exc:
-        click.echo(f"labelcat: run failed: {exc}", err=True)
+    except Exception as exc:  # noqa: BLE001 - cron needs one line and a non-zero status, not a traceback
+        if os.environ.get("LABELCAT_DEBUG"):
+            raise
+        click.echo(f"labelcat: run failed: {type(exc).__name__}: {exc} (previous output left in place; "
+                   "LABELCAT_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
     if summary_json:
         write_summary_json(summary, summary_json)

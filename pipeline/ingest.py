@@ -84,12 +84,23 @@ def walk_directory(root: Path) -> Iterator[Record]:
             full = Path(dirpath) / name
             yield Record(
                 row=row,
-                path=str(full),
+                path=display_path(full),
                 resolved=full,
                 sku=None,
-                category_hint=Path(dirpath).name or None,
+                category_hint=display_path(Path(dirpath).name) or None,
             )
             row += 1
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A file name as text that any Parquet reader accepts.
+
+    POSIX file names are bytes; one that is not valid UTF-8 (``caf\\xe9.jpg`` from
+    an old Latin-1 upload tool) cannot be stored in a Parquet string column, so
+    its undecodable bytes are written as ``\\xNN`` escapes. The file itself is
+    still read through its real name.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _pick(header: list[str], names: tuple[str, ...]) -> int | None:

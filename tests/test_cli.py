@@ -1,6 +1,7 @@
 """The command line, driven as a user would, through click's CliRunner."""
 
 import json
+import os
 import re
 
 import click
@@ -137,3 +138,17 @@ def test_models_list():
     assert result.exit_code == 0
     assert re.search(r"efficientnet_lite0\s+Zero-shot", result.output)
     assert "mobilenet_v2" in result.output
+
+
+def test_odd_file_names_survive_a_run(tmp_path):
+    """Non-UTF-8 bytes, unicode and spaces in names: read through the real name, stored as text."""
+    shop = tmp_path / "shop" / "tops"
+    shop.mkdir(parents=True)
+    product_photo(seed=1).save(os.fsdecode(os.fsencode(shop) + b"/caf\xe9.jpg"), format="JPEG")
+    product_photo((20, 150, 140), seed=2).save(shop / "ünïcødé file (2).jpg")
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "shop"), "--out", str(out), "--model", "tiny_test", "--quiet"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas()
+    assert sorted(p.rsplit("/", 1)[1] for p in t.path) == ["caf\\xe9.jpg", "ünïcødé file (2).jpg"]
+    assert set(t.status) <= {"labelled", "junk"}  # both decoded: nothing lost to the odd names
