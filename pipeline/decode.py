@@ -43,6 +43,7 @@ ERROR_CODES = (
     "decode_failed",  # any other decoder error, with its message
     "no_path",  # the manifest row's path cell is empty
     "malformed_row",  # the manifest row has more cells than the header
+    "outside_manifest",  # the manifest path leaves the manifest's folder (without --allow-outside)
 )
 
 _SNIFF = (

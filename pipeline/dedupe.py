@@ -247,42 +247,58 @@ def is_near(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
     return hamming(a.fine, b.fine) <= cfg.fine_threshold and color_distance(a.color, b.color) <= cfg.color_threshold
 
 
-def find_duplicates(items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig()) -> dict[int, Match]:
-    """Map each duplicate row to the row it duplicates; rows absent are kept.
+class DedupeIndex:
+    """The kept photos so far (this batch, earlier chunks, earlier nights) and their hashes.
 
-    Rule (documented in the README): within a group the kept photo is the one
+    Keys are integers chosen by the caller: this run's row numbers, or
+    negative keys for photos kept on earlier nights (see ``store``).
+    """
+
+    def __init__(self, cfg: DedupeConfig = DedupeConfig()) -> None:
+        self.cfg = cfg
+        self.by_sha: dict[str, int] = {}
+        self.kept: dict[int, Hashes] = {}
+        self.mih = MultiIndexHash(cfg.phash_threshold)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def add(self, key: int, sha256: str, hashes: Hashes) -> None:
+        self.by_sha.setdefault(sha256, key)
+        self.kept[key] = hashes
+        self.mih.add(key, hashes.phash)
+
+    def match(self, sha256: str, hashes: Hashes) -> tuple[int, str, int] | None:
+        """(kept key, ``exact`` or ``near``, pHash distance) of the photo this one repeats, or None."""
+        if sha256 in self.by_sha:
+            return self.by_sha[sha256], "exact", 0
+        views = [hashes] + [Hashes(p, f, (), np.rot90(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
+        for view in views:  # upright first, then the pixel rotations
+            for key, dist in self.mih.query(view.phash):
+                if is_near(view, self.kept[key], self.cfg):
+                    return key, "near", dist
+        return None
+
+
+def find_duplicates(
+    items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig(), index: DedupeIndex | None = None
+) -> dict[int, Match]:
+    """Map each duplicate row to the kept photo it repeats; rows absent are kept (and added to ``index``).
+
+    Rule (documented in the README): within ``items`` the kept photo is the one
     with the most pixels, ties going to the row seen first. Photos are visited
     in that priority order and each is matched only against photos already
-    kept, so ``duplicate_of`` always points at a kept row (no chains) and the
-    result does not depend on the order of equal-priority rows.
+    kept, so ``duplicate_of`` always points at a kept photo (no chains) and the
+    result does not depend on the order of equal-priority rows. Photos already
+    in ``index`` (earlier chunks or nights) were kept first and stay kept.
     """
-    ordered = sorted(items, key=lambda c: (-c.area, c.row))
-    by_sha: dict[str, int] = {}
-    kept: dict[int, Candidate] = {}
-    index = MultiIndexHash(cfg.phash_threshold)
+    index = index if index is not None else DedupeIndex(cfg)
     matches: dict[int, Match] = {}
-    for cand in ordered:
-        if cand.sha256 in by_sha:
-            matches[cand.row] = Match(cand.row, by_sha[cand.sha256], "exact")
-            continue
-        found = _near_match(cand, index, kept, cfg)
+    for cand in sorted(items, key=lambda c: (-c.area, c.row)):
+        found = index.match(cand.sha256, cand.hashes)
         if found is not None:
-            matches[cand.row] = Match(cand.row, found[0], "near", found[1])
-            continue
-        by_sha[cand.sha256] = cand.row
-        kept[cand.row] = cand
-        index.add(cand.row, cand.hashes.phash)
+            key, kind, dist = found
+            matches[cand.row] = Match(cand.row, key, kind, dist)
+        else:
+            index.add(cand.row, cand.sha256, cand.hashes)
     return matches
-
-
-def _near_match(
-    cand: Candidate, index: MultiIndexHash, kept: dict[int, Candidate], cfg: DedupeConfig
-) -> tuple[int, int] | None:
-    """The best kept photo ``cand`` nearly duplicates, as (row, pHash distance)."""
-    h = cand.hashes
-    views = [h] + [Hashes(p, f, (), np.rot90(h.color, k)) for k, (p, f) in enumerate(h.rotated, start=1)]
-    for view in views:  # upright first, then the pixel rotations
-        for key, dist in index.query(view.phash):
-            if is_near(view, kept[key].hashes, cfg):
-                return key, dist
-    return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,23 +50,32 @@ class Record:
 
 @dataclass
 class Batch:
-    """Everything ingest found: the records and the pass-through column names."""
+    """Everything ingest found: the records (streamed, in input order) and the pass-through columns.
 
-    records: list[Record]
+    ``records`` is an iterable that may be consumed once; a million-row
+    manifest is never held in memory.
+    """
+
+    records: Iterable[Record]
     extra_columns: list[str]
-    source: str  # "directory" or "manifest"
+    source: str  # "directory", "manifest" or "corrections"
 
 
-def ingest(source: str | os.PathLike) -> Batch:
-    """Read a directory tree or a CSV manifest; raise ``IngestError`` if unusable."""
+def ingest(source: str | os.PathLike, allow_outside: bool = False) -> Batch:
+    """Read a directory tree or a CSV manifest; raise ``IngestError`` if unusable.
+
+    ``allow_outside``: manifest paths that leave the manifest's folder (``../``,
+    absolute paths) are refused per row (``outside_manifest``) unless allowed,
+    so a manifest cannot make the job read arbitrary files.
+    """
     path = Path(source)
     if path.is_dir():
-        return Batch(list(walk_directory(path)), [], "directory")
+        return Batch(walk_directory(path), [], "directory")
     if not path.exists():
         raise IngestError(f"input {str(source)!r} does not exist")
     if not path.is_file():
         raise IngestError(f"input {str(source)!r} is neither a folder nor a CSV manifest")
-    return read_manifest(path)
+    return read_manifest(path, allow_outside)
 
 
 def walk_directory(root: Path) -> Iterator[Record]:
@@ -111,8 +120,12 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
     return None
 
 
-def read_manifest(path: Path) -> Batch:
-    """Parse a manifest: UTF-8 (BOM or not), RFC 4180 quoting, comma/semicolon/tab."""
+def read_manifest(path: Path, allow_outside: bool = False) -> Batch:
+    """Parse a manifest: UTF-8 (BOM or not), RFC 4180 quoting, comma/semicolon/tab.
+
+    The header and the first row are checked now (so an unusable manifest is a
+    usage error before any work); the rows are streamed when iterated.
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(65536)
@@ -133,44 +146,55 @@ def read_manifest(path: Path) -> Batch:
     if first_line.count(delimiter) == 0:
         delimiter = ","
 
-    records: list[Record] = []
+    rows = _manifest_rows(path, delimiter)
+    try:
+        header = next(rows, None)
+        if not header or not any(h.strip() for h in header):
+            raise IngestError(f"manifest {str(path)!r} is empty")
+        lowered = [h.strip().lower() for h in header]
+        dupes = sorted({h for h in lowered if lowered.count(h) > 1 and h})
+        if dupes:
+            raise IngestError(f"manifest {str(path)!r} repeats column(s) {', '.join(dupes)}")
+        path_col = _pick(header, PATH_COLUMNS)
+        if path_col is None:
+            raise IngestError(
+                f"manifest {str(path)!r} has no path column (expected one of: {', '.join(PATH_COLUMNS)}; "
+                f"found: {', '.join(h.strip() for h in header)})"
+            )
+        if next(rows, None) is None:
+            raise IngestError(f"manifest {str(path)!r} has a header but no rows")
+    finally:
+        rows.close()
+    id_col = _pick(header, ID_COLUMNS)
+    hint_col = _pick(header, (HINT_COLUMN,))
+    extra_idx = [i for i in range(len(header)) if i not in (path_col, id_col, hint_col)]
+    extra_names = [
+        f"input_{header[i].strip()}" if header[i].strip().lower() in RESERVED_COLUMNS else header[i].strip()
+        for i in extra_idx
+    ]
+    extra_names = [n or f"column_{i}" for n, i in zip(extra_names, extra_idx)]
     base = path.parent
+
+    def records() -> Iterator[Record]:
+        data = _manifest_rows(path, delimiter)
+        next(data)  # header
+        for row, cells in enumerate(data):
+            yield _record_from_cells(row, cells, header, path_col, id_col, hint_col, extra_idx, extra_names, base, allow_outside)
+
+    return Batch(records(), extra_names, "manifest")
+
+
+def _manifest_rows(path: Path, delimiter: str) -> Iterator[list[str]]:
+    """Non-blank CSV rows of the manifest, header first; decoding problems are usage errors."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter)
-            header = next(reader, None)
-            if not header or not any(h.strip() for h in header):
-                raise IngestError(f"manifest {str(path)!r} is empty")
-            lowered = [h.strip().lower() for h in header]
-            dupes = sorted({h for h in lowered if lowered.count(h) > 1 and h})
-            if dupes:
-                raise IngestError(f"manifest {str(path)!r} repeats column(s) {', '.join(dupes)}")
-            path_col = _pick(header, PATH_COLUMNS)
-            if path_col is None:
-                raise IngestError(
-                    f"manifest {str(path)!r} has no path column (expected one of: {', '.join(PATH_COLUMNS)}; "
-                    f"found: {', '.join(h.strip() for h in header)})"
-                )
-            id_col = _pick(header, ID_COLUMNS)
-            hint_col = _pick(header, (HINT_COLUMN,))
-            extra_idx = [i for i in range(len(header)) if i not in (path_col, id_col, hint_col)]
-            extra_names = [
-                f"input_{header[i].strip()}" if header[i].strip().lower() in RESERVED_COLUMNS else header[i].strip()
-                for i in extra_idx
-            ]
-            extra_names = [n or f"column_{i}" for n, i in zip(extra_names, extra_idx)]
-            for cells in reader:
-                if not cells or (len(cells) == 1 and not cells[0].strip()):
-                    continue  # blank line
-                rec = _record_from_cells(len(records), cells, header, path_col, id_col, hint_col, extra_idx, extra_names, base)
-                records.append(rec)
+            for cells in csv.reader(fh, delimiter=delimiter):
+                if cells and not (len(cells) == 1 and not cells[0].strip()):
+                    yield cells
     except UnicodeDecodeError:
         raise IngestError(f"manifest {str(path)!r} is not UTF-8 text") from None
     except csv.Error as exc:
         raise IngestError(f"manifest {str(path)!r} is not valid CSV: {exc}") from None
-    if not records:
-        raise IngestError(f"manifest {str(path)!r} has a header but no rows")
-    return Batch(records, extra_names, "manifest")
 
 
 def _record_from_cells(
@@ -183,6 +207,7 @@ def _record_from_cells(
     extra_idx: list[int],
     extra_names: list[str],
     base: Path,
+    allow_outside: bool,
 ) -> Record:
     def cell(i: int | None) -> str | None:
         if i is None or i >= len(cells):
@@ -203,4 +228,15 @@ def _record_from_cells(
         rec.error = ("no_path", "the path cell is empty")
     elif len(cells) > len(header):
         rec.error = ("malformed_row", f"{len(cells)} cells for {len(header)} columns")
+    elif not allow_outside and not _inside(rec.resolved, base):
+        rec.error = ("outside_manifest", "the path leaves the manifest's folder (use --allow-outside)")
     return rec
+
+
+def _inside(path: Path, base: Path) -> bool:
+    """Whether ``path`` stays under ``base`` once ``..`` and symlinks are resolved."""
+    try:
+        path.resolve().relative_to(base.resolve())
+        return True
+    except ValueError:
+        return False

@@ -21,21 +21,23 @@ import pyarrow.parquet as pq
 from .fsutil import atomic_path
 
 SCHEMA_VERSION = "1"
-STATUSES = ("labelled", "duplicate", "junk", "error")
+STATUSES = ("labelled", "duplicate", "junk", "error", "seen")
 
 #: (name, arrow type, meaning); pass-through columns go before ``model``.
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("row", pa.int64(), "0-based position of the input row (manifest order, or sorted folder walk)"),
     ("sku", pa.string(), "the manifest's sku (or id) cell; null for folder input"),
     ("path", pa.string(), "the path exactly as given in the manifest / found in the folder"),
-    ("status", pa.string(), "labelled | duplicate | junk | error"),
+    ("status", pa.string(), "labelled | duplicate | junk | error | seen (labelled on an earlier night, --store)"),
     ("label", pa.string(), "shop category (duplicates inherit the kept row's); null for errors"),
     ("confidence", pa.float32(), "calibrated probability of label over the shop categories (1.0 for human labels)"),
     ("topk_labels", pa.list_(pa.string()), "the k most likely categories, best first"),
     ("topk_scores", pa.list_(pa.float32()), "their probabilities"),
     ("label_source", pa.string(), "model, or human when a reviewer's correction (matched by sha256) set it"),
     ("duplicate_of", pa.int64(), "row of the kept photo this one duplicates"),
-    ("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match)"),
+    ("duplicate_of_run", pa.string(), "run_id of that row when it was kept on an earlier night (--store); else null"),
+    ("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match) | human (a reviewer said so)"),
+    ("seen_in", pa.string(), "run_id#row where this same photo was labelled before (status seen)"),
     ("junk_reason", pa.string(), "code: detail, e.g. 'not_product: looks like animal (0.96)'"),
     ("error", pa.string(), "why the photo could not be used: missing, empty, truncated, ... (README)"),
     ("error_detail", pa.string(), "the underlying message"),
@@ -68,17 +70,19 @@ def schema(extra_columns: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def to_table(rows: list[dict[str, Any]], extra_columns: list[str], run_meta: dict[str, Any]) -> pa.Table:
-    """Rows (dicts keyed by column name) → an Arrow table with the run's metadata."""
-    sch = schema(extra_columns)
-    columns = {f.name: [r.get(f.name) for r in rows] for f in sch}
-    table = pa.table(columns, schema=sch)
-    meta = {
+def schema_with_meta(extra_columns: list[str], run_meta: dict[str, Any]) -> pa.Schema:
+    """The schema plus file metadata: schema version, column docs, the run's settings."""
+    return schema(extra_columns).with_metadata({
         b"labelcat.schema_version": SCHEMA_VERSION.encode(),
         b"labelcat.columns": json.dumps({n: d for n, _, d in COLUMNS}).encode(),
         b"labelcat.run": json.dumps(run_meta, default=str).encode(),
-    }
-    return table.replace_schema_metadata(meta)
+    })
+
+
+def to_table(rows: list[dict[str, Any]], extra_columns: list[str], run_meta: dict[str, Any]) -> pa.Table:
+    """Rows (dicts keyed by column name) → an Arrow table with the run's metadata."""
+    sch = schema_with_meta(extra_columns, run_meta)
+    return pa.table({f.name: [r.get(f.name) for r in rows] for f in sch}, schema=sch)
 
 
 def write_parquet(table: pa.Table, out: str | Path) -> Path:
@@ -108,7 +112,6 @@ class Summary:
     errors: dict[str, int]
     junk: dict[str, int]
     seconds: float
-    stage_seconds: dict[str, float]
     classified: int
     human_labels: int
     model: str
@@ -141,18 +144,41 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarise(rows: list[dict[str, Any]], **fields: Any) -> Summary:
-    """Count statuses, labels (of labelled rows), junk codes and error codes."""
-    by_status = Counter(r["status"] for r in rows)
-    by_label = Counter(r["label"] for r in rows if r["status"] == "labelled")
-    errors = Counter(r["error"] for r in rows if r["status"] == "error")
-    junk = Counter((r["junk_reason"] or "").split(":")[0] for r in rows if r["status"] == "junk")
-    return Summary(
-        human_labels=sum(1 for r in rows if r.get("label_source") == "human"),
-        rows=len(rows),
-        by_status={s: by_status.get(s, 0) for s in STATUSES},
-        by_label=dict(by_label.most_common()),
-        errors=dict(errors.most_common()),
-        junk=dict(junk.most_common()),
-        **fields,
-    )
+class SummaryCounter:
+    """Counts statuses, labels (of labelled rows), junk and error codes, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.by_status: Counter = Counter()
+        self.by_label: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.junk: Counter = Counter()
+        self.human = 0
+        self.classified = 0
+
+    def update(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            self.rows += 1
+            self.by_status[r["status"]] += 1
+            if r["status"] == "labelled":
+                self.by_label[r["label"]] += 1
+            elif r["status"] == "error":
+                self.errors[r["error"]] += 1
+            elif r["status"] == "junk":
+                self.junk[(r["junk_reason"] or "").split(":")[0]] += 1
+            if r.get("label_source") == "human" and r["status"] in ("labelled", "junk"):
+                self.human += 1
+            if r["status"] in ("labelled", "junk") and r.get("label_source") is not None and r.get("topk_labels") is not None:
+                self.classified += 1
+
+    def summary(self, **fields: Any) -> Summary:
+        return Summary(
+            rows=self.rows,
+            by_status={s: self.by_status.get(s, 0) for s in STATUSES},
+            by_label=dict(self.by_label.most_common()),
+            errors=dict(self.errors.most_common()),
+            junk=dict(self.junk.most_common()),
+            human_labels=self.human,
+            classified=self.classified,
+            **fields,
+        )

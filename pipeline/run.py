@@ -1,33 +1,45 @@
 """The nightly job: ingest → scan → quality junk → dedupe → classify → semantic junk → write.
 
-Why a plain function over plain records: each stage module knows nothing of
-the others; this file is the only place that knows the order, and every
-stage's result is a dict keyed by input row, so one row can never go missing
-(``assemble`` walks the ingest records, not any stage's output).
+Why chunks of plain records: the input is streamed and processed
+``chunk_size`` rows at a time, so a million-row manifest needs the memory of
+one chunk (plus the dedupe index), and with ``--store`` each chunk is a unit
+of work that is committed once and never redone (see ``store``). Each stage
+module knows nothing of the others; this file is the only place that knows
+the order, and every stage's result is keyed by input row, so one row can
+never go missing (``assemble`` walks the ingest records, not a stage's
+output).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from . import decode as dec
-from .dedupe import Candidate, DedupeConfig, Hashes, Match, compute_hashes, find_duplicates
+from .dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes, Match, compute_hashes, find_duplicates
+from .fsutil import atomic_path
 from .infer import Classifier, cpu_count, has_gpu, predict, top_k
 from .ingest import Batch, Record, ingest
 from .junk import JunkConfig, Quality, quality_reason, quality_stats, semantic_reason
-from .output import Summary, summarise, to_table, write_json, write_parquet
+from .output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from .review import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
+from .store import LABEL_FIELDS, History, Store, index_record
 
 SCAN_SIDE = 256  # decode size for hashing and quality checks (JPEG draft mode)
+DEFAULT_CHUNK = 2048
 
 
 @dataclass
@@ -44,6 +56,12 @@ class RunConfig:
     quiet: bool = False
     corrections: Path | None = None  # the review store; rows a person labelled get the person's label
     review_threshold: float | None = None  # recorded for `review export`; default: the model card's
+    chunk_size: int = DEFAULT_CHUNK
+    store: Path | None = None  # history store: incremental, resumable, locked
+    relabel: bool = False  # with a store: classify again photos an older model version labelled
+    skip_seen: bool = False  # with a store: leave already-labelled photos out of the output
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder
+    log: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
 
 
 @dataclass
@@ -80,103 +98,199 @@ def _scan_all(records: list[Record], cfg: RunConfig) -> dict[int, Scan | tuple[s
             return rec.row, ("decode_failed", f"{type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=cfg.workers or cpu_count()) as pool:
-        for row, result in tqdm(pool.map(one, todo), total=len(todo), desc="scan", unit="img", disable=cfg.quiet or None):
+        for row, result in tqdm(pool.map(one, todo), total=len(todo), desc="scan", unit="img",
+                                disable=cfg.quiet or None, leave=False):
             out[row] = result
     return out
 
 
-def run(source: str | Path, out: str | Path, classifier: Classifier, cfg: RunConfig) -> Summary:
-    """Run the whole pipeline on ``source`` and write ``out``; returns the summary.
+def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
-    Raises ``IngestError`` for unusable input (before anything is written);
-    any other exception means the run failed and ``out`` was left untouched.
-    """
-    t0 = time.perf_counter()
-    started = datetime.now(timezone.utc)
-    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    stage: dict[str, float] = {}
 
-    batch = ingest(source)
-    stage["ingest"] = time.perf_counter() - t0
+def input_fingerprint(source: Path) -> str:
+    """What the input is, for resuming: manifest bytes, or the folder's names, sizes and times."""
+    h = hashlib.sha256()
+    if source.is_dir():
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                with contextlib.suppress(OSError):
+                    st = p.lstat()
+                    h.update(f"{os.fsencode(p)!r}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    else:
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
+
+@dataclass
+class Context:
+    """State that outlives one chunk: the dedupe index, kept photos' labels, history."""
+
+    classifier: Classifier
+    cfg: RunConfig
+    run_id: str
+    index: DedupeIndex
+    history: History
+    corrections: dict[str, dict[str, Any]]
+    kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
+
+
+def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk through every stage: (output rows, index records of its kept photos)."""
+    cfg, clf = ctx.cfg, ctx.classifier
     t = time.perf_counter()
-    scans = _scan_all(batch.records, cfg)
-    stage["scan"] = time.perf_counter() - t
+    scans = _scan_all(records, cfg)
+    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
 
     t = time.perf_counter()
     good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
-    quality_junk = {
-        row: reason
-        for row, s in good.items()
-        if (reason := quality_reason(s.quality, s.width, s.height, cfg.junk)) is not None
-    }
-    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes) for row, s in good.items() if row not in quality_junk]
-    duplicates = find_duplicates(candidates, cfg.dedupe)
-    stage["dedupe"] = time.perf_counter() - t
+    quality_junk = {row: reason for row, s in good.items()
+                    if (reason := quality_reason(s.quality, s.width, s.height, cfg.junk)) is not None}
+    seen: dict[int, int] = {}
+    for row, s in good.items():
+        key = ctx.history.by_sha.get(s.sha256)
+        if key is not None and key < 0:
+            earlier = ctx.history.entries[key]
+            if not cfg.relabel or earlier["model_version"] == clf.version:
+                seen[row] = key
+    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
+                  for row, s in good.items() if row not in quality_junk and row not in seen]
+    duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
+    cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
+             "seconds": round(time.perf_counter() - t, 3)})
 
     t = time.perf_counter()
-    to_classify = sorted(row for row in good if row not in duplicates)
-    by_row = {r.row: r for r in batch.records}
-    with tqdm(total=len(to_classify), desc="classify", unit="img", disable=cfg.quiet or None) as bar:
-        preds = predict(
-            classifier,
-            [by_row[row].resolved for row in to_classify],
-            batch_size=cfg.batch_size,
-            max_pixels=cfg.max_pixels,
-            progress=bar.update,
-        )
-    stage["classify"] = time.perf_counter() - t
+    to_classify = sorted(row for row in good if row not in duplicates and row not in seen)
+    by_row = {r.row: r for r in records}
+    with tqdm(total=len(to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
+        preds = predict(clf, [by_row[row].resolved for row in to_classify], batch_size=cfg.batch_size,
+                        max_pixels=cfg.max_pixels, progress=bar.update)
+    cfg.log({"stage": "classify", "rows": len(to_classify), "seconds": round(time.perf_counter() - t, 3)})
 
-    rows = assemble(batch, scans, quality_junk, duplicates, to_classify, preds, classifier, cfg, run_id, started)
-    human = 0
-    if cfg.corrections is not None:
-        human = apply_corrections(rows, load_corrections(cfg.corrections))
-    inherit_duplicates(rows)
-    t = time.perf_counter()
-    source_path = Path(source)
-    run_meta = {
+    rows = assemble(records, scans, quality_junk, duplicates, seen, to_classify, preds, ctx, processed_at)
+    if ctx.corrections:
+        apply_corrections(rows, ctx.corrections)
+    inherit_duplicates(rows, ctx)
+    index_records = []
+    for r in rows:
+        if r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None:
+            ctx.kept_labels[r["row"]] = {k: r.get(k) for k in LABEL_FIELDS}
+            s = good.get(r["row"])
+            if s is not None:
+                index_records.append(index_record(ctx.run_id, r, s.hashes, r["row"] not in quality_junk, clf.version))
+    return rows, index_records
+
+
+def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig) -> Summary:
+    """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
+
+    Raises ``IngestError`` for unusable input (before anything is written) and
+    ``StoreLocked`` when another run holds the store; any other exception
+    means the run failed and ``out`` was left untouched (the store keeps the
+    chunks committed so far for the next run to resume).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    source = Path(source)
+    batch = ingest(source, allow_outside=cfg.allow_outside)
+    store = Store(cfg.store) if cfg.store else None
+    with store.lock() if store else contextlib.nullcontext():
+        run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+        run_date = f"{started:%Y-%m-%d}"
+        done: set[int] = set()
+        if store:
+            run_id, run_date, done = store.open_staging(
+                input_fingerprint(source), classifier.version, cfg.chunk_size, run_id, run_date,
+                lambda msg: cfg.log({"stage": "store", "message": msg}))
+        index = DedupeIndex(cfg.dedupe)
+        history = store.load_history(index) if store else History()
+        corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
+        ctx = Context(classifier, cfg, run_id, index, history, corrections)
+        meta = run_meta(source, batch, classifier, cfg, run_id, started)
+        counter = SummaryCounter()
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if out is not None:
+                tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
+                writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
+                                                              compression="zstd"))
+            for n, records in enumerate(chunked(batch.records, cfg.chunk_size)):
+                if n in done:
+                    table, index_records = store.read_chunk(n)
+                    for rec in index_records:  # this run's committed photos, under their row keys
+                        history.add(rec, index, key=rec["row"])
+                        ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
+                    cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
+                else:
+                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc))
+                    table = to_table(rows, batch.extra_columns, meta)
+                    if store:
+                        store.commit_chunk(n, table, index_records)
+                        cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
+                counter.update(table.to_pylist())
+                if writer is not None:
+                    if cfg.skip_seen:
+                        table = table.filter(pa_compute_not_seen(table))
+                    writer.write_table(table)
+            if store:
+                published = store.publish()
+                cfg.log({"stage": "publish", "path": str(published)})
+    summary = counter.summary(
+        run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
+        model=classifier.name, model_version=classifier.version, device="GPU" if has_gpu() else "CPU",
+    )
+    cfg.log({"stage": "done", **summary.as_dict()})
+    return summary
+
+
+def pa_compute_not_seen(table):
+    import pyarrow.compute as pc
+
+    return pc.not_equal(table["status"], "seen")
+
+
+def run_meta(source: Path, batch: Batch, classifier: Classifier, cfg: RunConfig, run_id: str, started: datetime) -> dict[str, Any]:
+    return {
         "run_id": run_id, "input": str(source), "started": started.isoformat(), "model": classifier.name,
         "model_version": classifier.version, "config": _config_dict(cfg), "labels": list(classifier.categories),
-        "extra_columns": batch.extra_columns, "human_labels": human,
+        "extra_columns": batch.extra_columns,
         "review_threshold": cfg.review_threshold or classifier.info.get("recommended_threshold") or DEFAULT_REVIEW_THRESHOLD,
         # manifest paths are relative to the manifest; folder paths are as walked from the working directory
-        "path_base": str((source_path.parent if batch.source == "manifest" else Path.cwd()).resolve()),
+        "path_base": str((source.parent if batch.source == "manifest" else Path.cwd()).resolve()),
     }
-    write_parquet(to_table(rows, batch.extra_columns, run_meta), out)
-    stage["write"] = time.perf_counter() - t
-    return summarise(
-        rows,
-        run_id=run_id,
-        out=str(out),
-        seconds=time.perf_counter() - t0,
-        stage_seconds={k: round(v, 3) for k, v in stage.items()},
-        classified=len(to_classify),
-        model=classifier.name,
-        model_version=classifier.version,
-        device="GPU" if has_gpu() else "CPU",
-    )
 
 
 def _config_dict(cfg: RunConfig) -> dict[str, Any]:
-    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "log"}
     d["dedupe"] = dict(cfg.dedupe.__dict__)
     d["junk"] = dict(cfg.junk.__dict__)
     return d
 
 
 def assemble(
-    batch: Batch,
+    records: list[Record],
     scans: dict[int, Scan | tuple[str, str]],
     quality_junk: dict[int, str],
     duplicates: dict[int, Match],
+    seen: dict[int, int],
     classified: list[int],
     preds: Any,
-    classifier: Classifier,
-    cfg: RunConfig,
-    run_id: str,
+    ctx: Context,
     processed_at: datetime,
 ) -> list[dict[str, Any]]:
-    """One output dict per ingest record, in input order."""
+    """One output dict per ingest record of the chunk, in input order."""
+    classifier, cfg = ctx.classifier, ctx.cfg
     tax = classifier.taxonomy
     cats = classifier.categories
     pos = {row: i for i, row in enumerate(classified)}
@@ -184,12 +298,12 @@ def assemble(
     groups = tax.groups if tax else []
 
     rows: list[dict[str, Any]] = []
-    for rec in batch.records:
+    for rec in records:
         hint_cat = tax.resolve_hint(rec.category_hint) if tax else _match_class(rec.category_hint, cats)
         row: dict[str, Any] = {
             "row": rec.row, "sku": rec.sku, "path": rec.path, "category_hint": rec.category_hint,
             "hint_category": hint_cat, "model": classifier.name, "model_version": classifier.version,
-            "run_id": run_id, "processed_at": processed_at, **rec.extra,
+            "run_id": ctx.run_id, "processed_at": processed_at, **rec.extra,
         }
         scan = scans[rec.row]
         if not isinstance(scan, Scan):
@@ -199,9 +313,20 @@ def assemble(
         row.update(sha256=scan.sha256, phash=scan.hashes.phash_hex, phash256=scan.hashes.fine_hex,
                    width=scan.width, height=scan.height, pixel_std=scan.quality.pixel_std,
                    aspect_ratio=scan.quality.aspect_ratio)
+        if rec.row in seen:
+            earlier = ctx.history.entries[seen[rec.row]]
+            row.update(status="seen", seen_in=f"{earlier['run_id']}#{earlier['row']}",
+                       **{k: earlier.get(k) for k in LABEL_FIELDS})
+            rows.append(row)
+            continue
         if rec.row in duplicates:
             match = duplicates[rec.row]
-            row.update(status="duplicate", duplicate_of=match.kept, duplicate_kind=match.kind)
+            row.update(status="duplicate", duplicate_kind=match.kind)
+            if match.kept >= 0:
+                row["duplicate_of"] = match.kept
+            else:  # kept on an earlier night
+                earlier = ctx.history.entries[match.kept]
+                row.update(duplicate_of=earlier["row"], duplicate_of_run=earlier["run_id"])
             rows.append(row)
             continue
         i = pos[rec.row]
@@ -219,18 +344,21 @@ def assemble(
         )
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
         rows.append(row)
-
     return rows
 
 
-def inherit_duplicates(rows: list[dict[str, Any]]) -> None:
-    """Duplicates take the kept row's label (after corrections, so a human label carries over)."""
+def inherit_duplicates(rows: list[dict[str, Any]], ctx: Context) -> None:
+    """Duplicates take the kept photo's label (after corrections, so a human label carries over)."""
     by_row = {r["row"]: r for r in rows}
     for r in rows:
-        if r["status"] == "duplicate" and r.get("duplicate_of") is not None:
-            kept = by_row[r["duplicate_of"]]
-            for k in ("label", "confidence", "topk_labels", "topk_scores", "label_source", "product_evidence", "imagenet_top"):
-                r[k] = kept.get(k)
+        if r["status"] != "duplicate" or r.get("duplicate_of") is None:
+            continue
+        if r.get("duplicate_of_run"):
+            kept = ctx.history.entries[ctx.history.by_ref[(r["duplicate_of_run"], r["duplicate_of"])]]
+        else:
+            kept = by_row.get(r["duplicate_of"]) or ctx.kept_labels.get(r["duplicate_of"], {})
+        for k in LABEL_FIELDS:
+            r[k] = kept.get(k)
 
 
 def _match_class(hint: str | None, classes: list[str]) -> str | None:
@@ -245,3 +373,16 @@ def _match_class(hint: str | None, classes: list[str]) -> str | None:
 
 def write_summary_json(summary: Summary, path: str | Path) -> None:
     write_json(summary.as_dict(), path)
+
+
+def log_to_file(path: str | Path) -> Callable[[dict[str, Any]], None]:
+    """One JSON line per event, appended and flushed (a killed run keeps what it logged)."""
+    fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+
+    def log(event: dict[str, Any]) -> None:
+        fh.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
+                            default=str) + "\n")
+        fh.flush()
+
+    return log
+

@@ -236,16 +236,17 @@ def collect(data: str | Path, workers: int = 0, quiet: bool = True) -> LabelledP
     from .run import RunConfig, Scan, _scan_all
 
     batch = corrections_batch(data) if corrections_store_exists(data) else ingest(data)
+    records = list(batch.records)  # training sets are small enough to hold
     if batch.source in ("manifest", "corrections"):
         if "label" not in batch.extra_columns:
             raise IngestError(f"manifest {str(data)!r} needs a 'label' column to train on")
-        labels = {r.row: (r.extra.get("label") or "").strip() for r in batch.records}
+        labels = {r.row: (r.extra.get("label") or "").strip() for r in records}
     else:
-        labels = {r.row: (r.category_hint or "").strip() for r in batch.records}
-    scans = _scan_all(batch.records, RunConfig(workers=workers, quiet=quiet))
+        labels = {r.row: (r.category_hint or "").strip() for r in records}
+    scans = _scan_all(records, RunConfig(workers=workers, quiet=quiet))
     skipped: list[tuple[str, str]] = []
     kept = []
-    for rec in batch.records:
+    for rec in records:
         s = scans[rec.row]
         if not isinstance(s, Scan):
             skipped.append((rec.path, f"{s[0]}: {s[1]}"))

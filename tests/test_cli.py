@@ -102,10 +102,10 @@ def test_a_failed_run_keeps_the_previous_output(shop, monkeypatch):
     assert _run(str(shop / "manifest.csv"), "--out", str(out)).exit_code == 0
     before = out.read_bytes()
 
-    def boom(*a, **k):
+    def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pipeline.run.write_parquet", boom)
+    monkeypatch.setattr("pyarrow.parquet.ParquetWriter.write_table", disk_full)
     result = _run(str(shop / "manifest.csv"), "--out", str(out))
     assert result.exit_code == 1 and "No space left" in result.output
     assert out.read_bytes() == before

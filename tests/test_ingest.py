@@ -18,7 +18,7 @@ def test_manifest_bom_quotes_newlines_and_pass_through(tmp_path):
     assert batch.source == "manifest"
     # "status" collides with an output column, so it is carried as input_status
     assert batch.extra_columns == ["title", "input_status"]
-    a, b = batch.records
+    a, b = list(batch.records)
     assert (a.row, a.sku, a.path, a.category_hint) == (0, "A1", "img/a.jpg", "tv")
     assert a.resolved == tmp_path / "img/a.jpg"
     assert a.extra == {"title": 'Big TV, 55"', "input_status": "new"}
@@ -27,7 +27,7 @@ def test_manifest_bom_quotes_newlines_and_pass_through(tmp_path):
 
 def test_image_and_id_columns_semicolons_and_row_problems(tmp_path):
     p = _manifest(tmp_path, "id;image\nX;a.jpg\nY;\n\nZ;c.jpg;extra\n")
-    recs = ingest(p).records
+    recs = list(ingest(p).records)
     assert [r.sku for r in recs] == ["X", "Y", "Z"]  # the blank line is not a row
     assert recs[0].error is None
     assert recs[1].error[0] == "no_path"
@@ -58,7 +58,7 @@ def test_directory_walk_hints_and_order(tmp_path):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
     (tmp_path / "loop").symlink_to(tmp_path)  # a symlink loop must not hang the walk
-    recs = ingest(tmp_path).records
+    recs = list(ingest(tmp_path).records)
     assert [r.path.replace(str(tmp_path) + "/", "") for r in recs] == ["notes.txt", "sofas/x.png", "tv/a.jpg", "tv/b.jpg"]
     assert [r.category_hint for r in recs][1:] == ["sofas", "tv", "tv"]
     assert [r.row for r in recs] == [0, 1, 2, 3]

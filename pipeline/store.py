@@ -1,0 +1,198 @@
+"""The history store: every night's rows, committed in chunks, published atomically.
+
+Layout of ``--store DIR``::
+
+    DIR/labels/run_date=2026-11-22/run_id=<id>/part-000000.parquet   the dataset (hive partitions)
+    DIR/index/run_id=<id>/part-000000.parquet                          hashes + labels of kept photos
+    DIR/staging/                                                       tonight's run until it is published
+    DIR/lock                                                           held (flock) while a run works
+
+Why this shape. Readers (pandas, pyarrow, DuckDB, Spark) read ``DIR/labels``
+as a partitioned Parquet dataset and must never see half a night: tonight's
+chunks are committed one file at a time into ``staging/`` (invisible to
+them) and appear in ``labels/`` by one directory rename at the end. A run
+killed at any moment (SIGKILL, reboot) leaves committed chunks in
+``staging/``; the next run over the same input (same fingerprint, model
+version and chunk size) reuses its run id, skips those chunks and finishes
+the job, so no row is lost or written twice. A run over different input
+discards the stale staging first. The publish step itself is recorded
+(``state: publishing``) and completed by the next run if it was interrupted.
+
+The lock is an ``flock`` on ``DIR/lock``: the kernel releases it when the
+holder dies, however it dies, so a stale lock cannot outlive its process;
+the file records who holds it for the "locked" message. (flock is local to
+one machine: do not share a store over NFS between hosts.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .dedupe import DedupeIndex, Hashes
+from .fsutil import atomic_path
+
+INDEX_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("row", pa.int64()), ("sha256", pa.string()), ("in_dedupe", pa.bool_()),
+    ("phash", pa.string()), ("phash256", pa.string()), ("rotated", pa.list_(pa.string())),
+    ("color", pa.list_(pa.float32())), ("status", pa.string()), ("label", pa.string()),
+    ("confidence", pa.float32()), ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())),
+    ("label_source", pa.string()), ("junk_reason", pa.string()), ("model_version", pa.string()),
+    ("product_evidence", pa.float32()), ("imagenet_top", pa.string()),
+])
+LABEL_FIELDS = ("label", "confidence", "topk_labels", "topk_scores", "label_source", "product_evidence", "imagenet_top")
+
+
+class StoreLocked(RuntimeError):
+    """Another run holds the store's lock."""
+
+
+def index_record(run_id: str, row: dict[str, Any], hashes: Hashes, in_dedupe: bool, model_version: str) -> dict[str, Any]:
+    """What the store remembers of a kept photo: its hashes and its label."""
+    return {
+        "run_id": run_id, "row": row["row"], "sha256": row["sha256"], "in_dedupe": in_dedupe,
+        "phash": hashes.phash_hex, "phash256": hashes.fine_hex,
+        "rotated": [f"{p:016x}:{f:064x}" for p, f in hashes.rotated],
+        "color": hashes.color.astype(np.float32).ravel().tolist(), "status": row["status"],
+        "model_version": model_version, "junk_reason": row.get("junk_reason"),
+        **{k: row.get(k) for k in LABEL_FIELDS},
+    }
+
+
+def hashes_from_record(r: dict[str, Any]) -> Hashes:
+    rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in r["rotated"]))
+    return Hashes(int(r["phash"], 16), int(r["phash256"], 16), rotated, np.asarray(r["color"], np.float32).reshape(4, 4, 3))
+
+
+@dataclass
+class History:
+    """Photos kept on earlier nights (and in this run's committed chunks), by dedupe key."""
+
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # key -> index record
+    by_sha: dict[str, int] = field(default_factory=dict)
+    by_ref: dict[tuple[str, int], int] = field(default_factory=dict)  # (run id, row) -> key
+    next_key: int = -1  # earlier nights get negative keys; this run's rows are >= 0
+
+    def add(self, rec: dict[str, Any], index: DedupeIndex, key: int | None = None) -> int:
+        if key is None:
+            key, self.next_key = self.next_key, self.next_key - 1
+        self.entries[key] = rec
+        self.by_sha.setdefault(rec["sha256"], key)
+        self.by_ref[(rec["run_id"], rec["row"])] = key
+        if rec["in_dedupe"]:
+            index.add(key, rec["sha256"], hashes_from_record(rec))
+        return key
+
+
+class Store:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.labels = self.root / "labels"
+        self.index = self.root / "index"
+        self.staging = self.root / "staging"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's lock for the whole run; ``StoreLocked`` if another run has it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise StoreLocked(f"store {self.root} is locked by {holder}") from None
+            info = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def load_history(self, index: DedupeIndex) -> History:
+        """Index records of every published run, added to ``index`` under negative keys."""
+        history = History()
+        for part in sorted(self.index.glob("run_id=*/part-*.parquet")):
+            for rec in pq.read_table(part, schema=INDEX_SCHEMA).to_pylist():
+                history.add(rec, index)
+        return history
+
+    # -- staging ---------------------------------------------------------------
+
+    def _state_file(self) -> Path:
+        return self.staging / "run.json"
+
+    def open_staging(self, fingerprint: str, model_version: str, chunk_size: int, new_run_id: str,
+                     run_date: str, log) -> tuple[str, str, set[int]]:
+        """(run id, run date, committed chunks): resume a matching unfinished run, else start afresh."""
+        state = self._read_state()
+        if state and state.get("state") == "publishing":
+            log(f"completing the interrupted publish of run {state['run_id']}")
+            self._publish(state)
+            state = None
+        if state and (state["fingerprint"], state["model_version"], state["chunk_size"]) == (fingerprint, model_version, chunk_size):
+            done = {int(p.stem.split("-")[1]) for p in (self.staging / "labels").glob("part-*.parquet")}
+            log(f"resuming run {state['run_id']}: {len(done)} chunks already committed")
+            return state["run_id"], state["run_date"], done
+        if state:
+            log(f"discarding unfinished run {state['run_id']} (its input or model differ)")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        (self.staging / "labels").mkdir(parents=True)
+        (self.staging / "index").mkdir(parents=True)
+        self._write_state({"run_id": new_run_id, "run_date": run_date, "fingerprint": fingerprint,
+                           "model_version": model_version, "chunk_size": chunk_size, "state": "running"})
+        return new_run_id, run_date, set()
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._state_file().read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        with atomic_path(self._state_file(), suffix=".json") as tmp:
+            tmp.write_text(json.dumps(state))
+
+    def commit_chunk(self, n: int, rows: pa.Table, index_records: list[dict[str, Any]]) -> None:
+        """Index part first, then the rows part: a chunk counts as done once its rows part exists."""
+        with atomic_path(self.staging / "index" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(index_records, schema=INDEX_SCHEMA), tmp)
+        with atomic_path(self.staging / "labels" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
+            pq.write_table(rows, tmp)
+
+    def read_chunk(self, n: int) -> tuple[pa.Table, list[dict[str, Any]]]:
+        rows = pq.read_table(self.staging / "labels" / f"part-{n:06d}.parquet")
+        index = pq.read_table(self.staging / "index" / f"part-{n:06d}.parquet", schema=INDEX_SCHEMA).to_pylist()
+        return rows, index
+
+    def publish(self) -> Path:
+        """Make tonight's run visible: rename the staged folders into the dataset."""
+        state = self._read_state()
+        state["state"] = "publishing"
+        self._write_state(state)
+        return self._publish(state)
+
+    def _publish(self, state: dict[str, Any]) -> Path:
+        target = self.labels / f"run_date={state['run_date']}" / f"run_id={state['run_id']}"
+        index_target = self.index / f"run_id={state['run_id']}"
+        if (self.staging / "index").exists() and not index_target.exists():
+            index_target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / "index", index_target)
+        if (self.staging / "labels").exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / "labels", target)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return target
