@@ -23,6 +23,7 @@ from .dedupe import DEFAULT_COLOR_THRESHOLD, DEFAULT_FINE_THRESHOLD, DEFAULT_PHA
 from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from .junk import JunkConfig  # noqa: E402
 from .review import DEFAULT_CORRECTIONS  # noqa: E402
+from .run import DEFAULT_CHUNK  # noqa: E402
 
 DEFAULT_OUT = "labelcat-output/labels.parquet"
 
@@ -91,36 +92,66 @@ def cli() -> None:
               show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
               help="Confidence below which `review export` picks rows (default: the model card's, else 0.6).")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="History store: only new photos are classified, chunks are committed, one run at a time.")
+@click.option("--chunk-size", type=click.IntRange(1), default=DEFAULT_CHUNK, show_default=True,
+              help="Rows per unit of work (memory bound; with --store, the unit a killed run resumes from).")
+@click.option("--relabel", is_flag=True, help="With --store: classify again photos an older model version labelled.")
+@click.option("--skip-seen", is_flag=True, help="With --store: leave photos labelled on earlier nights out of --out.")
+@click.option("--allow-outside", is_flag=True, help="Let manifest paths leave the manifest's folder.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append one JSON line per stage and chunk (for monitoring).")
+@click.option("--fail-on-row-errors", is_flag=True, help="Exit 4 (not 0) when the run completed but some rows are errors.")
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
     batch_size: int, top_k: int, workers: int, max_pixels: int, max_bytes: int, phash_threshold: int,
     fine_threshold: int, color_threshold: float, min_size: int, not_product_threshold: float,
-    mismatch_confidence: float, corrections: Path, review_threshold: float | None, quiet: bool,
+    mismatch_confidence: float, corrections: Path, review_threshold: float | None, store: Path | None,
+    chunk_size: int, relabel: bool, skip_seen: bool, allow_outside: bool, log_file: Path | None,
+    fail_on_row_errors: bool, quiet: bool,
 ) -> None:
     """Label the photos of INPUT (a folder tree or a CSV manifest) into Parquet.
 
     Every input row comes out exactly once, in input order, with a status:
-    labelled, duplicate, junk or error. Exit 0 when the run completed, even
-    if some rows are errors; 1 when the run failed; 2 on usage errors.
+    labelled, duplicate, junk, error (or seen, with --store). Exit 0 when the
+    run completed, even if some rows are errors (4 with --fail-on-row-errors);
+    1 when the run failed; 2 on usage errors; 3 when the store is locked.
     """
     from .ingest import IngestError
-    from .run import RunConfig, run as run_pipeline, write_summary_json
+    from .run import RunConfig, log_to_file, run as run_pipeline, write_summary_json
+    from .store import StoreLocked
+
+    if (relabel or skip_seen) and store is None:
+        raise click.UsageError("--relabel and --skip-seen need --store")
+    if log_file is not None:
+        try:
+            log = log_to_file(log_file)
+        except OSError as exc:
+            raise click.UsageError(f"cannot write --log-file {log_file}: {exc.strerror or exc}") from None
+    else:
+        log = RunConfig().log
 
     cfg = RunConfig(
         batch_size=batch_size, top_k=top_k, max_pixels=max_pixels, max_bytes=max_bytes, workers=workers,
         dedupe=DedupeConfig(phash_threshold, fine_threshold, color_threshold),
         junk=JunkConfig(min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
-        quiet=quiet, corrections=corrections, review_threshold=review_threshold,
+        quiet=quiet, corrections=corrections, review_threshold=review_threshold, store=store,
+        chunk_size=chunk_size, relabel=relabel, skip_seen=skip_seen, allow_outside=allow_outside, log=log,
     )
     classifier = _load_classifier(model, taxonomy, precision)
     try:
         summary = run_pipeline(input_path, out, classifier, cfg)
     except IngestError as exc:
         raise click.UsageError(str(exc)) from None
+    except StoreLocked as exc:
+        log({"stage": "locked", "message": str(exc)})
+        click.echo(f"labelcat: {exc}; not starting a second run", err=True)
+        sys.exit(3)
     except Exception as exc:  # noqa: BLE001 - cron needs one line and a non-zero status, not a traceback
         if os.environ.get("LABELCAT_DEBUG"):
             raise
+        log({"stage": "failed", "error": f"{type(exc).__name__}: {exc}"})
         click.echo(f"labelcat: run failed: {type(exc).__name__}: {exc} (previous output left in place; "
                    "LABELCAT_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
@@ -128,6 +159,8 @@ def run(
         write_summary_json(summary, summary_json)
     if not quiet:
         click.echo(summary.render())
+    if fail_on_row_errors and summary.by_status.get("error"):
+        sys.exit(4)
 
 
 def _load_classifier(model: str, taxonomy: Path | None, precision: str):

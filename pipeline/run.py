@@ -36,7 +36,7 @@ from .ingest import Batch, Record, ingest
 from .junk import JunkConfig, Quality, quality_reason, quality_stats, semantic_reason
 from .output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from .review import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
-from .store import LABEL_FIELDS, History, Store, index_record
+from .store import LABEL_FIELDS, History, Store, fault_point, index_record
 
 SCAN_SIDE = 256  # decode size for hashing and quality checks (JPEG draft mode)
 DEFAULT_CHUNK = 2048
@@ -160,10 +160,8 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     seen: dict[int, int] = {}
     for row, s in good.items():
         key = ctx.history.by_sha.get(s.sha256)
-        if key is not None and key < 0:
-            earlier = ctx.history.entries[key]
-            if not cfg.relabel or earlier["model_version"] == clf.version:
-                seen[row] = key
+        if key is not None and key < 0:  # labelled on an earlier night (same model version under --relabel)
+            seen[row] = key
     candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
     duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
@@ -208,13 +206,14 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
     with store.lock() if store else contextlib.nullcontext():
         run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         run_date = f"{started:%Y-%m-%d}"
-        done: set[int] = set()
+        done: set[int] | None = set()
         if store:
             run_id, run_date, done = store.open_staging(
                 input_fingerprint(source), classifier.version, cfg.chunk_size, run_id, run_date,
                 lambda msg: cfg.log({"stage": "store", "message": msg}))
+        published = None if done is not None else store.published_parts(run_date, run_id)
         index = DedupeIndex(cfg.dedupe)
-        history = store.load_history(index) if store else History()
+        history = store.load_history(index, classifier.version if cfg.relabel else None) if store else History()
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
         ctx = Context(classifier, cfg, run_id, index, history, corrections)
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
@@ -226,7 +225,9 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                 writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
                                                               compression="zstd"))
             for n, records in enumerate(chunked(batch.records, cfg.chunk_size)):
-                if n in done:
+                if published is not None:  # the work was done before a kill mid-publish
+                    table = pq.read_table(published[n])
+                elif n in done:
                     table, index_records = store.read_chunk(n)
                     for rec in index_records:  # this run's committed photos, under their row keys
                         history.add(rec, index, key=rec["row"])
@@ -238,14 +239,14 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                     if store:
                         store.commit_chunk(n, table, index_records)
                         cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
+                        fault_point(f"after-chunk:{n}")
                 counter.update(table.to_pylist())
                 if writer is not None:
                     if cfg.skip_seen:
                         table = table.filter(pa_compute_not_seen(table))
                     writer.write_table(table)
-            if store:
-                published = store.publish()
-                cfg.log({"stage": "publish", "path": str(published)})
+            if store and published is None:
+                cfg.log({"stage": "publish", "path": str(store.publish())})
     summary = counter.summary(
         run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
         model=classifier.name, model_version=classifier.version, device="GPU" if has_gpu() else "CPU",

@@ -2,8 +2,8 @@
 
 Layout of ``--store DIR``::
 
-    DIR/labels/run_date=2026-11-22/run_id=<id>/part-000000.parquet   the dataset (hive partitions)
-    DIR/index/run_id=<id>/part-000000.parquet                          hashes + labels of kept photos
+    DIR/labels/run_date=2026-11-22/<run id>/part-000000.parquet   the dataset (hive-partitioned by run_date)
+    DIR/index/<run id>/part-000000.parquet                          hashes + labels of kept photos
     DIR/staging/                                                       tonight's run until it is published
     DIR/lock                                                           held (flock) while a run works
 
@@ -31,7 +31,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,6 +56,29 @@ INDEX_SCHEMA = pa.schema([
     ("product_evidence", pa.float32()), ("imagenet_top", pa.string()),
 ])
 LABEL_FIELDS = ("label", "confidence", "topk_labels", "topk_scores", "label_source", "product_evidence", "imagenet_top")
+
+
+FAULT_ENV = "LABELCAT_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``LABELCAT_FAULT=kill@NAME`` SIGKILLs this process here,
+    ``pause@NAME`` sleeps (holding the lock) so a test can race or kill it.
+
+    Points: ``after-chunk:N`` (chunk N committed) and ``mid-publish`` (index
+    published, labels not yet). Unset in production; the tests use it to prove
+    that a killed run resumes to the same store.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or "@" not in spec:
+        return
+    action, point = spec.split("@", 1)
+    if point != name:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "pause":
+        time.sleep(float(os.environ.get("LABELCAT_FAULT_PAUSE", "60")))
 
 
 class StoreLocked(RuntimeError):
@@ -122,12 +147,17 @@ class Store:
         finally:
             os.close(fd)  # releases the flock
 
-    def load_history(self, index: DedupeIndex) -> History:
-        """Index records of every published run, added to ``index`` under negative keys."""
+    def load_history(self, index: DedupeIndex, only_version: str | None = None) -> History:
+        """Index records of every published run, added to ``index`` under negative keys.
+
+        ``only_version`` (``--relabel``): photos another model version labelled
+        are left out, so they are classified again rather than seen or matched.
+        """
         history = History()
-        for part in sorted(self.index.glob("run_id=*/part-*.parquet")):
+        for part in sorted(self.index.glob("*/part-*.parquet")):
             for rec in pq.read_table(part, schema=INDEX_SCHEMA).to_pylist():
-                history.add(rec, index)
+                if only_version is None or rec["model_version"] == only_version:
+                    history.add(rec, index)
         return history
 
     # -- staging ---------------------------------------------------------------
@@ -136,14 +166,23 @@ class Store:
         return self.staging / "run.json"
 
     def open_staging(self, fingerprint: str, model_version: str, chunk_size: int, new_run_id: str,
-                     run_date: str, log) -> tuple[str, str, set[int]]:
-        """(run id, run date, committed chunks): resume a matching unfinished run, else start afresh."""
+                     run_date: str, log) -> tuple[str, str, set[int] | None]:
+        """(run id, run date, committed chunks): resume a matching unfinished run, else start afresh.
+
+        Committed chunks are ``None`` when a run over this same input had done
+        all its work and was killed while publishing: the publish is completed
+        and there is nothing left to do.
+        """
         state = self._read_state()
+        same = state is not None and (state["fingerprint"], state["model_version"], state["chunk_size"]) == (
+            fingerprint, model_version, chunk_size)
         if state and state.get("state") == "publishing":
             log(f"completing the interrupted publish of run {state['run_id']}")
             self._publish(state)
+            if same:
+                return state["run_id"], state["run_date"], None
             state = None
-        if state and (state["fingerprint"], state["model_version"], state["chunk_size"]) == (fingerprint, model_version, chunk_size):
+        if state and same:
             done = {int(p.stem.split("-")[1]) for p in (self.staging / "labels").glob("part-*.parquet")}
             log(f"resuming run {state['run_id']}: {len(done)} chunks already committed")
             return state["run_id"], state["run_date"], done
@@ -178,6 +217,9 @@ class Store:
         index = pq.read_table(self.staging / "index" / f"part-{n:06d}.parquet", schema=INDEX_SCHEMA).to_pylist()
         return rows, index
 
+    def published_parts(self, run_date: str, run_id: str) -> list[Path]:
+        return sorted((self.labels / f"run_date={run_date}" / run_id).glob("part-*.parquet"))
+
     def publish(self) -> Path:
         """Make tonight's run visible: rename the staged folders into the dataset."""
         state = self._read_state()
@@ -186,11 +228,13 @@ class Store:
         return self._publish(state)
 
     def _publish(self, state: dict[str, Any]) -> Path:
-        target = self.labels / f"run_date={state['run_date']}" / f"run_id={state['run_id']}"
-        index_target = self.index / f"run_id={state['run_id']}"
+        # The run folder has no "key=" so readers do not add a second run_id column.
+        target = self.labels / f"run_date={state['run_date']}" / state["run_id"]
+        index_target = self.index / state["run_id"]
         if (self.staging / "index").exists() and not index_target.exists():
             index_target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.staging / "index", index_target)
+        fault_point("mid-publish")
         if (self.staging / "labels").exists() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.staging / "labels", target)

@@ -47,7 +47,7 @@ def tiny_test(taxonomy: Taxonomy | None = None, precision: str = "float32") -> C
     tax = taxonomy or load_taxonomy()
     model = build_tiny_model()
     return Classifier(
-        name="tiny_test", version="tiny-1", model=to_mixed_precision(model) if precision == "mixed" else model,
+        name="tiny_test", version=f"tiny-1+{tax.digest}", model=to_mixed_precision(model) if precision == "mixed" else model,
         preprocess=IMAGENET_224, categories=list(tax.categories), taxonomy=tax, precision=precision,
     )
 
