@@ -102,6 +102,9 @@ def cli() -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append one JSON line per stage and chunk (for monitoring).")
 @click.option("--fail-on-row-errors", is_flag=True, help="Exit 4 (not 0) when the run completed but some rows are errors.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray Data tasks and actors (pip install 'labelcat[ray]').")
+@click.option("--ray-address", default=None, help="Attach --runner ray to an existing cluster (default: start one here).")
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
@@ -109,7 +112,7 @@ def run(
     fine_threshold: int, color_threshold: float, min_size: int, not_product_threshold: float,
     mismatch_confidence: float, corrections: Path, review_threshold: float | None, store: Path | None,
     chunk_size: int, relabel: bool, skip_seen: bool, allow_outside: bool, log_file: Path | None,
-    fail_on_row_errors: bool, quiet: bool,
+    fail_on_row_errors: bool, runner: str, ray_address: str | None, quiet: bool,
 ) -> None:
     """Label the photos of INPUT (a folder tree or a CSV manifest) into Parquet.
 
@@ -124,6 +127,15 @@ def run(
 
     if (relabel or skip_seen) and store is None:
         raise click.UsageError("--relabel and --skip-seen need --store")
+    if runner == "ray" and store is not None:
+        raise click.UsageError("--store works with the local runner only (yet)")
+    if ray_address and runner != "ray":
+        raise click.UsageError("--ray-address needs --runner ray")
+    if runner == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--runner ray needs Ray Data: pip install 'labelcat[ray]'") from None
     if log_file is not None:
         try:
             log = log_to_file(log_file)
@@ -141,7 +153,12 @@ def run(
     )
     classifier = _load_classifier(model, taxonomy, precision)
     try:
-        summary = run_pipeline(input_path, out, classifier, cfg)
+        if runner == "ray":
+            from .ray_runner import run_ray
+
+            summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg, ray_address)
+        else:
+            summary = run_pipeline(input_path, out, classifier, cfg)
     except IngestError as exc:
         raise click.UsageError(str(exc)) from None
     except StoreLocked as exc:

@@ -1,0 +1,205 @@
+"""``--runner ray``: the same stages as Ray Data operations, for more than one machine.
+
+Why this shape: nothing here re-implements a stage. Ray Data only decides
+*where* the stage functions run: the scan (read, sha256, decode, hashes,
+quality) is ``map_batches`` over stateless tasks; classification is a
+callable class in an actor pool, so each actor loads the model once and runs
+the same ``tf.data`` loop (``infer.predict``) on its batches, with a GPU per
+actor when the cluster has them; assembling rows, junk rules and the Parquet
+writer are the local runner's. Near-duplicate grouping needs only the
+hashes: they come back to the driver (about 200 bytes a photo) and go
+through the same multi-index-hash search, which never compares all pairs
+(README, "How dedupe scales" and "Runners").
+
+Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
+that takes every CPU starves the read tasks and hangs silently, so the pool
+and each actor's ``num_cpus`` are sized from the cluster's CPUs; ``ray.init``
+costs a few seconds, so the local runner stays the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dedupe import Candidate, Hashes, find_duplicates
+from .infer import Predictions, has_gpu
+from .junk import Quality, quality_reason
+from .output import SummaryCounter, to_table, write_parquet
+from .review import load_corrections
+from .run import Context, RunConfig, Scan, assemble, inherit_duplicates, run_meta
+from .store import History
+
+SCAN_BATCH = 16
+
+
+def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
+    """Ray task: the local runner's ``scan_file`` on each path of the batch."""
+    from . import decode as dec
+    from .run import scan_file
+
+    out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
+                                                 "phash", "fine", "rotated", "color", "pixel_std", "aspect_ratio")}
+    for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
+        out["row"].append(int(row))
+        try:
+            if pre_error:
+                raise dec.DecodeError(*str(pre_error).split("\t", 1))
+            s = scan_file(Path(os.fsdecode(bytes(path))), max_pixels, max_bytes)
+        except dec.DecodeError as exc:
+            result = (exc.code, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - as in the local runner
+            result = ("decode_failed", f"{type(exc).__name__}: {exc}")
+        else:
+            result = s
+        if isinstance(result, tuple):
+            out["ok"].append(False)
+            out["error"].append(result[0])
+            out["error_detail"].append(result[1])
+            for k in ("sha256", "phash", "fine"):
+                out[k].append("")
+            out["rotated"].append([""] * 3)
+            out["color"].append(np.zeros(48, np.float32))
+            for k in ("width", "height", "pixel_std", "aspect_ratio"):
+                out[k].append(0)
+            continue
+        out["ok"].append(True)
+        out["error"].append("")
+        out["error_detail"].append("")
+        out["sha256"].append(s.sha256)
+        out["width"].append(s.width)
+        out["height"].append(s.height)
+        out["phash"].append(s.hashes.phash_hex)
+        out["fine"].append(s.hashes.fine_hex)
+        out["rotated"].append([f"{p:016x}:{f:064x}" for p, f in s.hashes.rotated])
+        out["color"].append(s.hashes.color.astype(np.float32).ravel())
+        out["pixel_std"].append(s.quality.pixel_std)
+        out["aspect_ratio"].append(s.quality.aspect_ratio)
+    return {k: np.array(v, dtype=object) if k in ("rotated", "color") else np.array(v) for k, v in out.items()}
+
+
+class ClassifierActor:
+    """Ray actor: loads the model once, then runs ``infer.predict`` on each batch of paths."""
+
+    def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
+        from .infer import load_classifier
+
+        self.classifier = load_classifier(model, taxonomy, precision)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .infer import predict
+
+        paths = [Path(os.fsdecode(bytes(p))) for p in batch["resolved"]]
+        p = predict(self.classifier, paths, batch_size=self.batch_size, max_pixels=self.max_pixels)
+        return {
+            "row": batch["row"], "probs": list(p.probs), "product_mass": p.product_mass,
+            "group_mass": list(p.group_mass) if p.group_mass.size else [np.zeros(0, np.float32)] * len(paths),
+            "imagenet_top": np.array([t or "" for t in p.imagenet_top]),
+            "error": np.array([e[0] if e else "" for e in p.errors]),
+            "error_detail": np.array([e[1] if e else "" for e in p.errors]),
+        }
+
+
+def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
+    """(actors, CPUs per actor): leave CPUs for the read tasks so they are never starved."""
+    if gpus >= 1:
+        return int(gpus), 1.0
+    actors = max(1, int(cluster_cpus // 2))
+    return actors, max(1.0, (cluster_cpus - 1) / actors) if cluster_cpus > 2 else 1.0
+
+
+def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | None, precision: str,
+            cfg: RunConfig, address: str | None = None):
+    """Run the pipeline on Ray Data; same rows and schema as ``run.run`` (no --store)."""
+    import ray
+
+    from .infer import load_classifier
+    from .ingest import ingest
+
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    source = Path(source)
+    batch = ingest(source, allow_outside=cfg.allow_outside)
+    records = list(batch.records)
+    classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
+    from .infer import resolve_model
+
+    ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
+    model = str(Path(ref).resolve()) if isinstance(ref, Path) else ref
+    taxonomy = str(Path(taxonomy).resolve()) if taxonomy else None
+    env = {k: os.environ[k] for k in ("LABELCAT_CACHE", "LABELCAT_MODELS", "TF_CPP_MIN_LOG_LEVEL") if k in os.environ}
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level="ERROR", runtime_env={"env_vars": env} if env else None)
+    ctx_data = ray.data.DataContext.get_current()
+    ctx_data.enable_progress_bars = not cfg.quiet
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines are noise in cron mail
+    resources = ray.cluster_resources()
+    actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-ray{os.getpid() % 10000:04d}"
+
+    items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
+             for r in records]
+    scanned = (ray.data.from_items(items)
+               .map_batches(_scan_batch, batch_size=SCAN_BATCH, fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes},
+                            num_cpus=1)
+               .take_all())
+    scans: dict[int, Scan | tuple[str, str]] = {}
+    for s in scanned:
+        if not s["ok"]:
+            scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
+            continue
+        rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in s["rotated"]))
+        hashes = Hashes(int(s["phash"], 16), int(s["fine"], 16), rotated, np.asarray(s["color"], np.float32).reshape(4, 4, 3))
+        scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), hashes,
+                                    Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
+
+    good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
+    quality_junk = {row: reason for row, s in good.items()
+                    if (reason := quality_reason(s.quality, s.width, s.height, cfg.junk)) is not None}
+    duplicates = find_duplicates([Candidate(row, s.sha256, s.width * s.height, s.hashes)
+                                  for row, s in good.items() if row not in quality_junk], cfg.dedupe)
+    to_classify = sorted(row for row in good if row not in duplicates)
+    by_row = {r.row: r for r in records}
+    results: list[dict[str, Any]] = []
+    if to_classify:
+        results = (ray.data.from_items([{"row": row, "resolved": os.fsencode(by_row[row].resolved)} for row in to_classify])
+                   .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8), concurrency=actors,
+                                num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
+                                fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
+                                                       "precision": classifier.precision, "batch_size": cfg.batch_size,
+                                                       "max_pixels": cfg.max_pixels})
+                   .take_all())
+    results.sort(key=lambda r: int(r["row"]))
+    n_groups = len(classifier.taxonomy.groups) if classifier.taxonomy else 0
+    preds = Predictions(
+        probs=np.array([r["probs"] for r in results], np.float32).reshape(len(results), len(classifier.categories)),
+        product_mass=np.array([r["product_mass"] for r in results], np.float32),
+        group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
+        imagenet_top=[r["imagenet_top"] or None for r in results],
+        errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
+    )
+    ctx = Context(classifier, cfg, run_id, None, History(), load_corrections(cfg.corrections) if cfg.corrections else {})
+    rows = assemble(records, scans, quality_junk, duplicates, {}, to_classify, preds, ctx, datetime.now(timezone.utc))
+    if ctx.corrections:
+        from .review import apply_corrections
+
+        apply_corrections(rows, ctx.corrections)
+    inherit_duplicates(rows, ctx)
+    meta = run_meta(source, batch, classifier, cfg, run_id, started)
+    meta["runner"] = {"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
+                      "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}}
+    write_parquet(to_table(rows, batch.extra_columns, meta), out)
+    counter = SummaryCounter()
+    counter.update(rows)
+    return counter.summary(run_id=run_id, out=str(out), seconds=time.perf_counter() - t0, model=classifier.name,
+                           model_version=classifier.version,
+                           device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
