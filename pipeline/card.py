@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .decode import Preprocess
+from .fsutil import current_umask
 
 CARD_VERSION = "1"
 MODEL_FILE = "model.keras"
@@ -94,6 +95,7 @@ def save_model(model, card: ModelCard, folder: str | Path) -> Path:
     card.created_at = card.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
     card.library_versions = card.library_versions or library_versions()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from other users
     try:
         model.save(tmp / MODEL_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(asdict(card), indent=2) + "\n", encoding="utf-8")

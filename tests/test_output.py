@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -40,3 +41,12 @@ def test_readme_documents_every_column():
     section = readme.split("## Parquet schema", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.M)
     assert documented == [name for name, _, _ in COLUMNS]
+
+
+def test_outputs_are_readable_by_other_users_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = write_parquet(to_table(_rows(1), ["extra"], {}), tmp_path / "o.parquet")
+        assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+    finally:
+        os.umask(old)

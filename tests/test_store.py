@@ -163,3 +163,24 @@ def test_lock_is_exclusive_in_process(tmp_path):
                 pass
     with s.lock():  # released
         pass
+
+
+def test_an_unwritable_store_fails_clearly_and_keeps_what_was_published(tmp_path, card_model, monkeypatch):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 4)
+    store = tmp_path / "store"
+    assert cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "a.parquet", "-q").exit_code == 0
+    before = dataset(store)
+    make_shop(shop, 2, start=4)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("pipeline.store.Store.commit_chunk", read_only)
+    log = tmp_path / "run.log"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "b.parquet", "--log-file", log, "-q")
+    assert r.exit_code == 1 and "Read-only file system" in r.output
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[-1]["stage"] == "failed" and "Read-only" in events[-1]["error"]
+    pd.testing.assert_frame_equal(dataset(store), before)
+    assert not (tmp_path / "b.parquet").exists()
