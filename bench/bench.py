@@ -9,7 +9,8 @@ Measures, on N generated 1200x1200 JPEGs (quality 90):
   classify, junk, Parquet);
 - naive baseline: PIL open + resize + ``model.predict`` one image at a time.
 
-Usage: ``python bench/bench.py [--n 256] [--batch-size 32] [--naive-n 64] [--out bench/out]``.
+Usage: ``python bench/bench.py [--n 256] [--batch-size 32] [--naive-n 64] [--ray] [--out bench/out]``
+(``--ray`` also times the full pipeline on ``--runner ray``).
 Writes ``results.json`` and ``results.md`` (the README table) under ``--out``.
 """
 
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    ap.add_argument("--ray", action="store_true", help="also time `--runner ray` (needs labelcat[ray])")
     args = ap.parse_args()
 
     classifier = load_classifier(args.model, precision=args.precision)
@@ -131,6 +133,15 @@ def main() -> None:
         run(folder, Path(tmp) / "out.parquet", classifier, RunConfig(batch_size=args.batch_size, quiet=True))
         results["full_pipeline"] = rate(len(paths), time.perf_counter() - t)
         results["naive_baseline"] = bench_naive(classifier, paths[: args.naive_n])
+        if args.ray:
+            import ray
+
+            from pipeline.ray_runner import run_ray
+
+            t = time.perf_counter()
+            run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, RunConfig(batch_size=args.batch_size, quiet=True))
+            results["ray_pipeline"] = rate(len(paths), time.perf_counter() - t)  # ray.init and actor start included
+            ray.shutdown()
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -143,6 +154,8 @@ def main() -> None:
         ("limit: decode + resize only, 1 thread", "decode_1_thread"),
         ("limit: model only (synthetic batches)", "model_only"),
     ]
+    if "ray_pipeline" in results:
+        rows.insert(2, ("labelcat full pipeline, `--runner ray` (local Ray, start-up included)", "ray_pipeline"))
     lines = [f"Machine: {results['machine']}; {args.n} JPEGs 1200x1200 q90; batch {args.batch_size}; "
              f"{results['model']} ({results['precision']})", "",
              "| measurement | images/s | vs naive |", "|---|---:|---:|"]

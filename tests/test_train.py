@@ -1,6 +1,7 @@
 """Training, calibration, model cards and evaluation, end to end on small real data."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -70,7 +71,12 @@ def test_cards_refuse_lambda_layers_and_mismatched_classes(tmp_path):
     card = ModelCard(name="m", classes=["a", "b", "c", "d"], preprocess={"name": "center_crop", "size": 224}, arch="x")
     with pytest.raises(CardError, match="Lambda"):
         save_model(lam, card, tmp_path / "lam")
-    save_model(_tiny_model(), card, tmp_path / "ok")
+    old = os.umask(0o022)
+    try:
+        save_model(_tiny_model(), card, tmp_path / "ok")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ok").stat().st_mode & 0o777) == oct(0o755)  # readable by the cron user
     with pytest.raises(CardError, match="2 outputs, card lists 4"):
         load_model(tmp_path / "ok")
     with pytest.raises(CardError, match="no card.json"):
