@@ -13,7 +13,6 @@ scikit-image installed). The output is deterministic for a given Pillow.
 from __future__ import annotations
 
 import csv
-import io
 import shutil
 import subprocess
 import sys

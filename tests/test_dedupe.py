@@ -3,9 +3,7 @@
 import io
 import random
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import SAMPLE, product_photo
 from pipeline.decode import decode

@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import product_photo, tiny_test
 from pipeline.decode import load_for_model
-from pipeline.infer import predict, to_mixed_precision, top_k
+from pipeline.infer import predict, top_k
 
 
 @pytest.fixture()

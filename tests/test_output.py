@@ -1,6 +1,5 @@
 import os
 import re
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
