@@ -199,7 +199,7 @@ def _fit_head_on_features(model, x_tr, y_tr, x_va, y_va, epochs, batch, lr, cfg)
     """
     import keras
 
-    trunk = keras.Model(model.input, model.layers[-3].output)  # up to the pooled features
+    trunk = keras.Model(model.input, model.layers[-2].input)  # the pooled features, in the outer graph
     feats_tr = trunk.predict(x_tr.astype(np.float32), batch_size=batch, verbose=0 if cfg.quiet else 2)
     feats_va = trunk.predict(x_va.astype(np.float32), batch_size=batch, verbose=0)
     head_in = keras.Input((feats_tr.shape[1],))
