@@ -199,3 +199,19 @@ def test_photo_to_fashion_mnist_matches_the_dataset_convention():
     assert arr.shape == (28, 28) and arr.dtype == np.uint8
     assert arr[14, 14] > 200 and arr[0, 0] == 0 and arr[14, 0] == 0  # light product, black surround
     assert arr[0, 14] > 150  # trimmed: the product fills the height
+
+
+@pytest.mark.slow
+def test_transfer_architecture_trains_its_head_on_cached_features():
+    """transfer_lite0_128 nests the pretrained backbone: its frozen phase must reach the pooled features."""
+    from pipeline import fashion_mnist as fm
+    from pipeline.train import TrainConfig, _fit_head_on_features
+
+    x, y = fm.load("train")
+    x, y = x[:120, ..., None], y[:120].astype("int32")
+    model = ARCHS.get("transfer_lite0_128")().build(10)
+    before = model.layers[-1].get_weights()[0].copy()
+    phase = _fit_head_on_features(model, x[:100], y[:100], x[100:], y[100:], 1, 50, 1e-3, TrainConfig(quiet=True))
+    assert phase["epochs_run"] == 1
+    assert not np.allclose(before, model.layers[-1].get_weights()[0])  # the trained head is in the model
+    assert model(x[:2].astype(np.float32), training=False).shape == (2, 10)
