@@ -217,10 +217,12 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 @click.option("--seed", type=int, default=42, show_default=True, help="Random seed (split, shuffling, initialisation).")
 @click.option("--target-precision", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Precision the recommended review threshold in the card must reach on validation.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Fashion-MNIST: continue training this model folder (same --arch and --seed, so the same split).")
 @quiet_option
 def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | None, fine_tune_epochs: int,
           fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
-          target_precision: float, quiet: bool) -> None:
+          target_precision: float, init_from: Path | None, quiet: bool) -> None:
     """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
     or `fashion-mnist` (with --arch) for the studies' models.
 
@@ -238,7 +240,8 @@ def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | N
 
     cfg = TrainConfig(epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
                       batch_size=batch_size, learning_rate=learning_rate, val_split=val_split, seed=seed,
-                      backbone=backbone, target_precision=target_precision, quiet=quiet, log=_echo(quiet))
+                      backbone=backbone, target_precision=target_precision, init_from=init_from, quiet=quiet,
+                      log=_echo(quiet))
     try:
         if data == "fashion-mnist":
             name = arch or "fmnist_best"
@@ -246,8 +249,8 @@ def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | N
                 raise click.UsageError(f"unknown architecture {name!r} (known: {', '.join(ARCHS.list())})")
             train_fashion_mnist(name, out, cfg)
         else:
-            if arch:
-                raise click.UsageError("--arch applies to `labelcat train fashion-mnist`; photos use --backbone")
+            if arch or init_from:
+                raise click.UsageError("--arch and --init-from apply to `labelcat train fashion-mnist`")
             if not Path(data).exists():
                 raise click.UsageError(f"DATA {data!r} does not exist (a folder, a manifest or `fashion-mnist`)")
             train_images(data, out, cfg)

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 42
     backbone: str = "efficientnet_lite0"
     target_precision: float = 0.95
+    init_from: Path | None = None  # continue from this trained model folder (same architecture)
     quiet: bool = False
     log: Callable[[str], None] = field(default=print)
 
@@ -153,17 +154,29 @@ def train_fashion_mnist(arch: str, out: str | Path, cfg: TrainConfig) -> ModelCa
             d = d.shuffle(len(y), seed=cfg.seed, reshuffle_each_iteration=True)
         return d.batch(batch).prefetch(tf.data.AUTOTUNE)
 
-    model = spec.build(len(fm.CLASSES))
-    t0 = time.perf_counter()
     phases: list[dict] = []
-    if spec.frozen_features:
+    earlier_seconds = 0.0
+    if cfg.init_from:
+        from .card import load_model as load_card_model
+
+        model, earlier = load_card_model(cfg.init_from)
+        if earlier.arch != arch:
+            raise IngestError(f"--init-from {cfg.init_from} is a {earlier.arch} model, not {arch}")
+        phases = list(earlier.training.get("phases", []))
+        earlier_seconds = float(earlier.training.get("seconds", 0.0))
+        cfg.log(f"continuing from {cfg.init_from} ({sum(p['epochs_run'] for p in phases)} epochs so far)")
+    else:
+        model = spec.build(len(fm.CLASSES))
+    t0 = time.perf_counter()
+    if spec.frozen_features and not cfg.init_from:
         phases.append(_fit_head_on_features(model, x_tr, y_tr, x_va, y_va, epochs, batch, lr, cfg))
     else:
         _compile(model, lr)
         hist = model.fit(ds(x_tr, y_tr, True), validation_data=ds(x_va, y_va, False), epochs=epochs, shuffle=False,
                          callbacks=_callbacks(cfg.quiet), verbose=0 if cfg.quiet else 2)
-        phases.append({"phase": "train", "epochs_run": len(hist.history["loss"]), "learning_rate": lr})
-    seconds = time.perf_counter() - t0
+        phases.append({"phase": "continue" if cfg.init_from else "train", "epochs_run": len(hist.history["loss"]),
+                       "learning_rate": lr})
+    seconds = time.perf_counter() - t0 + earlier_seconds
 
     def logits(x):
         return np.concatenate([model(xb, training=False).numpy() for xb, _ in ds(x, np.zeros(len(x), np.int32), False)])

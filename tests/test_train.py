@@ -180,6 +180,13 @@ def test_fashion_mnist_train_evaluate_and_label_photos(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert m["n"] == 10000 and m["accuracy"] == pytest.approx(card.metrics["test"]["accuracy"], abs=1e-6)
+    more = tmp_path / "fm2"
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--arch", "dense_784_50_50_10", "--epochs", "1",
+                                 "--init-from", str(out), "--out", str(more), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert [p["phase"] for p in read_card(more).training["phases"]] == ["train", "continue"]
+    r = CliRunner().invoke(cli, ["train", "fashion-mnist", "--arch", "simple_rnn", "--init-from", str(out), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "is a dense_784_50_50_10 model" in r.output
     r = CliRunner().invoke(cli, ["run", str(SAMPLE / "images" / "sneakers"), "--model", str(out), "--out", str(tmp_path / "o.parquet"), "--quiet"])
     assert r.exit_code == 0, r.output
     import pyarrow.parquet as pq
