@@ -172,7 +172,8 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
     results: list[dict[str, Any]] = []
     if to_classify:
         results = (ray.data.from_items([{"row": row, "resolved": os.fsencode(by_row[row].resolved)} for row in to_classify])
-                   .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8), concurrency=actors,
+                   .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8),
+                                compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
                                 fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
                                                        "precision": classifier.precision, "batch_size": cfg.batch_size,
