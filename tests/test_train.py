@@ -222,3 +222,21 @@ def test_transfer_architecture_trains_its_head_on_cached_features():
     assert phase["epochs_run"] == 1
     assert not np.allclose(before, model.layers[-1].get_weights()[0])  # the trained head is in the model
     assert model(x[:2].astype(np.float32), training=False).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_the_shipped_fashion_mnist_model_labels_photos(tmp_path, monkeypatch):
+    """`--model fashion-mnist` finds models/fashion-mnist and gets the Saleor t-shirts right."""
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    card = read_card(REPO / "models" / "fashion-mnist")
+    assert card.metrics["test"]["accuracy"] > 0.93 and card.preprocess["name"] == "fashion_mnist"
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(SAMPLE / "images" / "t-shirts"), "--model", "fashion-mnist", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out).to_pandas()
+    shirts = t[t.path.str.contains("cl_boot") & (t.status != "duplicate")]
+    assert len(shirts) == 5 and set(shirts.label) == {"t-shirt/top"}
