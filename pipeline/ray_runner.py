@@ -33,7 +33,7 @@ from .infer import Predictions, has_gpu
 from .junk import Quality, quality_reason
 from .output import SummaryCounter, to_table, write_parquet
 from .review import load_corrections
-from .run import Context, RunConfig, Scan, assemble, inherit_duplicates, run_meta
+from .run import Context, RunConfig, Scan, assemble, inherit_duplicates, new_run_id, run_meta
 from .store import History
 
 SCAN_BATCH = 16
@@ -144,7 +144,7 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines are noise in cron mail
     resources = ray.cluster_resources()
     actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
-    run_id = f"{started:%Y%m%dT%H%M%SZ}-ray{os.getpid() % 10000:04d}"
+    run_id = new_run_id(started)
 
     items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
              for r in records]

@@ -104,6 +104,11 @@ def _scan_all(records: list[Record], cfg: RunConfig) -> dict[int, Scan | tuple[s
     return out
 
 
+def new_run_id(started: datetime) -> str:
+    """Sortable in time to the millisecond, unique by its random suffix."""
+    return f"{started:%Y%m%dT%H%M%S}{started.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:6]}"
+
+
 def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     chunk: list[Record] = []
     for rec in records:
@@ -204,7 +209,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
     batch = ingest(source, allow_outside=cfg.allow_outside)
     store = Store(cfg.store) if cfg.store else None
     with store.lock() if store else contextlib.nullcontext():
-        run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+        run_id = new_run_id(started)
         run_date = f"{started:%Y-%m-%d}"
         done: set[int] | None = set()
         if store:
