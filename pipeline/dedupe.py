@@ -63,6 +63,19 @@ class Hashes:
     def fine_hex(self) -> str:
         return f"{self.fine:064x}"
 
+    def to_fields(self) -> dict:
+        """Plain columns (hex strings, flat floats) for Parquet files and Ray batches."""
+        return {"phash": self.phash_hex, "phash256": self.fine_hex,
+                "rotated": [f"{p:016x}:{f:064x}" for p, f in self.rotated],
+                "color": self.color.astype(np.float32).ravel().tolist()}
+
+    @classmethod
+    def from_fields(cls, r: dict) -> "Hashes":
+        """Inverse of ``to_fields``."""
+        rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in r["rotated"]))
+        return cls(int(r["phash"], 16), int(r["phash256"], 16), rotated,
+                   np.asarray(r["color"], np.float32).reshape(4, 4, 3))
+
 
 def _bits_to_int(bits: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in np.asarray(bits).flatten()), 2)

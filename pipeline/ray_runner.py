@@ -45,7 +45,7 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
     from .run import scan_file
 
     out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
-                                                 "phash", "fine", "rotated", "color", "pixel_std", "aspect_ratio")}
+                                                 "phash", "phash256", "rotated", "color", "pixel_std", "aspect_ratio")}
     for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
         out["row"].append(int(row))
         try:
@@ -62,10 +62,10 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
             out["ok"].append(False)
             out["error"].append(result[0])
             out["error_detail"].append(result[1])
-            for k in ("sha256", "phash", "fine"):
+            for k in ("sha256", "phash", "phash256"):
                 out[k].append("")
             out["rotated"].append([""] * 3)
-            out["color"].append(np.zeros(48, np.float32))
+            out["color"].append([0.0] * 48)
             for k in ("width", "height", "pixel_std", "aspect_ratio"):
                 out[k].append(0)
             continue
@@ -75,10 +75,8 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
         out["sha256"].append(s.sha256)
         out["width"].append(s.width)
         out["height"].append(s.height)
-        out["phash"].append(s.hashes.phash_hex)
-        out["fine"].append(s.hashes.fine_hex)
-        out["rotated"].append([f"{p:016x}:{f:064x}" for p, f in s.hashes.rotated])
-        out["color"].append(s.hashes.color.astype(np.float32).ravel())
+        for k, v in s.hashes.to_fields().items():
+            out[k].append(v)
         out["pixel_std"].append(s.quality.pixel_std)
         out["aspect_ratio"].append(s.quality.aspect_ratio)
     return {k: np.array(v, dtype=object) if k in ("rotated", "color") else np.array(v) for k, v in out.items()}
@@ -157,9 +155,7 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
         if not s["ok"]:
             scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
             continue
-        rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in s["rotated"]))
-        hashes = Hashes(int(s["phash"], 16), int(s["fine"], 16), rotated, np.asarray(s["color"], np.float32).reshape(4, 4, 3))
-        scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), hashes,
+        scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
                                     Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
 
     good = {row: s for row, s in scans.items() if isinstance(s, Scan)}

@@ -40,7 +40,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -89,17 +88,10 @@ def index_record(run_id: str, row: dict[str, Any], hashes: Hashes, in_dedupe: bo
     """What the store remembers of a kept photo: its hashes and its label."""
     return {
         "run_id": run_id, "row": row["row"], "sha256": row["sha256"], "in_dedupe": in_dedupe,
-        "phash": hashes.phash_hex, "phash256": hashes.fine_hex,
-        "rotated": [f"{p:016x}:{f:064x}" for p, f in hashes.rotated],
-        "color": hashes.color.astype(np.float32).ravel().tolist(), "status": row["status"],
+        **hashes.to_fields(), "status": row["status"],
         "model_version": model_version, "junk_reason": row.get("junk_reason"),
         **{k: row.get(k) for k in LABEL_FIELDS},
     }
-
-
-def hashes_from_record(r: dict[str, Any]) -> Hashes:
-    rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in r["rotated"]))
-    return Hashes(int(r["phash"], 16), int(r["phash256"], 16), rotated, np.asarray(r["color"], np.float32).reshape(4, 4, 3))
 
 
 @dataclass
@@ -118,7 +110,7 @@ class History:
         self.by_sha.setdefault(rec["sha256"], key)
         self.by_ref[(rec["run_id"], rec["row"])] = key
         if rec["in_dedupe"]:
-            index.add(key, rec["sha256"], hashes_from_record(rec))
+            index.add(key, rec["sha256"], Hashes.from_fields(rec))
         return key
 
 
