@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -248,7 +249,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                 counter.update(table.to_pylist())
                 if writer is not None:
                     if cfg.skip_seen:
-                        table = table.filter(pa_compute_not_seen(table))
+                        table = table.filter(pc.not_equal(table["status"], "seen"))
                     writer.write_table(table)
             if store and published is None:
                 cfg.log({"stage": "publish", "path": str(store.publish())})
@@ -258,12 +259,6 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
     )
     cfg.log({"stage": "done", **summary.as_dict()})
     return summary
-
-
-def pa_compute_not_seen(table):
-    import pyarrow.compute as pc
-
-    return pc.not_equal(table["status"], "seen")
 
 
 def run_meta(source: Path, batch: Batch, classifier: Classifier, cfg: RunConfig, run_id: str, started: datetime) -> dict[str, Any]:
