@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from .dedupe import Candidate, Hashes, find_duplicates
+from .dedupe import DedupeIndex, Hashes
 from .infer import Predictions, has_gpu
-from .junk import Quality, quality_reason
+from .junk import Quality
 from .output import SummaryCounter, to_table, write_parquet
 from .review import load_corrections
-from .run import Context, RunConfig, Scan, assemble, inherit_duplicates, new_run_id, run_meta
+from .run import Context, RunConfig, Scan, finish_chunk, new_run_id, plan_chunk, run_meta
 from .store import History
 
 SCAN_BATCH = 16
@@ -158,12 +158,10 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
         scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
                                     Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
 
-    good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
-    quality_junk = {row: reason for row, s in good.items()
-                    if (reason := quality_reason(s.quality, s.width, s.height, cfg.junk)) is not None}
-    duplicates = find_duplicates([Candidate(row, s.sha256, s.width * s.height, s.hashes)
-                                  for row, s in good.items() if row not in quality_junk], cfg.dedupe)
-    to_classify = sorted(row for row in good if row not in duplicates)
+    ctx = Context(classifier, cfg, run_id, DedupeIndex(cfg.dedupe), History(),
+                  load_corrections(cfg.corrections) if cfg.corrections else {})
+    plan = plan_chunk(scans, ctx)  # the whole input is one chunk here
+    to_classify = plan.to_classify
     by_row = {r.row: r for r in records}
     results: list[dict[str, Any]] = []
     if to_classify:
@@ -184,13 +182,7 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
         imagenet_top=[r["imagenet_top"] or None for r in results],
         errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
     )
-    ctx = Context(classifier, cfg, run_id, None, History(), load_corrections(cfg.corrections) if cfg.corrections else {})
-    rows = assemble(records, scans, quality_junk, duplicates, {}, to_classify, preds, ctx, datetime.now(timezone.utc))
-    if ctx.corrections:
-        from .review import apply_corrections
-
-        apply_corrections(rows, ctx.corrections)
-    inherit_duplicates(rows, ctx)
+    rows = finish_chunk(records, scans, plan, preds, ctx, datetime.now(timezone.utc))
     meta = run_meta(source, batch, classifier, cfg, run_id, started)
     meta["runner"] = {"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
                       "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}}

@@ -152,13 +152,20 @@ class Context:
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
 
 
-def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One chunk through every stage: (output rows, index records of its kept photos)."""
-    cfg, clf = ctx.cfg, ctx.classifier
-    t = time.perf_counter()
-    scans = _scan_all(records, cfg)
-    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+@dataclass
+class Plan:
+    """What one chunk's scans decide before the model: junk by quality, seen, duplicates, the rest."""
 
+    good: dict[int, Scan]
+    quality_junk: dict[int, str]
+    seen: dict[int, int]
+    duplicates: dict[int, Match]
+    to_classify: list[int]
+
+
+def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context) -> Plan:
+    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified."""
+    cfg = ctx.cfg
     t = time.perf_counter()
     good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
     quality_junk = {row: reason for row, s in good.items()
@@ -173,26 +180,44 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
     cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
              "seconds": round(time.perf_counter() - t, 3)})
-
-    t = time.perf_counter()
     to_classify = sorted(row for row in good if row not in duplicates and row not in seen)
-    by_row = {r.row: r for r in records}
-    with tqdm(total=len(to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
-        preds = predict(clf, [by_row[row].resolved for row in to_classify], batch_size=cfg.batch_size,
-                        max_pixels=cfg.max_pixels, progress=bar.update)
-    cfg.log({"stage": "classify", "rows": len(to_classify), "seconds": round(time.perf_counter() - t, 3)})
+    return Plan(good, quality_junk, seen, duplicates, to_classify)
 
-    rows = assemble(records, scans, quality_junk, duplicates, seen, to_classify, preds, ctx, processed_at)
+
+def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
+                 ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
+    """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
+    rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, ctx,
+                    processed_at)
     if ctx.corrections:
         apply_corrections(rows, ctx.corrections)
     inherit_duplicates(rows, ctx)
+    return rows
+
+
+def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk through every stage: (output rows, index records of its kept photos)."""
+    cfg, clf = ctx.cfg, ctx.classifier
+    t = time.perf_counter()
+    scans = _scan_all(records, cfg)
+    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+    plan = plan_chunk(scans, ctx)
+
+    t = time.perf_counter()
+    by_row = {r.row: r for r in records}
+    with tqdm(total=len(plan.to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
+        preds = predict(clf, [by_row[row].resolved for row in plan.to_classify], batch_size=cfg.batch_size,
+                        max_pixels=cfg.max_pixels, progress=bar.update)
+    cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
+
+    rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
     index_records = []
     for r in rows:
         if r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None:
             ctx.kept_labels[r["row"]] = {k: r.get(k) for k in LABEL_FIELDS}
-            s = good.get(r["row"])
+            s = plan.good.get(r["row"])
             if s is not None:
-                index_records.append(index_record(ctx.run_id, r, s.hashes, r["row"] not in quality_junk, clf.version))
+                index_records.append(index_record(ctx.run_id, r, s.hashes, r["row"] not in plan.quality_junk, clf.version))
     return rows, index_records
 
 
