@@ -29,10 +29,14 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import imagehash
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .nearpairs import NearPairs
 
 HASH_BITS = 64
 DEFAULT_PHASH_THRESHOLD = 10  # of 64 bits: the index radius
@@ -143,7 +147,7 @@ def _widths(blocks: int) -> list[int]:
     return [HASH_BITS // blocks + (1 if i < HASH_BITS % blocks else 0) for i in range(blocks)]
 
 
-def plan_blocks(n: int, radius: int) -> int:
+def plan_blocks(n: int, radius: int, max_width: int = 32) -> int:
     """Block count that minimises expected query cost for ``n`` stored hashes.
 
     A query with ``m`` blocks of ``b`` bits probes ``m * V(b, r // m)`` buckets
@@ -153,7 +157,7 @@ def plan_blocks(n: int, radius: int) -> int:
     """
     best, best_cost = 1, float("inf")
     for m in range(1, radius + 2):
-        if HASH_BITS // m > 32:  # a 64-bit ball of radius r is too big to enumerate
+        if -(-HASH_BITS // m) > max_width:  # a 64-bit ball of radius r is too big to enumerate
             continue
         probes = sum(_within(b, radius // m) for b in _widths(m))
         candidates = sum(n * _within(b, radius // m) / 2.0**b for b in _widths(m))
@@ -281,10 +285,11 @@ class DedupeIndex:
         self.kept[key] = hashes
         self.mih.add(key, hashes.phash)
 
-    def match(self, sha256: str, hashes: Hashes) -> tuple[int, str, int] | None:
+    def match(self, cand: Candidate) -> tuple[int, str, int] | None:
         """(kept key, ``exact`` or ``near``, pHash distance) of the photo this one repeats, or None."""
-        if sha256 in self.by_sha:
-            return self.by_sha[sha256], "exact", 0
+        if cand.sha256 in self.by_sha:
+            return self.by_sha[cand.sha256], "exact", 0
+        hashes = cand.hashes
         views = [hashes] + [Hashes(p, f, (), np.rot90(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
         for view in views:  # upright first, then the pixel rotations
             for key, dist in self.mih.query(view.phash):
@@ -294,7 +299,7 @@ class DedupeIndex:
 
 
 def find_duplicates(
-    items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig(), index: DedupeIndex | None = None
+    items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig(), index: "DedupeIndex | NearPairs | None" = None
 ) -> dict[int, Match]:
     """Map each duplicate row to the kept photo it repeats; rows absent are kept (and added to ``index``).
 
@@ -304,11 +309,13 @@ def find_duplicates(
     kept, so ``duplicate_of`` always points at a kept photo (no chains) and the
     result does not depend on the order of equal-priority rows. Photos already
     in ``index`` (earlier chunks or nights) were kept first and stay kept.
+    ``index`` may also be a ``nearpairs.NearPairs``: the same walk over pairs
+    found beforehand, in parallel.
     """
     index = index if index is not None else DedupeIndex(cfg)
     matches: dict[int, Match] = {}
     for cand in sorted(items, key=lambda c: (-c.area, c.row)):
-        found = index.match(cand.sha256, cand.hashes)
+        found = index.match(cand)
         if found is not None:
             key, kind, dist = found
             matches[cand.row] = Match(cand.row, key, kind, dist)

@@ -6,10 +6,11 @@ quality) is ``map_batches`` over stateless tasks; classification is a
 callable class in an actor pool, so each actor loads the model once and runs
 the same ``tf.data`` loop (``infer.predict``) on its batches, with a GPU per
 actor when the cluster has them; assembling rows, junk rules and the Parquet
-writer are the local runner's. Near-duplicate grouping needs only the
-hashes: they come back to the driver (about 200 bytes a photo) and go
-through the same multi-index-hash search, which never compares all pairs
-(README, "How dedupe scales" and "Runners").
+writer are the local runner's. Near duplicates: the hashes go into the
+object store as flat arrays once, an actor pool searches ranges of photos
+against all of them (``nearpairs.PairSearch``, multi-index hashing, never all
+pairs) and returns only the verified pairs; the driver's kept-first walk over
+those pairs is ``find_duplicates`` itself (README, "Runners").
 
 Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
 that takes every CPU starves the read tasks and hangs silently, so the pool
@@ -22,18 +23,28 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .dedupe import DedupeIndex, Hashes
+from .dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes
 from .infer import Predictions, has_gpu
 from .junk import Quality
+from .nearpairs import HashArrays, NearPairs, PairSearch
 from .output import SummaryCounter, to_table, write_parquet
 from .review import load_corrections
-from .run import Context, RunConfig, Scan, finish_chunk, new_run_id, plan_chunk, run_meta
+from .run import (
+    Context,
+    RunConfig,
+    Scan,
+    finish_chunk,
+    new_run_id,
+    plan_chunk,
+    run_meta,
+)
 from .store import History
 
 SCAN_BATCH = 16
@@ -106,6 +117,42 @@ class ClassifierActor:
         }
 
 
+class PairSearchActor:
+    """Ray actor: builds ``PairSearch`` once over the shared hash arrays, then searches ranges of photos."""
+
+    def __init__(self, arrays: list[Any], cfg: DedupeConfig) -> None:
+        import ray
+
+        self.search = PairSearch(ray.get(arrays[0]), cfg)  # zero-copy from the node's object store
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = [self.search.search(int(a), int(b)) for a, b in zip(batch["start"], batch["stop"])]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def ray_pair_index(actors: int, actor_cpus: float) -> Callable[[list[Candidate], DedupeConfig], NearPairs]:
+    """``plan_chunk``'s pair finder on Ray: the photos' hashes go to the object store once
+    (zero-copy for every actor on a node); actors search row ranges against all
+    of them and only the verified pairs come back."""
+
+    def build(cands: list[Candidate], cfg: DedupeConfig) -> NearPairs:
+        import ray
+
+        arrays = HashArrays.from_candidates(cands)
+        shard = max(256, -(-len(cands) // (actors * 8)))
+        ranges = [{"start": a, "stop": min(a + shard, len(cands))} for a in range(0, len(cands), shard)]
+        if not ranges:
+            return NearPairs(arrays, PairSearch(arrays, cfg).search(0, 0))
+        ds = ray.data.from_items(ranges).map_batches(
+            PairSearchActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(ranges))),
+            num_cpus=actor_cpus, fn_constructor_kwargs={"arrays": [ray.put(arrays)], "cfg": cfg})  # nested: Ray hands over the reference
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        pairs = {k: np.concatenate([p[k] for p in parts]) for k in ("photo", "view", "distance", "other")}
+        return NearPairs(arrays, pairs)
+
+    return build
+
+
 def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
     """(actors, CPUs per actor): leave CPUs for the read tasks so they are never starved."""
     if gpus >= 1:
@@ -160,7 +207,7 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
 
     ctx = Context(classifier, cfg, run_id, DedupeIndex(cfg.dedupe), History(),
                   load_corrections(cfg.corrections) if cfg.corrections else {})
-    plan = plan_chunk(scans, ctx)  # the whole input is one chunk here
+    plan = plan_chunk(scans, ctx, ray_pair_index(actors, actor_cpus))  # the whole input is one chunk here
     to_classify = plan.to_classify
     by_row = {r.row: r for r in records}
     results: list[dict[str, Any]] = []

@@ -35,6 +35,7 @@ from .fsutil import atomic_path
 from .infer import Classifier, cpu_count, has_gpu, predict, top_k
 from .ingest import Batch, Record, ingest
 from .junk import JunkConfig, Quality, quality_reason, quality_stats, semantic_reason
+from .nearpairs import NearPairs
 from .output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from .review import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
 from .store import LABEL_FIELDS, History, Store, fault_point, index_record
@@ -163,8 +164,14 @@ class Plan:
     to_classify: list[int]
 
 
-def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context) -> Plan:
-    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified."""
+def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context,
+               pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None) -> Plan:
+    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified.
+
+    ``pair_index`` (the Ray runner's) finds the near pairs of the whole chunk
+    beforehand, in parallel, instead of querying ``ctx.index`` photo by photo;
+    the decisions are the same.
+    """
     cfg = ctx.cfg
     t = time.perf_counter()
     good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
@@ -177,7 +184,7 @@ def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context) -> Plan:
             seen[row] = key
     candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
-    duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
+    duplicates = find_duplicates(candidates, cfg.dedupe, pair_index(candidates, cfg.dedupe) if pair_index else ctx.index)
     cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
              "seconds": round(time.perf_counter() - t, 3)})
     to_classify = sorted(row for row in good if row not in duplicates and row not in seen)

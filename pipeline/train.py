@@ -86,23 +86,33 @@ def stratified_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float
     return train_idx, val_idx
 
 
-def _callbacks(quiet: bool):
+def _callbacks(quiet: bool, schedule_epochs: int = 0):
+    """Best-epoch restore by validation loss. Under a fixed schedule of ``schedule_epochs``
+    the schedule owns the learning rate and training never stops early."""
     import keras
 
-    return [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=4, restore_best_weights=True, verbose=0),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6, verbose=0 if quiet else 1),
-    ]
+    best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=schedule_epochs or 4, restore_best_weights=True,
+                                         verbose=0)
+    if schedule_epochs:
+        return [best]
+    return [best, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6,
+                                                    verbose=0 if quiet else 1)]
 
 
-def _compile(model, lr: float) -> None:
+def _compile(model, lr: float, label_smoothing: float = 0.0, weight_decay: float = 0.0,
+             warmup_steps: int = 0, decay_steps: int = 0) -> None:
+    """Adam(W) with sparse or smoothed cross-entropy; with ``decay_steps`` a warm-up + cosine schedule."""
     import keras
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    rate = lr
+    if decay_steps:
+        rate = keras.optimizers.schedules.CosineDecay(lr / 10, decay_steps, warmup_target=lr, warmup_steps=warmup_steps)
+    optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay) if weight_decay else keras.optimizers.Adam(rate)
+    if label_smoothing:  # needs one-hot targets: see _targets
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 def _calibrate(val_logits: np.ndarray, y_val: np.ndarray, classes: list[str], target: float) -> dict[str, Any]:
@@ -148,8 +158,11 @@ def train_fashion_mnist(arch: str, out: str | Path, cfg: TrainConfig) -> ModelCa
     lr = cfg.learning_rate or spec.learning_rate
     cfg.log(f"training {arch} on Fashion-MNIST: {len(y_tr)} train / {len(y_va)} validation, {epochs} epochs, batch {batch}")
 
+    n_classes = len(fm.CLASSES)
+
     def ds(x, y, shuffle):
-        d = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y))
+        targets = np.eye(n_classes, dtype=np.float32)[y] if spec.label_smoothing else y
+        d = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), targets))
         if shuffle:
             d = d.shuffle(len(y), seed=cfg.seed, reshuffle_each_iteration=True)
         return d.batch(batch).prefetch(tf.data.AUTOTUNE)
@@ -171,11 +184,15 @@ def train_fashion_mnist(arch: str, out: str | Path, cfg: TrainConfig) -> ModelCa
     if spec.frozen_features and not cfg.init_from:
         phases.append(_fit_head_on_features(model, x_tr, y_tr, x_va, y_va, epochs, batch, lr, cfg))
     else:
-        _compile(model, lr)
+        steps = -(-len(y_tr) // batch)
+        cosine = spec.schedule == "cosine"
+        _compile(model, lr, spec.label_smoothing, spec.weight_decay,
+                 warmup_steps=steps if cosine else 0, decay_steps=steps * max(epochs - 1, 1) if cosine else 0)
         hist = model.fit(ds(x_tr, y_tr, True), validation_data=ds(x_va, y_va, False), epochs=epochs, shuffle=False,
-                         callbacks=_callbacks(cfg.quiet), verbose=0 if cfg.quiet else 2)
+                         callbacks=_callbacks(cfg.quiet, epochs if cosine else 0), verbose=0 if cfg.quiet else 2)
         phases.append({"phase": "continue" if cfg.init_from else "train", "epochs_run": len(hist.history["loss"]),
-                       "learning_rate": lr})
+                       "learning_rate": lr, "schedule": spec.schedule, "label_smoothing": spec.label_smoothing,
+                       "weight_decay": spec.weight_decay})
     seconds = time.perf_counter() - t0 + earlier_seconds
 
     def logits(x):
