@@ -240,3 +240,28 @@ def test_the_shipped_fashion_mnist_model_labels_photos(tmp_path, monkeypatch):
     t = pq.read_table(out).to_pandas()
     shirts = t[t.path.str.contains("cl_boot") & (t.status != "duplicate")]
     assert len(shirts) == 5 and set(shirts.label) == {"t-shirt/top"}
+
+
+def test_cosine_recipe_anneals_to_zero_and_saves_safely(tmp_path):
+    """fmnist_best's recipe: smoothed one-hot loss, AdamW, warm-up + cosine; no plateau callback fights the schedule."""
+    import keras
+
+    from pipeline import fashion_mnist as fm
+    from pipeline.train import _callbacks, _compile
+
+    spec = ARCHS.get("fmnist_best")()
+    assert spec.schedule == "cosine" and spec.label_smoothing > 0 and spec.weight_decay > 0
+    x, y = fm.load("test")
+    x, y = x[:512, ..., None].astype("float32"), np.eye(10, dtype="float32")[y[:512]]
+    model = spec.build(10)
+    _compile(model, spec.learning_rate, spec.label_smoothing, spec.weight_decay, warmup_steps=4, decay_steps=4)
+    callbacks = _callbacks(True, schedule_epochs=2)
+    assert not any(isinstance(c, keras.callbacks.ReduceLROnPlateau) for c in callbacks)
+    hist = model.fit(x, y, batch_size=64, epochs=2, validation_data=(x[:128], y[:128]), callbacks=callbacks, verbose=0)
+    assert hist.history["loss"][1] < hist.history["loss"][0]
+    assert float(model.optimizer.learning_rate) < 1e-6  # annealed to zero after warm-up + decay steps
+    card = ModelCard(name="m", classes=list(fm.CLASSES), preprocess={"name": "fashion_mnist", "size": 28, "resize_short": 0},
+                     arch="fmnist_best", backbone=None, weights_origin="test")
+    save_model(model, card, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")  # safe_mode: the erasing layer is a plain Keras layer
+    np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0), rtol=1e-4, atol=1e-4)
