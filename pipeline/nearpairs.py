@@ -98,7 +98,8 @@ class PairSearch:
             key = ((upright >> np.uint64(shift)) & mask).astype(np.int64)
             self._order.append(np.argsort(key, kind="stable"))
             self._sorted.append(upright[self._order[-1]])
-            self._offsets.append(np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << w))]))
+            starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << w))])
+            self._offsets.append(starts.astype(np.int32 if len(arrays) < 2**31 else np.int64))  # half the cache misses
         n = max(len(arrays), 1)
         self.checks_per_query = sum(n * len(f) / 2.0 ** w for f, w in zip(self._flips, widths))
 
