@@ -118,37 +118,41 @@ class ClassifierActor:
 
 
 class PairSearchActor:
-    """Ray actor: builds ``PairSearch`` once over the shared hash arrays, then searches ranges of photos."""
+    """Ray actor: builds ``PairSearch`` once over the shared hash arrays, then searches ranges of photos.
 
-    def __init__(self, arrays: list[Any], cfg: DedupeConfig) -> None:
-        import ray
+    A plain actor, not a Ray Data operator: the search needs no dataset, and
+    Ray Data's restartable actors log an error for every constructor that
+    takes an object-store argument (ray-project/ray#57733), noise in cron mail.
+    """
 
-        self.search = PairSearch(ray.get(arrays[0]), cfg)  # zero-copy from the node's object store
+    def __init__(self, arrays: HashArrays, cfg: DedupeConfig) -> None:
+        self.search = PairSearch(arrays, cfg)  # Ray resolves the reference: zero-copy from the node's object store
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = [self.search.search(int(a), int(b)) for a, b in zip(batch["start"], batch["stop"])]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def pairs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.search.search(start, stop)
 
 
-def ray_pair_index(actors: int, actor_cpus: float) -> Callable[[list[Candidate], DedupeConfig], NearPairs]:
+def ray_pair_index(cpus: float) -> Callable[[list[Candidate], DedupeConfig], NearPairs]:
     """``plan_chunk``'s pair finder on Ray: the photos' hashes go to the object store once
-    (zero-copy for every actor on a node); actors search row ranges against all
-    of them and only the verified pairs come back."""
+    (zero-copy for every actor on a node); one actor per CPU (nothing else runs
+    while duplicates are grouped) searches row ranges against all of them and
+    only the verified pairs come back."""
 
     def build(cands: list[Candidate], cfg: DedupeConfig) -> NearPairs:
         import ray
+        from ray.util import ActorPool
 
         arrays = HashArrays.from_candidates(cands)
+        actors = max(1, int(cpus))
         shard = max(256, -(-len(cands) // (actors * 8)))
-        ranges = [{"start": a, "stop": min(a + shard, len(cands))} for a in range(0, len(cands), shard)]
-        if not ranges:
-            return NearPairs(arrays, PairSearch(arrays, cfg).search(0, 0))
-        ds = ray.data.from_items(ranges).map_batches(
-            PairSearchActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(ranges))),
-            num_cpus=actor_cpus, fn_constructor_kwargs={"arrays": [ray.put(arrays)], "cfg": cfg})  # nested: Ray hands over the reference
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        pairs = {k: np.concatenate([p[k] for p in parts]) for k in ("photo", "view", "distance", "other")}
-        return NearPairs(arrays, pairs)
+        ranges = [(a, min(a + shard, len(cands))) for a in range(0, len(cands), shard)]
+        if len(ranges) < 2:  # one shard: not worth an actor's start-up
+            return NearPairs(arrays, PairSearch(arrays, cfg).search(0, len(cands)))
+        ref = ray.put(arrays)
+        remote = ray.remote(num_cpus=1)(PairSearchActor)
+        pool = ActorPool([remote.remote(ref, cfg) for _ in range(min(actors, len(ranges)))])
+        parts = list(pool.map_unordered(lambda actor, r: actor.pairs.remote(*r), ranges))
+        return NearPairs(arrays, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
     return build
 
@@ -186,7 +190,8 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
                  logging_level="ERROR", runtime_env={"env_vars": env} if env else None)
     ctx_data = ray.data.DataContext.get_current()
     ctx_data.enable_progress_bars = not cfg.quiet
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines are noise in cron mail
+    # per-operator INFO lines (and, under --quiet, the "progress bars disabled" warning) are noise in cron mail
+    logging.getLogger("ray.data").setLevel(logging.ERROR if cfg.quiet else logging.WARNING)
     resources = ray.cluster_resources()
     actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
     run_id = new_run_id(started)
@@ -207,7 +212,7 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
 
     ctx = Context(classifier, cfg, run_id, DedupeIndex(cfg.dedupe), History(),
                   load_corrections(cfg.corrections) if cfg.corrections else {})
-    plan = plan_chunk(scans, ctx, ray_pair_index(actors, actor_cpus))  # the whole input is one chunk here
+    plan = plan_chunk(scans, ctx, ray_pair_index(resources.get("CPU", 1)))  # the whole input is one chunk here
     to_classify = plan.to_classify
     by_row = {r.row: r for r in records}
     results: list[dict[str, Any]] = []

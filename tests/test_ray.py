@@ -121,3 +121,19 @@ def test_pool_is_sized_to_leave_cpus_for_reads():
     actors, cpus = pool_size(16, 0)
     assert actors * cpus < 16
     assert pool_size(32, 4) == (4, 1.0)  # one actor per GPU
+
+
+def test_pair_search_on_ray_actors_makes_the_local_decisions():
+    """Enough photos for several shards, so the actor pool really runs; same groups as the local index."""
+    from test_nearpairs import clustered_candidates
+
+    from pipeline.dedupe import DedupeConfig, find_duplicates
+    from pipeline.ray_runner import ray_pair_index
+
+    cands = clustered_candidates(1200, seed=4)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        index = ray_pair_index(2)(cands, DedupeConfig())
+    finally:
+        ray.shutdown()
+    assert find_duplicates(cands, index=index) == find_duplicates(cands)
