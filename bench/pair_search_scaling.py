@@ -35,7 +35,7 @@ def random_arrays(n: int, seed: int = 0) -> HashArrays:
     rng = np.random.default_rng(seed)
     views = rng.integers(0, 2**63, (n, 4), dtype=np.uint64) << np.uint64(1)
     fine = rng.integers(0, 2**63, (n, 4, 4), dtype=np.uint64)
-    color = rng.random((n, 16, 3), dtype=np.float32)
+    color = rng.random((n, 4, 4, 3), dtype=np.float32)
     copies = np.arange(10, n, 10)
     noise = np.uint64(0)
     for _ in range(3):

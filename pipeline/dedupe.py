@@ -133,9 +133,13 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def color_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest per-cell RGB distance between two colour grids, scaled to 0..1."""
-    return float(np.sqrt(((a - b) ** 2).sum(axis=-1)).max() / np.sqrt(3.0))
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest per-cell RGB distance between colour grids (..., 4, 4, 3), scaled to 0..1.
+
+    One pair gives a scalar; stacked pairs (the batch pair search in
+    ``nearpairs``) give one distance each, by the same arithmetic.
+    """
+    return np.sqrt(((a - b) ** 2).sum(axis=-1)).max(axis=(-2, -1)) / np.sqrt(3.0)
 
 
 def _within(bits: int, radius: int) -> int:

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dedupe import HASH_BITS, Candidate, DedupeConfig, _widths, plan_blocks
+from .dedupe import HASH_BITS, Candidate, DedupeConfig, _widths, color_distance, plan_blocks
 
 VIEWS = 4  # upright + pixel rotations by 90, 180, 270 degrees
-# np.rot90(grid, k) of a 4x4 colour grid is a fixed permutation of its 16 cells
-_ROT_CELLS = np.stack([np.rot90(np.arange(16).reshape(4, 4), k).ravel() for k in range(VIEWS)])
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
 MAX_BLOCK_BITS = 24  # a block's offset table has 2**bits entries
 
@@ -50,7 +48,7 @@ class HashArrays:
     views: np.ndarray  # uint64 [N, 4]
     fine: np.ndarray  # uint64 [N, 4, 4]
     has_view: np.ndarray  # bool [N, 4]
-    color: np.ndarray  # float32 [N, 16, 3], upright
+    color: np.ndarray  # float32 [N, 4, 4, 3], upright
 
     @classmethod
     def from_candidates(cls, cands: list[Candidate]) -> "HashArrays":
@@ -61,7 +59,7 @@ class HashArrays:
         for i, c in enumerate(cands):
             for k, (p, f) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
                 views[i, k], fine[i, k], has[i, k] = p, _words(f), True
-        color = np.array([c.hashes.color.reshape(16, 3) for c in cands], np.float32).reshape(n, 16, 3)
+        color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
         return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color)
 
     def __len__(self) -> int:
@@ -149,8 +147,8 @@ class PairSearch:
                 keep = photo != other
                 photo, other = photo[keep], other[keep]
                 fine_d = np.bitwise_count(a.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
-                rotated = a.color[photo][:, _ROT_CELLS[view]]
-                color_d = np.sqrt(((rotated - a.color[other]) ** 2).sum(axis=-1)).max(axis=-1) / np.sqrt(3.0)
+                turned = np.rot90(a.color[photo], view, axes=(1, 2))  # the view's colour, as in DedupeIndex.match
+                color_d = color_distance(turned, a.color[other])
                 ok = (fine_d <= cfg.fine_threshold) & (color_d <= cfg.color_threshold)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
