@@ -30,21 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from . import decode as dec
 from .dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes
-from .infer import Predictions, has_gpu
+from .infer import Predictions, has_gpu, load_classifier, predict, resolve_model
+from .ingest import ingest
 from .junk import Quality
 from .nearpairs import HashArrays, NearPairs, PairSearch
 from .output import SummaryCounter, to_table, write_parquet
 from .review import load_corrections
-from .run import (
-    Context,
-    RunConfig,
-    Scan,
-    finish_chunk,
-    new_run_id,
-    plan_chunk,
-    run_meta,
-)
+from .run import Context, RunConfig, Scan, finish_chunk, new_run_id, plan_chunk, run_meta, scan_file
 from .store import History
 
 SCAN_BATCH = 16
@@ -52,9 +46,6 @@ SCAN_BATCH = 16
 
 def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
     """Ray task: the local runner's ``scan_file`` on each path of the batch."""
-    from . import decode as dec
-    from .run import scan_file
-
     out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
                                                  "phash", "phash256", "rotated", "color", "pixel_std", "aspect_ratio")}
     for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
@@ -97,15 +88,11 @@ class ClassifierActor:
     """Ray actor: loads the model once, then runs ``infer.predict`` on each batch of paths."""
 
     def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
-        from .infer import load_classifier
-
         self.classifier = load_classifier(model, taxonomy, precision)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .infer import predict
-
         paths = [Path(os.fsdecode(bytes(p))) for p in batch["resolved"]]
         p = predict(self.classifier, paths, batch_size=self.batch_size, max_pixels=self.max_pixels)
         return {
@@ -170,17 +157,12 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
     """Run the pipeline on Ray Data; same rows and schema as ``run.run`` (no --store)."""
     import ray
 
-    from .infer import load_classifier
-    from .ingest import ingest
-
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     source = Path(source)
     batch = ingest(source, allow_outside=cfg.allow_outside)
     records = list(batch.records)
     classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
-    from .infer import resolve_model
-
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
     model = str(Path(ref).resolve()) if isinstance(ref, Path) else ref
     taxonomy = str(Path(taxonomy).resolve()) if taxonomy else None

@@ -108,7 +108,7 @@ def _compile(model, lr: float, label_smoothing: float = 0.0, weight_decay: float
     if decay_steps:
         rate = keras.optimizers.schedules.CosineDecay(lr / 10, decay_steps, warmup_target=lr, warmup_steps=warmup_steps)
     optimizer = keras.optimizers.AdamW(rate, weight_decay=weight_decay) if weight_decay else keras.optimizers.Adam(rate)
-    if label_smoothing:  # needs one-hot targets: see _targets
+    if label_smoothing:  # needs one-hot targets (train_fashion_mnist's ds makes them)
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -179,7 +179,7 @@ def train_fashion_mnist(arch: str, out: str | Path, cfg: TrainConfig) -> ModelCa
         earlier_seconds = float(earlier.training.get("seconds", 0.0))
         cfg.log(f"continuing from {cfg.init_from} ({sum(p['epochs_run'] for p in phases)} epochs so far)")
     else:
-        model = spec.build(len(fm.CLASSES))
+        model = spec.build(n_classes)
     t0 = time.perf_counter()
     if spec.frozen_features and not cfg.init_from:
         phases.append(_fit_head_on_features(model, x_tr, y_tr, x_va, y_va, epochs, batch, lr, cfg))
