@@ -30,9 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.decode import IMAGENET_224  # noqa: E402
-from pipeline.infer import cpu_count, dataset, has_gpu, load_classifier, make_step, predict  # noqa: E402
-from pipeline.run import RunConfig, run  # noqa: E402
+from pipeline.models.preprocess import IMAGENET_224  # noqa: E402
+from pipeline.models.classifier import load_classifier  # noqa: E402
+from pipeline.ops.device import cpu_count, has_gpu  # noqa: E402
+from pipeline.stages.classify import dataset, make_step, predict  # noqa: E402
+from pipeline.runners.local import RunConfig, run  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, side: int = 1200) -> list[Path]:
@@ -136,7 +138,7 @@ def main() -> None:
         if args.ray:
             import ray
 
-            from pipeline.ray_runner import run_ray
+            from pipeline.runners.ray import run_ray
 
             t = time.perf_counter()
             run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, RunConfig(batch_size=args.batch_size, quiet=True))

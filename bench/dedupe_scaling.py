@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dedupe import DEFAULT_PHASH_THRESHOLD, MultiIndexHash  # noqa: E402
+from pipeline.stages.dedupe import DEFAULT_PHASH_THRESHOLD, MultiIndexHash  # noqa: E402
 
 
 def main(sizes: list[int]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.archs import ARCHS  # noqa: E402
+from pipeline.learning.archs import ARCHS  # noqa: E402
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dedupe import DedupeConfig, find_duplicates
-from pipeline.nearpairs import HashArrays, NearPairs, PairSearch
+from pipeline.stages.dedupe import DedupeConfig, find_duplicates
+from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
 
 
 def random_arrays(n: int, seed: int = 0) -> HashArrays:
@@ -98,7 +98,7 @@ def compare(n: int) -> None:
         import ray
     except ImportError:
         return
-    from pipeline.ray_runner import ray_pair_index
+    from pipeline.runners.ray import ray_pair_index
 
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     build = ray_pair_index(ray.cluster_resources().get("CPU", 1))

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import fashion_mnist as fm  # noqa: E402
+from pipeline.learning import fashion_mnist as fm  # noqa: E402
 
 
 def write_photos(images: np.ndarray, labels: np.ndarray, folder: Path) -> None:

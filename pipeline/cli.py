@@ -1,6 +1,6 @@
 """``labelcat``: a thin click layer over the pipeline stages.
 
-Why thin: everything the CLI does is reachable from Python (``pipeline.run``),
+Why thin: everything the CLI does is reachable from Python (``pipeline.runners.local``),
 so tests and other schedulers drive the same code. Options shared by several
 commands are defined once as decorators, in the manner of sqlite-utils.
 Exit status: 0 the run completed (rows may still carry errors), 1 the run
@@ -9,21 +9,25 @@ failed, 2 usage error (bad option, unusable manifest, unknown model).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out of cron mail
 
-from . import __version__  # noqa: E402
-from .dedupe import DEFAULT_COLOR_THRESHOLD, DEFAULT_FINE_THRESHOLD, DEFAULT_PHASH_THRESHOLD, DedupeConfig  # noqa: E402
-from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
-from .junk import JunkConfig  # noqa: E402
-from .review import DEFAULT_CORRECTIONS  # noqa: E402
-from .run import DEFAULT_CHUNK  # noqa: E402
+from pipeline import __version__  # noqa: E402
+from pipeline.stages.dedupe import DEFAULT_COLOR_THRESHOLD, DEFAULT_FINE_THRESHOLD, DEFAULT_PHASH_THRESHOLD, DedupeConfig  # noqa: E402
+from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
+from pipeline.stages.junk import JunkConfig  # noqa: E402
+from pipeline.review.sheet import DEFAULT_CORRECTIONS  # noqa: E402
+from pipeline.runners.local import DEFAULT_CHUNK  # noqa: E402
+from pipeline.models.backbones import BACKBONES  # noqa: E402
 
 DEFAULT_OUT = "labelcat-output/labels.parquet"
 
@@ -32,9 +36,68 @@ def quiet_option(fn: Callable) -> Callable:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary (for cron).")(fn)
 
 
+def option_group(build: Callable[..., Any], target: str, *options: Callable) -> Callable[[Callable], Callable]:
+    """A decorator adding ``options`` to a command and handing it one object, ``build(**their values)``,
+    as the keyword ``target`` (so commands take config objects, not a long tail of parameters)."""
+    names = [opt(lambda: None).__click_params__[0].name for opt in options]  # type: ignore[attr-defined]
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[target] = build(**{n: kwargs.pop(n) for n in names})
+            return fn(*args, **kwargs)
+
+        for opt in reversed(options):
+            wrapper = opt(wrapper)
+        return wrapper
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one input may cost: pixels, bytes, and the threads that read and hash."""
+
+    max_pixels: int
+    max_bytes: int
+    workers: int
+
+
+limit_options = option_group(
+    Limits, "limits",
+    click.option("--workers", type=click.IntRange(0, 512), default=0, show_default=True,
+                 help="Threads for reading and hashing (0: one per core)."),
+    click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+                 help="Refuse images with more pixels (decompression-bomb guard)."),
+    click.option("--max-bytes", type=click.IntRange(1), default=DEFAULT_MAX_BYTES, show_default=True,
+                 help="Refuse files larger than this."),
+)
+dedupe_options = option_group(
+    lambda phash_threshold, fine_threshold, color_threshold: DedupeConfig(phash_threshold, fine_threshold, color_threshold),
+    "dedupe",
+    click.option("--phash-threshold", type=click.IntRange(0, 32), default=DEFAULT_PHASH_THRESHOLD, show_default=True,
+                 help="Max Hamming distance (of 64 bits) for near-duplicate candidates."),
+    click.option("--fine-threshold", type=click.IntRange(0, 128), default=DEFAULT_FINE_THRESHOLD, show_default=True,
+                 help="Max Hamming distance (of 256 bits) to confirm a near duplicate."),
+    click.option("--color-threshold", type=click.FloatRange(0, 1), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
+                 help="Max colour-grid distance to confirm a near duplicate (keeps colour variants apart)."),
+)
+junk_options = option_group(
+    lambda min_size, not_product_threshold, mismatch_confidence: JunkConfig(
+        min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
+    "junk",
+    click.option("--min-size", type=click.IntRange(1), default=JunkConfig.min_side, show_default=True,
+                 help="Photos with a shorter side are junk (too_small)."),
+    click.option("--not-product-threshold", type=click.FloatRange(0, 1), default=JunkConfig.not_product,
+                 show_default=True, help="Not-product evidence (animal, remote, circuit board...) that makes a photo junk."),
+    click.option("--mismatch-confidence", type=click.FloatRange(0, 1), default=JunkConfig.mismatch_confidence,
+                 show_default=True, help="Confidence at which contradicting the category hint makes a photo junk."),
+)
+
+
 def model_options(fn: Callable) -> Callable:
     """--model, --taxonomy and --precision, shared by every command that classifies."""
-    from .infer import PRECISIONS
+    from pipeline.models.classifier import PRECISIONS
 
     fn = click.option(
         "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -70,24 +133,9 @@ def cli() -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Images per model call.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Alternatives kept per row.")
-@click.option("--workers", type=click.IntRange(0, 512), default=0, show_default=True,
-              help="Threads for reading and hashing (0: one per core).")
-@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Refuse images with more pixels (decompression-bomb guard).")
-@click.option("--max-bytes", type=click.IntRange(1), default=DEFAULT_MAX_BYTES, show_default=True,
-              help="Refuse files larger than this.")
-@click.option("--phash-threshold", type=click.IntRange(0, 32), default=DEFAULT_PHASH_THRESHOLD, show_default=True,
-              help="Max Hamming distance (of 64 bits) for near-duplicate candidates.")
-@click.option("--fine-threshold", type=click.IntRange(0, 128), default=DEFAULT_FINE_THRESHOLD, show_default=True,
-              help="Max Hamming distance (of 256 bits) to confirm a near duplicate.")
-@click.option("--color-threshold", type=click.FloatRange(0, 1), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
-              help="Max colour-grid distance to confirm a near duplicate (keeps colour variants apart).")
-@click.option("--min-size", type=click.IntRange(1), default=JunkConfig.min_side, show_default=True,
-              help="Photos with a shorter side are junk (too_small).")
-@click.option("--not-product-threshold", type=click.FloatRange(0, 1), default=JunkConfig.not_product, show_default=True,
-              help="Not-product evidence (animal, remote, circuit board...) that makes a photo junk.")
-@click.option("--mismatch-confidence", type=click.FloatRange(0, 1), default=JunkConfig.mismatch_confidence,
-              show_default=True, help="Confidence at which contradicting the category hint makes a photo junk.")
+@limit_options
+@dedupe_options
+@junk_options
 @click.option("--corrections", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CORRECTIONS,
               show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
@@ -108,11 +156,10 @@ def cli() -> None:
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
-    batch_size: int, top_k: int, workers: int, max_pixels: int, max_bytes: int, phash_threshold: int,
-    fine_threshold: int, color_threshold: float, min_size: int, not_product_threshold: float,
-    mismatch_confidence: float, corrections: Path, review_threshold: float | None, store: Path | None,
-    chunk_size: int, relabel: bool, skip_seen: bool, allow_outside: bool, log_file: Path | None,
-    fail_on_row_errors: bool, runner: str, ray_address: str | None, quiet: bool,
+    batch_size: int, top_k: int, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, corrections: Path,
+    review_threshold: float | None, store: Path | None, chunk_size: int, relabel: bool, skip_seen: bool,
+    allow_outside: bool, log_file: Path | None, fail_on_row_errors: bool, runner: str, ray_address: str | None,
+    quiet: bool,
 ) -> None:
     """Label the photos of INPUT (a folder tree or a CSV manifest) into Parquet.
 
@@ -121,9 +168,9 @@ def run(
     run completed, even if some rows are errors (4 with --fail-on-row-errors);
     1 when the run failed; 2 on usage errors; 3 when the store is locked.
     """
-    from .ingest import IngestError
-    from .run import RunConfig, log_to_file, run as run_pipeline, write_summary_json
-    from .store import StoreLocked
+    from pipeline.stages.ingest import IngestError
+    from pipeline.runners.local import RunConfig, log_to_file, run as run_pipeline, write_summary_json
+    from pipeline.ops.store import Store, StoreError, StoreLocked
 
     if (relabel or skip_seen) and store is None:
         raise click.UsageError("--relabel and --skip-seen need --store")
@@ -145,21 +192,25 @@ def run(
         log = RunConfig().log
 
     cfg = RunConfig(
-        batch_size=batch_size, top_k=top_k, max_pixels=max_pixels, max_bytes=max_bytes, workers=workers,
-        dedupe=DedupeConfig(phash_threshold, fine_threshold, color_threshold),
-        junk=JunkConfig(min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
+        batch_size=batch_size, top_k=top_k, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+        workers=limits.workers, dedupe=dedupe, junk=junk,
         quiet=quiet, corrections=corrections, review_threshold=review_threshold, store=store,
         chunk_size=chunk_size, relabel=relabel, skip_seen=skip_seen, allow_outside=allow_outside, log=log,
     )
+    if store is not None:  # refuse a foreign folder before spending seconds on the model
+        try:
+            Store(store).claim()
+        except StoreError as exc:
+            raise click.UsageError(str(exc)) from None
     classifier = _load_classifier(model, taxonomy, precision)
     try:
         if runner == "ray":
-            from .ray_runner import run_ray
+            from pipeline.runners.ray import run_ray
 
             summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg, ray_address)
         else:
             summary = run_pipeline(input_path, out, classifier, cfg)
-    except IngestError as exc:
+    except (IngestError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
     except StoreLocked as exc:
         log({"stage": "locked", "message": str(exc)})
@@ -182,9 +233,9 @@ def run(
 
 def _load_classifier(model: str, taxonomy: Path | None, precision: str):
     """Load a model or turn its failure into a usage error (exit 2)."""
-    from .card import CardError
-    from .infer import load_classifier
-    from .taxonomy import TaxonomyError
+    from pipeline.models.card import CardError
+    from pipeline.models.classifier import load_classifier
+    from pipeline.models.taxonomy import TaxonomyError
 
     try:
         return load_classifier(model, taxonomy, precision)
@@ -203,7 +254,7 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Model folder to write (model.keras + card.json), e.g. models/my-shop.")
 @click.option("--arch", default=None, help="Fashion-MNIST architecture (`labelcat models list`); default fmnist_best.")
-@click.option("--backbone", type=click.Choice(["efficientnet_lite0", "mobilenet_v2"]), default="efficientnet_lite0",
+@click.option("--backbone", type=click.Choice(BACKBONES.list()), default="efficientnet_lite0",
               show_default=True, help="Pretrained backbone for shop photos.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (phase 1); default per architecture, 12 for shop photos.")
 @click.option("--fine-tune-epochs", type=click.IntRange(0), default=6, show_default=True,
@@ -219,10 +270,11 @@ def _echo(quiet: bool) -> Callable[[str], None]:
               help="Precision the recommended review threshold in the card must reach on validation.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Fashion-MNIST: continue training this model folder (same --arch and --seed, so the same split).")
+@click.option("--force", is_flag=True, help="Replace an existing model folder at --out (atomically, once training succeeded).")
 @quiet_option
 def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | None, fine_tune_epochs: int,
           fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
-          target_precision: float, init_from: Path | None, quiet: bool) -> None:
+          target_precision: float, init_from: Path | None, force: bool, quiet: bool) -> None:
     """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
     or `fashion-mnist` (with --arch) for the studies' models.
 
@@ -230,15 +282,23 @@ def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | N
     and skipped, near duplicates never straddle the train/validation split. The model is calibrated
     (temperature scaling) on the validation split and saved with its model card.
     """
-    from .archs import ARCHS
-    from .fashion_mnist import DatasetMissing
-    from .infer import has_gpu
-    from .ingest import IngestError
-    from .train import TrainConfig, train_fashion_mnist, train_images
+    from pipeline.learning.archs import ARCHS
+    from pipeline.learning.fashion_mnist import DatasetMissing
+    from pipeline.ops.device import has_gpu
+    from pipeline.stages.ingest import IngestError
+    from pipeline.learning.fashion_mnist import train_fashion_mnist
+    from pipeline.learning.recipe import TrainConfig
+    from pipeline.learning.train import train_images
 
+    from pipeline.models.card import CardError, check_model_destination
+
+    try:  # before hours of training, not after
+        check_model_destination(out, force, protect=Path(data) if data != "fashion-mnist" else None)
+    except CardError as exc:
+        raise click.UsageError(str(exc)) from None
     has_gpu()  # imports TensorFlow with its start-up log muted
 
-    cfg = TrainConfig(epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
+    cfg = TrainConfig(force=force, epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
                       batch_size=batch_size, learning_rate=learning_rate, val_split=val_split, seed=seed,
                       backbone=backbone, target_precision=target_precision, init_from=init_from, quiet=quiet,
                       log=_echo(quiet))
@@ -274,11 +334,12 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     for its official test set): accuracy, per-class precision/recall/F1, ECE, confusion matrix,
     reliability diagram and the coverage table, written as Markdown + PNG + JSON.
     """
-    from .card import CardError
-    from .evaluate import evaluate_model, summary_line, write_report
-    from .fashion_mnist import DatasetMissing
-    from .infer import has_gpu, resolve_model
-    from .ingest import IngestError
+    from pipeline.models.card import CardError
+    from pipeline.learning.evaluate import evaluate_model, summary_line, write_report
+    from pipeline.learning.fashion_mnist import DatasetMissing
+    from pipeline.models.classifier import resolve_model
+    from pipeline.ops.device import has_gpu
+    from pipeline.stages.ingest import IngestError
 
     has_gpu()  # imports TensorFlow with its start-up log muted
 
@@ -321,7 +382,7 @@ def review_export(run_file: Path, out: Path, threshold: float | None) -> None:
     Least confident first; an empty corrected_label column (a drop-down of valid labels plus
     junk and duplicate) and a note column for the reviewer.
     """
-    from .review import ReviewError, export
+    from pipeline.review.sheet import ReviewError, export
 
     if out.suffix.lower() not in (".xlsx", ".csv"):
         raise click.UsageError("--out must end in .xlsx or .csv")
@@ -345,7 +406,7 @@ def review_import(review_file: Path, run_file: Path | None, corrections: Path, r
     Every row is checked (known row, key columns unedited, valid label); if any row is wrong the
     whole file is refused with one line per problem (exit 2) and nothing is stored.
     """
-    from .review import ReviewError, import_review, reviewer_name
+    from pipeline.review.sheet import ReviewError, import_review, reviewer_name
 
     try:
         n, part = import_review(review_file, run_file, corrections, reviewer or reviewer_name())
@@ -366,10 +427,10 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """List registered models, backbones, trainable architectures and model folders under ./models."""
-    from .archs import ARCHS
-    from .backbones import BACKBONES
-    from .card import CardError, read_card
-    from .infer import MODELS
+    from pipeline.learning.archs import ARCHS
+    from pipeline.models.backbones import BACKBONES
+    from pipeline.models.card import CardError, read_card
+    from pipeline.models.classifier import MODELS
 
     click.echo("models (labelcat run --model NAME):")
     for name in MODELS.list():

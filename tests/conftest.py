@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import IMAGENET_224
-from pipeline.infer import MODELS, Classifier, has_gpu
-from pipeline.taxonomy import Taxonomy, load_taxonomy
+from pipeline.models.preprocess import IMAGENET_224
+from pipeline.models.classifier import MODELS, Classifier
+from pipeline.ops.device import has_gpu
+from pipeline.models.taxonomy import Taxonomy, load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_catalog"
@@ -42,7 +43,7 @@ def build_tiny_model():
 @MODELS.register("tiny_test")
 def tiny_test(taxonomy: Taxonomy | None = None, precision: str = "float32") -> Classifier:
     """A tiny random network with the ImageNet output contract, for tests only."""
-    from pipeline.infer import to_mixed_precision
+    from pipeline.models.classifier import to_mixed_precision
 
     tax = taxonomy or load_taxonomy()
     model = build_tiny_model()

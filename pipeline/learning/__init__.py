@@ -1,0 +1,1 @@
+"""Learning: architectures, recipes, training, calibration, evaluation (Fashion-MNIST and shop models)."""

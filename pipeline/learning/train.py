@@ -1,0 +1,222 @@
+"""Train: the shop's own model by transfer learning, and the studies' Fashion-MNIST models.
+
+Why the shop path reuses ``run``'s stages: training data is tonight's kind of
+data (broken uploads, duplicates), so it goes through the same ingest, scan
+and dedupe. Broken and blank files are reported and skipped. A photo and its
+near copies always land in the same split, so validation never scores a
+photo the model trained on.
+
+Two phases, as in the studies: the pretrained backbone frozen under a new
+head, then the top blocks fine-tuned at a tenth of the learning rate (batch
+norm stays frozen: small shop batches would wreck its statistics). The best
+epoch by validation loss is restored (EarlyStopping), the learning rate drops
+on plateaus, and the temperature is fitted on the validation split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.models.card import ModelCard, fingerprint, save_model
+from pipeline.models.preprocess import IMAGENET_224, Preprocess
+from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_pixels
+from pipeline.stages.dedupe import Candidate, find_duplicates
+from pipeline.stages.scan import Scan, scan_records
+from pipeline.stages.ingest import IngestError, ingest
+from pipeline.stages.junk import JunkConfig, quality_reason
+from pipeline.ops.device import has_gpu
+from pipeline.learning.recipe import TrainConfig, brief, calibrate, callbacks, compile_model, machine, stratified_split
+
+
+# ---------------------------------------------------------------- shop photos
+
+
+@dataclass
+class LabelledPhotos:
+    paths: list[Path]
+    labels: list[str]
+    groups: list[int]
+    sha256: list[str]
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def collect(data: str | Path, workers: int = 0, quiet: bool = True) -> LabelledPhotos:
+    """Labelled photos from a class-folder tree, a manifest with a ``label`` column, or a
+    review corrections store (the photos people labelled).
+
+    Runs the same scan as ``labelcat run``: unreadable, broken and blank files
+    are skipped with their reason; near duplicates share a group id.
+    """
+    from pipeline.review.sheet import corrections_batch, corrections_store_exists
+
+    batch = corrections_batch(data) if corrections_store_exists(data) else ingest(data)
+    records = list(batch.records)  # training sets are small enough to hold
+    if batch.source in ("manifest", "corrections"):
+        label_col = batch.column("label")
+        if label_col is None:
+            raise IngestError(f"manifest {str(data)!r} needs a 'label' column to train on")
+        labels = {r.row: (r.extra.get(label_col) or "").strip() for r in records}
+    else:
+        labels = {r.row: (r.category_hint or "").strip() for r in records}
+    scans = scan_records(records, DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES, workers, quiet)
+    skipped: list[tuple[str, str]] = []
+    kept = []
+    for rec in records:
+        s = scans[rec.row]
+        if not isinstance(s, Scan):
+            skipped.append((rec.path, f"{s[0]}: {s[1]}"))
+        elif not labels[rec.row]:
+            skipped.append((rec.path, "no label"))
+        elif reason := quality_reason(s.quality, s.width, s.height, JunkConfig()):
+            skipped.append((rec.path, reason))
+        else:
+            kept.append((rec, s))
+    dups = find_duplicates([Candidate(r.row, s.sha256, s.width * s.height, s.hashes) for r, s in kept])
+    return LabelledPhotos(
+        paths=[r.resolved for r, _ in kept],
+        labels=[labels[r.row] for r, _ in kept],
+        groups=[dups[r.row].kept if r.row in dups else r.row for r, _ in kept],
+        sha256=[s.sha256 for _, s in kept],
+        skipped=skipped,
+    )
+
+
+def photo_dataset(paths: list[Path], labels: np.ndarray, preprocess: Preprocess, batch: int, shuffle: bool, seed: int):
+    """tf.data: (path index, label) → parallel Pillow decode → shuffle → batch → prefetch."""
+    import tensorflow as tf
+
+    shape = preprocess.shape
+
+    def load(i):
+        return load_pixels(preprocess, paths[int(i)])
+
+    def tf_load(i, y):
+        x = tf.numpy_function(load, [i], tf.uint8, stateful=False)
+        x.set_shape(shape)
+        return tf.cast(x, tf.float32), y
+
+    d = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), labels.astype(np.int32)))
+    if shuffle:
+        d = d.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    d = d.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+    if not shuffle:
+        d = d.cache()
+    return d.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def build_transfer_model(features, num_classes: int, size: int):
+    """Augmentation → pretrained trunk (frozen) → dropout → dense logits."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.RandomFlip("horizontal")(inputs)
+    x = layers.RandomRotation(0.04)(x)
+    x = layers.RandomZoom(0.1)(x)
+    x = layers.RandomTranslation(0.05, 0.05)(x)
+    x = layers.RandomContrast(0.2, value_range=(0, 255))(x)
+    x = layers.RandomBrightness(0.1, value_range=(0, 255))(x)
+    features.trainable = False
+    x = features(x, training=False)
+    x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="shop_transfer")
+
+
+def unfreeze_top(features, blocks: int) -> list[str]:
+    """Make the top ``blocks`` MBConv blocks and the head conv trainable; BN stays frozen."""
+    import keras
+
+    features.trainable = True
+    names = [layer.name for layer in features.layers]
+    block_ids = sorted({int(n[5:].split("_")[0]) for n in names if n.startswith("block")})
+    top = set(block_ids[-blocks:]) if blocks else set()
+    opened = []
+    for layer in features.layers:
+        in_top = layer.name.startswith("head_") or (layer.name.startswith("block") and int(layer.name[5:].split("_")[0]) in top)
+        layer.trainable = in_top and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            opened.append(layer.name)
+    return opened
+
+
+def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:
+    """Transfer-learn a shop classifier from labelled photos; save model + card to ``out``."""
+    import keras
+
+    photos = collect(data, quiet=cfg.quiet)
+    for path, reason in photos.skipped:
+        cfg.log(f"skipped {path}: {reason}")
+    classes = sorted(set(photos.labels))
+    if len(classes) < 2:
+        raise IngestError(f"need at least two labels to train on, found {classes or 'none'} in {str(data)!r}")
+    y = np.array([classes.index(label) for label in photos.labels])
+    groups = np.array(photos.groups)
+    train_idx, val_idx = stratified_split(y, groups, cfg.val_split, cfg.seed)
+    counts = Counter(photos.labels)
+    cfg.log(f"{len(y)} photos in {len(classes)} classes ({', '.join(f'{c} {counts[c]}' for c in classes)}); "
+            f"{len(train_idx)} train / {len(val_idx)} validation")
+
+    keras.utils.set_random_seed(cfg.seed)
+    mixed = has_gpu()
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        from pipeline.models.backbones import backbone_features
+
+        features, bb = backbone_features(cfg.backbone, 224)
+        model = build_transfer_model(features, len(classes), 224)
+    finally:
+        if mixed:
+            keras.mixed_precision.set_global_policy("float32")
+    pre = IMAGENET_224
+    batch = cfg.batch_size or 16
+    paths_tr = [photos.paths[i] for i in train_idx]
+    paths_va = [photos.paths[i] for i in val_idx]
+    ds_tr = photo_dataset(paths_tr, y[train_idx], pre, batch, True, cfg.seed)
+    ds_va = photo_dataset(paths_va, y[val_idx], pre, batch, False, cfg.seed) if len(val_idx) else None
+    lr = cfg.learning_rate or 1e-3
+    epochs = cfg.epochs or 12
+    monitor = callbacks(cfg.quiet) if ds_va is not None else []
+    t0 = time.perf_counter()
+    compile_model(model, lr)
+    h1 = model.fit(ds_tr, validation_data=ds_va, epochs=epochs, callbacks=monitor, shuffle=False,
+                   verbose=0 if cfg.quiet else 2)
+    phases = [{"phase": "frozen backbone + new head", "epochs_run": len(h1.history["loss"]), "learning_rate": lr}]
+    if cfg.fine_tune_epochs and cfg.fine_tune_blocks:
+        opened = unfreeze_top(features, cfg.fine_tune_blocks)
+        compile_model(model, lr / 10)
+        h2 = model.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs, shuffle=False,
+                       callbacks=callbacks(cfg.quiet) if ds_va is not None else [], verbose=0 if cfg.quiet else 2)
+        phases.append({"phase": f"fine-tune top {cfg.fine_tune_blocks} blocks", "epochs_run": len(h2.history["loss"]),
+                       "learning_rate": lr / 10, "trainable_layers": len(opened)})
+    seconds = time.perf_counter() - t0
+
+    if ds_va is not None:
+        val_logits = np.concatenate([model(xb, training=False).numpy() for xb, _ in ds_va]).astype(np.float64)
+    else:
+        val_logits = np.zeros((0, len(classes)))
+    cal = calibrate(val_logits, y[val_idx], classes, cfg.target_precision)
+    card = ModelCard(
+        name=Path(out).name, classes=classes, preprocess=pre.to_dict(), arch=f"transfer_{cfg.backbone}_224",
+        backbone=cfg.backbone, weights_origin=bb.weights_origin,
+        training_data={"source": str(data), "photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx)),
+                       "per_class": dict(counts), "skipped": len(photos.skipped),
+                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels)))},
+        metrics={"validation": brief(cal["validation"])},
+        temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
+        recommended_threshold=cal["recommended_threshold"],
+        training={"phases": phases, "seconds": round(seconds, 1), "machine": machine(), "batch_size": batch,
+                  "parameters": int(model.count_params()), "calibration": cal["calibration"],
+                  "mixed_precision": mixed, "seed": cfg.seed},
+    )
+    save_model(model, card, out, force=cfg.force)
+    acc = cal["validation"]["accuracy"] if len(val_idx) else float("nan")
+    cfg.log(f"validation accuracy {acc:.3f} on {len(val_idx)} photos, T={cal['temperature']:.2f}, "
+            f"{seconds:.0f}s; saved to {out}")
+    return card, photos

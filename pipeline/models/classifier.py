@@ -1,0 +1,169 @@
+"""Classifiers: the registry of ready-made models, trained model folders, and the hint each one understands.
+
+Why apart from the classify stage: a classifier is what a run, ``evaluate``
+and the review export all need to name and describe (its categories, version,
+temperature, how a category hint maps onto its classes), while only the
+classify stage runs images through it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.models.backbones import BACKBONES
+from pipeline.models.preprocess import IMAGENET_224, Preprocess
+from pipeline.models.taxonomy import Taxonomy, load_taxonomy, normalise_hint
+from pipeline.ops.device import has_gpu
+from pipeline.registry import Registry
+
+PRECISIONS = ("auto", "float32", "mixed")
+
+
+@dataclass
+class Classifier:
+    """A ready-to-run model and what the output rows need to say about it.
+
+    ``taxonomy`` is set for ImageNet models (their 1000 outputs are folded
+    into shop categories); ``categories`` are the labels confidences are over.
+    """
+
+    name: str
+    version: str
+    model: "keras.Model"  # noqa: F821
+    preprocess: Preprocess
+    categories: list[str]
+    taxonomy: Taxonomy | None = None
+    temperature: float = 1.0
+    precision: str = "float32"
+    info: dict = field(default_factory=dict)
+
+    def hint_category(self, hint: str | None) -> str | None:
+        """The category a folder name or manifest hint names: through the taxonomy's aliases for
+        ImageNet models, by case/separator-insensitive name for trained models."""
+        if not hint:
+            return None
+        if self.taxonomy is not None:
+            return self.taxonomy.resolve_hint(hint)
+        key = normalise_hint(hint)
+        return next((c for c in self.categories if normalise_hint(c) == key), None)
+
+
+MODELS: Registry = Registry("model")
+
+
+def _imagenet_classifier(backbone: str, taxonomy: Taxonomy | None, precision: str) -> Classifier:
+    has_gpu()  # import TensorFlow quietly before Keras does
+    bb = BACKBONES.get(backbone)()
+    tax = taxonomy or load_taxonomy()
+    model = to_mixed_precision(bb.model) if precision == "mixed" else bb.model
+    return Classifier(
+        name=backbone,
+        version=f"imagenet-{bb.weights_sha256[:8]}+{tax.name}-{tax.version}-{tax.digest}",
+        model=model,
+        preprocess=IMAGENET_224,
+        categories=list(tax.categories),
+        taxonomy=tax,
+        precision=precision,
+        info={"weights_origin": bb.weights_origin},
+    )
+
+
+@MODELS.register("efficientnet_lite0")
+def efficientnet_lite0(taxonomy: Taxonomy | None = None, precision: str = "float32") -> Classifier:
+    """Zero-shot shop labels from ImageNet EfficientNet-Lite0 through the taxonomy (default)."""
+    return _imagenet_classifier("efficientnet_lite0", taxonomy, precision)
+
+
+@MODELS.register("mobilenet_v2")
+def mobilenet_v2(taxonomy: Taxonomy | None = None, precision: str = "float32") -> Classifier:
+    """Zero-shot shop labels from ImageNet MobileNetV2 (needs its weights file locally)."""
+    return _imagenet_classifier("mobilenet_v2", taxonomy, precision)
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` means mixed precision on a GPU and float32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision == "auto":
+        return "mixed" if has_gpu() else "float32"
+    return precision
+
+
+MODELS_ENV = "LABELCAT_MODELS"
+
+
+def resolve_model(ref: str) -> str | Path:
+    """A registered name as is, else the model folder it names.
+
+    Looked up in order: the registry, ``ref`` as a path, ``$LABELCAT_MODELS/ref``,
+    ``./models/ref``. Raises ``KeyError`` naming what was tried.
+    """
+    if ref in MODELS:
+        return ref
+    from pipeline.models.card import CARD_FILE
+
+    candidates = [Path(ref)]
+    if os.environ.get(MODELS_ENV):
+        candidates.append(Path(os.environ[MODELS_ENV]) / ref)
+    candidates.append(Path("models") / ref)
+    for c in candidates:
+        if (c / CARD_FILE).is_file():
+            return c
+    raise KeyError(
+        f"unknown model {ref!r}: not a registered model ({', '.join(MODELS.list())}) "
+        f"nor a model folder with card.json (looked in {', '.join(str(c) for c in candidates)})"
+    )
+
+
+def load_classifier(name: str, taxonomy_path: str | Path | None = None, precision: str = "auto") -> Classifier:
+    """A registered model (with its taxonomy) or a trained model folder, at the resolved precision."""
+    ref = resolve_model(name)
+    if isinstance(ref, Path):
+        return _card_classifier(ref, resolve_precision(precision))
+    taxonomy = load_taxonomy(taxonomy_path) if taxonomy_path else None
+    return MODELS.get(ref)(taxonomy=taxonomy, precision=resolve_precision(precision))
+
+
+def _card_classifier(folder: Path, precision: str) -> Classifier:
+    """A model trained by ``labelcat train``: its card says labels, pixels and temperature."""
+    from pipeline.models.card import load_model
+
+    has_gpu()
+    model, card = load_model(folder)
+    return Classifier(
+        name=card.name,
+        version=f"{card.arch}-{card.training_data.get('fingerprint', 'unknown')}-{card.created_at}",
+        model=to_mixed_precision(model) if precision == "mixed" else model,
+        preprocess=card.preprocessing(),
+        categories=list(card.classes),
+        temperature=float(card.temperature),
+        precision=precision,
+        info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold},
+    )
+
+
+def to_mixed_precision(model):
+    """Clone ``model`` with float16 compute (bfloat16 on CPUs) and float32 outputs.
+
+    Mixed precision is a property each layer gets when it is built, so a model
+    loaded in float32 has to be cloned layer by layer; the weights are copied
+    and the final layer stays float32 so softmax sees full-precision logits.
+    """
+    import keras
+
+    policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
+    last = model.layers[-1].name
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name != last and not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    mixed = keras.models.clone_model(model, clone_function=clone)
+    mixed.set_weights(model.get_weights())
+    return mixed
+
+

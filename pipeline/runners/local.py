@@ -1,0 +1,378 @@
+"""The nightly job: ingest → scan → quality junk → dedupe → classify → semantic junk → write.
+
+Why chunks of plain records: the input is streamed and processed
+``chunk_size`` rows at a time, so a million-row manifest needs the memory of
+one chunk (plus the dedupe index), and with ``--store`` each chunk is a unit
+of work that is committed once and never redone (see ``store``). Each stage
+module knows nothing of the others; this file is the only place that knows
+the order, and every stage's result is keyed by input row, so one row can
+never go missing (``assemble`` walks the ingest records, not a stage's
+output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.stages import decode as dec
+from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes, Match, find_duplicates
+from pipeline.stages.scan import Scan, scan_records
+from pipeline.ops.fsutil import atomic_path
+from pipeline.models.classifier import Classifier
+from pipeline.ops.device import has_gpu
+from pipeline.stages.classify import predict, top_k
+from pipeline.stages.ingest import Batch, Record, ingest
+from pipeline.stages.junk import JunkConfig, quality_reason, semantic_reason
+from pipeline.stages.nearpairs import NearPairs
+from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
+from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
+from pipeline.contract import LABEL_FIELDS
+from pipeline.ops.store import History, Store, fault_point, index_record
+
+DEFAULT_CHUNK = 2048
+
+
+@dataclass
+class RunConfig:
+    """Everything ``labelcat run`` can be told, with the documented defaults."""
+
+    batch_size: int = 32
+    top_k: int = 3
+    max_pixels: int = dec.DEFAULT_MAX_PIXELS
+    max_bytes: int = dec.DEFAULT_MAX_BYTES
+    workers: int = 0  # 0: one per core
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    junk: JunkConfig = field(default_factory=JunkConfig)
+    quiet: bool = False
+    corrections: Path | None = None  # the review store; rows a person labelled get the person's label
+    review_threshold: float | None = None  # recorded for `review export`; default: the model card's
+    chunk_size: int = DEFAULT_CHUNK
+    store: Path | None = None  # history store: incremental, resumable, locked
+    relabel: bool = False  # with a store: classify again photos an older model version labelled
+    skip_seen: bool = False  # with a store: leave already-labelled photos out of the output
+    allow_outside: bool = False  # manifest paths may leave the manifest's folder
+    log: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
+
+
+def new_run_id(started: datetime) -> str:
+    """Sortable in time to the millisecond, unique by its random suffix."""
+    return f"{started:%Y%m%dT%H%M%S}{started.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:6]}"
+
+
+def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def input_fingerprint(source: Path) -> str:
+    """What the input is, for resuming: manifest bytes, or the folder's names, sizes and times."""
+    h = hashlib.sha256()
+    if source.is_dir():
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                with contextlib.suppress(OSError):
+                    st = p.lstat()
+                    h.update(f"{os.fsencode(p)!r}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    else:
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """State that outlives one chunk: the dedupe index, kept photos' labels, history."""
+
+    classifier: Classifier
+    cfg: RunConfig
+    run_id: str
+    index: DedupeIndex
+    history: History
+    corrections: dict[str, dict[str, Any]]
+    kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
+
+
+@dataclass
+class Plan:
+    """What one chunk's scans decide before the model: junk by quality, seen, duplicates, the rest."""
+
+    good: dict[int, Scan]
+    quality_junk: dict[int, str]
+    seen: dict[int, int]
+    duplicates: dict[int, Match]
+    to_classify: list[int]
+
+
+def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context,
+               pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None) -> Plan:
+    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified.
+
+    ``pair_index`` (the Ray runner's) finds the near pairs of the whole chunk
+    beforehand, in parallel, instead of querying ``ctx.index`` photo by photo;
+    the decisions are the same.
+    """
+    cfg = ctx.cfg
+    t = time.perf_counter()
+    good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
+    quality_junk = {row: reason for row, s in good.items()
+                    if (reason := quality_reason(s.quality, s.width, s.height, cfg.junk)) is not None}
+    seen: dict[int, int] = {}
+    for row, s in good.items():
+        key = ctx.history.by_sha.get(s.sha256)
+        if key is not None and key < 0:  # labelled on an earlier night (same model version under --relabel)
+            seen[row] = key
+    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
+                  for row, s in good.items() if row not in quality_junk and row not in seen]
+    duplicates = find_duplicates(candidates, cfg.dedupe, pair_index(candidates, cfg.dedupe) if pair_index else ctx.index)
+    cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
+             "seconds": round(time.perf_counter() - t, 3)})
+    to_classify = sorted(row for row in good if row not in duplicates and row not in seen)
+    return Plan(good, quality_junk, seen, duplicates, to_classify)
+
+
+def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
+                 ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
+    """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
+    rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, ctx,
+                    processed_at)
+    if ctx.corrections:
+        apply_corrections(rows, ctx.corrections)
+    inherit_duplicates(rows, ctx)
+    return rows
+
+
+def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk through every stage: (output rows, index records of its kept photos)."""
+    cfg, clf = ctx.cfg, ctx.classifier
+    t = time.perf_counter()
+    scans = scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet)
+    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+    plan = plan_chunk(scans, ctx)
+
+    t = time.perf_counter()
+    by_row = {r.row: r for r in records}
+    with tqdm(total=len(plan.to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
+        preds = predict(clf, [by_row[row].resolved for row in plan.to_classify], batch_size=cfg.batch_size,
+                        max_pixels=cfg.max_pixels, progress=bar.update)
+    cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
+
+    rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
+    index_records = []
+    for r in rows:
+        if r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None:
+            ctx.kept_labels[r["row"]] = {k: r.get(k) for k in LABEL_FIELDS}
+            s = plan.good.get(r["row"])
+            if s is not None:
+                index_records.append(index_record(ctx.run_id, r, s.hashes.to_fields(), r["row"] not in plan.quality_junk, clf.version))
+    return rows, index_records
+
+
+def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig) -> Summary:
+    """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
+
+    Raises ``IngestError`` for unusable input (before anything is written) and
+    ``StoreLocked`` when another run holds the store; any other exception
+    means the run failed and ``out`` was left untouched (the store keeps the
+    chunks committed so far for the next run to resume).
+    """
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    source = Path(source)
+    batch = ingest(source, allow_outside=cfg.allow_outside)
+    store = Store(cfg.store) if cfg.store else None
+    with store.lock() if store else contextlib.nullcontext():
+        run_id = new_run_id(started)
+        run_date = f"{started:%Y-%m-%d}"
+        done: set[int] | None = set()
+        if store:
+            run_id, run_date, done = store.open_staging(
+                input_fingerprint(source), classifier.version, cfg.chunk_size, run_id, run_date,
+                lambda msg: cfg.log({"stage": "store", "message": msg}))
+        published = None if done is not None else store.published_parts(run_date, run_id)
+        index = DedupeIndex(cfg.dedupe)
+        history = store.load_history(classifier.version if cfg.relabel else None) if store else History()
+        for key, rec in history.entries.items():
+            if rec["in_dedupe"]:
+                index.add(key, rec["sha256"], Hashes.from_fields(rec))
+        corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
+        ctx = Context(classifier, cfg, run_id, index, history, corrections)
+        meta = run_meta(source, batch, classifier, cfg, run_id, started)
+        counter = SummaryCounter()
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if out is not None:
+                tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
+                writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
+                                                              compression="zstd"))
+            for n, records in enumerate(chunked(batch.records, cfg.chunk_size)):
+                if published is not None:  # the work was done before a kill mid-publish
+                    table = pq.read_table(published[n])
+                elif n in done:
+                    table, index_records = store.read_chunk(n)
+                    for rec in index_records:  # this run's committed photos, under their row keys
+                        history.add(rec, key=rec["row"])
+                        if rec["in_dedupe"]:
+                            index.add(rec["row"], rec["sha256"], Hashes.from_fields(rec))
+                        ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
+                    cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
+                else:
+                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc))
+                    table = to_table(rows, batch.extra_columns, meta)
+                    if store:
+                        store.commit_chunk(n, table, index_records)
+                        cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
+                        fault_point(f"after-chunk:{n}")
+                counter.update(table.to_pylist())
+                if writer is not None:
+                    if cfg.skip_seen:
+                        table = table.filter(pc.not_equal(table["status"], "seen"))
+                    writer.write_table(table)
+            if store and published is None:
+                cfg.log({"stage": "publish", "path": str(store.publish())})
+    summary = counter.summary(
+        run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
+        model=classifier.name, model_version=classifier.version, device="GPU" if has_gpu() else "CPU",
+    )
+    cfg.log({"stage": "done", **summary.as_dict()})
+    return summary
+
+
+def run_meta(source: Path, batch: Batch, classifier: Classifier, cfg: RunConfig, run_id: str, started: datetime) -> dict[str, Any]:
+    return {
+        "run_id": run_id, "input": str(source), "started": started.isoformat(), "model": classifier.name,
+        "model_version": classifier.version, "config": _config_dict(cfg), "labels": list(classifier.categories),
+        "extra_columns": batch.extra_columns,
+        "review_threshold": cfg.review_threshold or classifier.info.get("recommended_threshold") or DEFAULT_REVIEW_THRESHOLD,
+        # manifest paths are relative to the manifest; folder paths are as walked from the working directory
+        "path_base": str((source.parent if batch.source == "manifest" else Path.cwd()).resolve()),
+    }
+
+
+def _config_dict(cfg: RunConfig) -> dict[str, Any]:
+    d = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "log"}
+    d["dedupe"] = dict(cfg.dedupe.__dict__)
+    d["junk"] = dict(cfg.junk.__dict__)
+    return d
+
+
+def assemble(
+    records: list[Record],
+    scans: dict[int, Scan | tuple[str, str]],
+    quality_junk: dict[int, str],
+    duplicates: dict[int, Match],
+    seen: dict[int, int],
+    classified: list[int],
+    preds: Any,
+    ctx: Context,
+    processed_at: datetime,
+) -> list[dict[str, Any]]:
+    """One output dict per ingest record of the chunk, in input order."""
+    classifier, cfg = ctx.classifier, ctx.cfg
+    tax = classifier.taxonomy
+    cats = classifier.categories
+    pos = {row: i for i, row in enumerate(classified)}
+    labels, scores = top_k(preds.probs, cats, cfg.top_k)
+    groups = tax.groups if tax else []
+
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        hint_cat = classifier.hint_category(rec.category_hint)
+        row: dict[str, Any] = {
+            "row": rec.row, "sku": rec.sku, "path": rec.path, "category_hint": rec.category_hint,
+            "hint_category": hint_cat, "model": classifier.name, "model_version": classifier.version,
+            "run_id": ctx.run_id, "processed_at": processed_at, **rec.extra,
+        }
+        scan = scans[rec.row]
+        if not isinstance(scan, Scan):
+            row.update(status="error", error=scan[0], error_detail=scan[1])
+            rows.append(row)
+            continue
+        row.update(sha256=scan.sha256, phash=scan.hashes.phash_hex, phash256=scan.hashes.fine_hex,
+                   width=scan.width, height=scan.height, pixel_std=scan.quality.pixel_std,
+                   aspect_ratio=scan.quality.aspect_ratio)
+        if rec.row in seen:
+            earlier = ctx.history.entries[seen[rec.row]]
+            row.update(status="seen", seen_in=f"{earlier['run_id']}#{earlier['row']}",
+                       **{k: earlier.get(k) for k in LABEL_FIELDS})
+            rows.append(row)
+            continue
+        if rec.row in duplicates:
+            match = duplicates[rec.row]
+            row.update(status="duplicate", duplicate_kind=match.kind)
+            if match.kept >= 0:
+                row["duplicate_of"] = match.kept
+            else:  # kept on an earlier night
+                earlier = ctx.history.entries[match.kept]
+                row.update(duplicate_of=earlier["row"], duplicate_of_run=earlier["run_id"])
+            rows.append(row)
+            continue
+        i = pos[rec.row]
+        if preds.errors[i]:  # changed or vanished since the scan
+            row.update(status="error", error=preds.errors[i][0], error_detail=preds.errors[i][1])
+            rows.append(row)
+            continue
+        label, confidence = labels[i][0], scores[i][0]
+        row.update(label=label, confidence=confidence, topk_labels=labels[i], topk_scores=scores[i],
+                   label_source="model", product_evidence=float(preds.product_mass[i]),
+                   imagenet_top=preds.imagenet_top[i])
+        reason = quality_junk.get(rec.row) or semantic_reason(
+            label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
+            preds.group_mass[i], groups, hint_cat, cfg.junk,
+        )
+        row.update(status="junk" if reason else "labelled", junk_reason=reason)
+        rows.append(row)
+    return rows
+
+
+def inherit_duplicates(rows: list[dict[str, Any]], ctx: Context) -> None:
+    """Duplicates take the kept photo's label (after corrections, so a human label carries over)."""
+    by_row = {r["row"]: r for r in rows}
+    for r in rows:
+        if r["status"] != "duplicate" or r.get("duplicate_of") is None:
+            continue
+        if r.get("duplicate_of_run"):
+            kept = ctx.history.entries[ctx.history.by_ref[(r["duplicate_of_run"], r["duplicate_of"])]]
+        else:
+            kept = by_row.get(r["duplicate_of"]) or ctx.kept_labels.get(r["duplicate_of"], {})
+        for k in LABEL_FIELDS:
+            r[k] = kept.get(k)
+
+
+def write_summary_json(summary: Summary, path: str | Path) -> None:
+    write_json(summary.as_dict(), path)
+
+
+def log_to_file(path: str | Path) -> Callable[[dict[str, Any]], None]:
+    """One JSON line per event, appended and flushed (a killed run keeps what it logged)."""
+    fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+
+    def log(event: dict[str, Any]) -> None:
+        fh.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
+                            default=str) + "\n")
+        fh.flush()
+
+    return log
+

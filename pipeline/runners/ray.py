@@ -1,0 +1,223 @@
+"""``--runner ray``: the same stages as Ray Data operations, for more than one machine.
+
+Why this shape: nothing here re-implements a stage. Ray Data only decides
+*where* the stage functions run: the scan (read, sha256, decode, hashes,
+quality) is ``map_batches`` over stateless tasks; classification is a
+callable class in an actor pool, so each actor loads the model once and runs
+the same ``tf.data`` loop (``infer.predict``) on its batches, with a GPU per
+actor when the cluster has them; assembling rows, junk rules and the Parquet
+writer are the local runner's. Near duplicates: the hashes go into the
+object store as flat arrays once, an actor pool searches ranges of photos
+against all of them (``nearpairs.PairSearch``, multi-index hashing, never all
+pairs) and returns only the verified pairs; the driver's kept-first walk over
+those pairs is ``find_duplicates`` itself (README, "Runners").
+
+Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
+that takes every CPU starves the read tasks and hangs silently, so the pool
+and each actor's ``num_cpus`` are sized from the cluster's CPUs; ``ray.init``
+costs a few seconds, so the local runner stays the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes
+from pipeline.models.classifier import load_classifier, resolve_model
+from pipeline.ops.device import has_gpu
+from pipeline.stages.classify import Predictions, predict
+from pipeline.stages.ingest import ingest
+from pipeline.stages.junk import Quality
+from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+from pipeline.stages.output import SummaryCounter, to_table, write_parquet
+from pipeline.review.sheet import load_corrections
+from pipeline.runners.local import Context, RunConfig, finish_chunk, new_run_id, plan_chunk, run_meta
+from pipeline.stages.scan import Scan, scan_one
+from pipeline.ops.store import History
+
+SCAN_BATCH = 16
+
+
+def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
+    """Ray task: ``scan_one`` (the scan every runner uses) on each path of the batch."""
+    out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
+                                                 "phash", "phash256", "rotated", "color", "pixel_std", "aspect_ratio")}
+    for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
+        out["row"].append(int(row))
+        known = tuple(str(pre_error).split("\t", 1)) if pre_error else None
+        result = scan_one(Path(os.fsdecode(bytes(path))), max_pixels, max_bytes, known)  # type: ignore[arg-type]
+        if isinstance(result, tuple):
+            out["ok"].append(False)
+            out["error"].append(result[0])
+            out["error_detail"].append(result[1])
+            for k in ("sha256", "phash", "phash256"):
+                out[k].append("")
+            out["rotated"].append([""] * 3)
+            out["color"].append([0.0] * 48)
+            for k in ("width", "height", "pixel_std", "aspect_ratio"):
+                out[k].append(0)
+            continue
+        s = result
+        out["ok"].append(True)
+        out["error"].append("")
+        out["error_detail"].append("")
+        out["sha256"].append(s.sha256)
+        out["width"].append(s.width)
+        out["height"].append(s.height)
+        for k, v in s.hashes.to_fields().items():
+            out[k].append(v)
+        out["pixel_std"].append(s.quality.pixel_std)
+        out["aspect_ratio"].append(s.quality.aspect_ratio)
+    return {k: np.array(v, dtype=object) if k in ("rotated", "color") else np.array(v) for k, v in out.items()}
+
+
+class ClassifierActor:
+    """Ray actor: loads the model once, then runs ``infer.predict`` on each batch of paths."""
+
+    def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
+        self.classifier = load_classifier(model, taxonomy, precision)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [Path(os.fsdecode(bytes(p))) for p in batch["resolved"]]
+        p = predict(self.classifier, paths, batch_size=self.batch_size, max_pixels=self.max_pixels)
+        return {
+            "row": batch["row"], "probs": list(p.probs), "product_mass": p.product_mass,
+            "group_mass": list(p.group_mass) if p.group_mass.size else [np.zeros(0, np.float32)] * len(paths),
+            "imagenet_top": np.array([t or "" for t in p.imagenet_top]),
+            "error": np.array([e[0] if e else "" for e in p.errors]),
+            "error_detail": np.array([e[1] if e else "" for e in p.errors]),
+        }
+
+
+class PairSearchActor:
+    """Ray actor: builds ``PairSearch`` once over the shared hash arrays, then searches ranges of photos.
+
+    A plain actor, not a Ray Data operator: the search needs no dataset, and
+    Ray Data's restartable actors log an error for every constructor that
+    takes an object-store argument (ray-project/ray#57733), noise in cron mail.
+    """
+
+    def __init__(self, arrays: HashArrays, cfg: DedupeConfig) -> None:
+        self.search = PairSearch(arrays, cfg)  # Ray resolves the reference: zero-copy from the node's object store
+
+    def pairs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.search.search(start, stop)
+
+
+def ray_pair_index(cpus: float) -> Callable[[list[Candidate], DedupeConfig], NearPairs]:
+    """``plan_chunk``'s pair finder on Ray: the photos' hashes go to the object store once
+    (zero-copy for every actor on a node); one actor per CPU (nothing else runs
+    while duplicates are grouped) searches row ranges against all of them and
+    only the verified pairs come back."""
+
+    def build(cands: list[Candidate], cfg: DedupeConfig) -> NearPairs:
+        import ray
+        from ray.util import ActorPool
+
+        arrays = HashArrays.from_candidates(cands)
+        actors = max(1, int(cpus))
+        shard = max(256, -(-len(cands) // (actors * 8)))
+        ranges = [(a, min(a + shard, len(cands))) for a in range(0, len(cands), shard)]
+        if len(ranges) < 2:  # one shard: not worth an actor's start-up
+            return NearPairs(arrays, PairSearch(arrays, cfg).search(0, len(cands)))
+        ref = ray.put(arrays)
+        remote = ray.remote(num_cpus=1)(PairSearchActor)
+        pool = ActorPool([remote.remote(ref, cfg) for _ in range(min(actors, len(ranges)))])
+        parts = list(pool.map_unordered(lambda actor, r: actor.pairs.remote(*r), ranges))
+        return NearPairs(arrays, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    return build
+
+
+def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
+    """(actors, CPUs per actor): leave CPUs for the read tasks so they are never starved."""
+    if gpus >= 1:
+        return int(gpus), 1.0
+    actors = max(1, int(cluster_cpus // 2))
+    return actors, max(1.0, (cluster_cpus - 1) / actors) if cluster_cpus > 2 else 1.0
+
+
+def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | None, precision: str,
+            cfg: RunConfig, address: str | None = None):
+    """Run the pipeline on Ray Data; same rows and schema as ``run.run`` (no --store)."""
+    import ray
+
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    source = Path(source)
+    batch = ingest(source, allow_outside=cfg.allow_outside)
+    records = list(batch.records)
+    classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
+    ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
+    model = str(Path(ref).resolve()) if isinstance(ref, Path) else ref
+    taxonomy = str(Path(taxonomy).resolve()) if taxonomy else None
+    env = {k: os.environ[k] for k in ("LABELCAT_CACHE", "LABELCAT_MODELS", "TF_CPP_MIN_LOG_LEVEL") if k in os.environ}
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level="ERROR", runtime_env={"env_vars": env} if env else None)
+    ctx_data = ray.data.DataContext.get_current()
+    ctx_data.enable_progress_bars = not cfg.quiet
+    # per-operator INFO lines (and, under --quiet, the "progress bars disabled" warning) are noise in cron mail
+    logging.getLogger("ray.data").setLevel(logging.ERROR if cfg.quiet else logging.WARNING)
+    resources = ray.cluster_resources()
+    actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
+    run_id = new_run_id(started)
+
+    items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
+             for r in records]
+    scanned = (ray.data.from_items(items)
+               .map_batches(_scan_batch, batch_size=SCAN_BATCH, fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes},
+                            num_cpus=1)
+               .take_all())
+    scans: dict[int, Scan | tuple[str, str]] = {}
+    for s in scanned:
+        if not s["ok"]:
+            scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
+            continue
+        scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
+                                    Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
+
+    ctx = Context(classifier, cfg, run_id, DedupeIndex(cfg.dedupe), History(),
+                  load_corrections(cfg.corrections) if cfg.corrections else {})
+    plan = plan_chunk(scans, ctx, ray_pair_index(resources.get("CPU", 1)))  # the whole input is one chunk here
+    to_classify = plan.to_classify
+    by_row = {r.row: r for r in records}
+    results: list[dict[str, Any]] = []
+    if to_classify:
+        results = (ray.data.from_items([{"row": row, "resolved": os.fsencode(by_row[row].resolved)} for row in to_classify])
+                   .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8),
+                                compute=ray.data.ActorPoolStrategy(size=actors),
+                                num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
+                                fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
+                                                       "precision": classifier.precision, "batch_size": cfg.batch_size,
+                                                       "max_pixels": cfg.max_pixels})
+                   .take_all())
+    results.sort(key=lambda r: int(r["row"]))
+    n_groups = len(classifier.taxonomy.groups) if classifier.taxonomy else 0
+    preds = Predictions(
+        probs=np.array([r["probs"] for r in results], np.float32).reshape(len(results), len(classifier.categories)),
+        product_mass=np.array([r["product_mass"] for r in results], np.float32),
+        group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
+        imagenet_top=[r["imagenet_top"] or None for r in results],
+        errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
+    )
+    rows = finish_chunk(records, scans, plan, preds, ctx, datetime.now(timezone.utc))
+    meta = run_meta(source, batch, classifier, cfg, run_id, started)
+    meta["runner"] = {"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
+                      "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}}
+    write_parquet(to_table(rows, batch.extra_columns, meta), out)
+    counter = SummaryCounter()
+    counter.update(rows)
+    return counter.summary(run_id=run_id, out=str(out), seconds=time.perf_counter() - t0, model=classifier.name,
+                           model_version=classifier.version,
+                           device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")

@@ -1,0 +1,142 @@
+"""Classify: a ``tf.data`` decode → batch → prefetch loop feeding a compiled model.
+
+Why this shape: the model is cheap next to JPEG decoding, so the loop keeps
+every core decoding in parallel (Pillow releases the GIL while it decodes and
+resizes) while the previous batch runs through the network, and the network
+runs as one traced ``tf.function`` per batch rather than ``model.predict``'s
+per-call overhead. On a GPU the model is rebuilt under mixed precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.models.classifier import Classifier
+from pipeline.models.preprocess import Preprocess
+from pipeline.models.taxonomy import imagenet_classes
+from pipeline.stages import decode as dec
+from pipeline.stages.decode import DEFAULT_MAX_PIXELS, DecodeError
+
+@dataclass
+class Predictions:
+    """Per-row model outputs, aligned with the paths given to ``predict``."""
+
+    probs: np.ndarray  # (N, len(categories)), rows of failed decodes are zero
+    product_mass: np.ndarray  # (N,) ImageNet mass on product classes (1.0 for shop models)
+    group_mass: np.ndarray  # (N, G) mass per not-product group
+    imagenet_top: list[str | None]  # top ImageNet class with its probability, for reviewers
+    errors: list[tuple[str, str] | None]  # decode failures met at classification time
+
+
+def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
+    """The compiled per-batch function: uint8 pixels → tempered softmax."""
+    import tensorflow as tf
+
+    shape = classifier.preprocess.shape
+    model = classifier.model
+    temperature = float(classifier.temperature)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8)], jit_compile=jit_compile)
+    def step(pixels):
+        logits = model(tf.cast(pixels, tf.float32), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+
+    return step
+
+
+def dataset(
+    paths: Sequence[Path],
+    preprocess: Preprocess,
+    batch_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    parallel: int | None = None,
+):
+    """``tf.data``: indices → parallel Pillow decode/resize → batch → prefetch.
+
+    The file list stays a Python list and only indices enter the graph, so file
+    names that are not valid UTF-8 survive untouched. A decode failure yields a
+    black image and an error string instead of stopping the pipeline.
+    """
+    import tensorflow as tf
+
+    shape = preprocess.shape
+    blank = np.zeros(shape, np.uint8)
+
+    def load(i: np.ndarray) -> tuple[np.ndarray, bytes]:
+        try:
+            return dec.load_pixels(preprocess, paths[int(i)], max_pixels), b""
+        except DecodeError as exc:
+            return blank, f"{exc.code}\t{exc.detail}".encode("utf-8", "replace")
+        except Exception as exc:  # noqa: BLE001 - one photo must never stop the batch
+            return blank, f"decode_failed\t{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+
+    def tf_load(i):
+        pixels, err = tf.numpy_function(load, [i], [tf.uint8, tf.string], stateful=False)
+        pixels.set_shape(shape)
+        err.set_shape(())
+        return i, pixels, err
+
+    ds = tf.data.Dataset.range(len(paths))
+    ds = ds.map(tf_load, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict(
+    classifier: Classifier,
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[int], None] | None = None,
+    jit_compile: bool = False,
+) -> Predictions:
+    """Run the classifier over ``paths``; returns per-path probabilities and errors."""
+    n = len(paths)
+    n_out = 1000 if classifier.taxonomy is not None else len(classifier.categories)
+    raw = np.zeros((n, n_out), np.float32)
+    errors: list[tuple[str, str] | None] = [None] * n
+    if n:
+        step = make_step(classifier, jit_compile)
+        for idx, pixels, errs in dataset(paths, classifier.preprocess, batch_size, max_pixels):
+            out = step(pixels).numpy()
+            idx = idx.numpy()
+            raw[idx] = out
+            for i, e in zip(idx, errs.numpy()):
+                if e:
+                    code, _, detail = e.decode("utf-8", "replace").partition("\t")
+                    errors[i] = (code, detail)
+                    raw[i] = 0.0
+            if progress:
+                progress(len(idx))
+    return _fold(classifier, raw, errors)
+
+
+def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] | None]) -> Predictions:
+    tax = classifier.taxonomy
+    n = raw.shape[0]
+    if tax is None:
+        return Predictions(raw, np.ones(n, np.float32), np.zeros((n, 0), np.float32), [None] * n, errors)
+    probs, product_mass, group_mass = tax.aggregate(raw)
+    names = imagenet_classes()
+    top = raw.argmax(axis=1) if n else np.zeros(0, int)
+    imagenet_top = [
+        None if errors[i] else f"{names[top[i]].split(',')[0]} ({raw[i, top[i]]:.2f})" for i in range(n)
+    ]
+    for i, e in enumerate(errors):
+        if e:
+            probs[i] = 0.0
+            product_mass[i] = 0.0
+            group_mass[i] = 0.0
+    return Predictions(probs, product_mass, group_mass, imagenet_top, errors)
+
+
+def top_k(probs: np.ndarray, categories: Sequence[str], k: int) -> tuple[list[list[str]], list[list[float]]]:
+    """Top-k category names and scores per row, best first."""
+    k = min(k, probs.shape[1]) if probs.ndim == 2 and probs.shape[1] else 0
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    labels = [[categories[j] for j in row] for row in order]
+    scores = [[float(probs[i, j]) for j in row] for i, row in enumerate(order)]
+    return labels, scores

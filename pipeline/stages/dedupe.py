@@ -1,0 +1,316 @@
+"""Deduplicate: exact copies by content hash, near copies by perceptual hash.
+
+Why three signals: sha256 catches byte-identical uploads for free. pHash (DCT
+of a greyscale thumbnail) survives re-encoding, resizing and mild crops; pHash
+at 16x16 (256 bits) is a finer second opinion that cuts the 8x8 hash's
+false matches. Both are greyscale, so a red and a teal version of one t-shirt
+hash alike; a 4x4 colour grid compared cell by cell keeps colour variants
+apart, because to a shop they are different products. All three are taken
+from the product trimmed off its plain backdrop (``trim_background``), so a
+crop that removes backdrop changes nothing and a small product's colour is not
+diluted by white.
+
+Rotations: EXIF-rotated copies are hashed upright (decode applies EXIF);
+copies whose *pixels* were rotated by 90/180/270 degrees are caught by also
+querying the index with the pHash of each rotation.
+
+Scaling: near-duplicate search uses multi-index hashing (Norouzi et al.):
+the 64-bit pHash is cut into ``m`` blocks; two hashes within Hamming distance
+``r`` agree within ``r // m`` bits on at least one block (pigeonhole), so a
+query probes only the buckets within that small radius of each of its blocks
+instead of comparing against every kept photo. ``m`` is chosen from a cost
+model as the collection grows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from pipeline.stages.decode import trim_background
+
+HASH_BITS = 64
+DEFAULT_PHASH_THRESHOLD = 10  # of 64 bits: the index radius
+DEFAULT_FINE_THRESHOLD = 36  # of 256 bits: the verification hash
+DEFAULT_COLOR_THRESHOLD = 0.12  # max per-cell colour distance, 0..1
+
+
+@dataclass(frozen=True)
+class Hashes:
+    """Perceptual fingerprints of one upright RGB image (of its trimmed product).
+
+    ``phash`` (64 bits, 8x8 DCT) is what the index searches; ``fine`` (256
+    bits, 16x16 DCT) is the second opinion that tells apart same-design,
+    same-colour products (carrot vs orange juice bottles) that agree at 8x8.
+    ``rotated`` holds both hashes of the 90/180/270 degree rotations.
+    """
+
+    phash: int
+    fine: int
+    rotated: tuple[tuple[int, int], ...]
+    color: np.ndarray  # (4, 4, 3) float32 cell means in 0..1
+
+    @property
+    def phash_hex(self) -> str:
+        return f"{self.phash:016x}"
+
+    @property
+    def fine_hex(self) -> str:
+        return f"{self.fine:064x}"
+
+    def to_fields(self) -> dict:
+        """Plain columns (hex strings, flat floats) for Parquet files and Ray batches."""
+        return {"phash": self.phash_hex, "phash256": self.fine_hex,
+                "rotated": [f"{p:016x}:{f:064x}" for p, f in self.rotated],
+                "color": self.color.astype(np.float32).ravel().tolist()}
+
+    @classmethod
+    def from_fields(cls, r: dict) -> "Hashes":
+        """Inverse of ``to_fields``."""
+        rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in r["rotated"]))
+        return cls(int(r["phash"], 16), int(r["phash256"], 16), rotated,
+                   np.asarray(r["color"], np.float32).reshape(4, 4, 3))
+
+
+def _bits_to_int(bits: np.ndarray) -> int:
+    return int("".join("1" if b else "0" for b in np.asarray(bits).flatten()), 2)
+
+
+def _phash_pair(gray64: np.ndarray) -> tuple[int, int]:
+    """(64-bit, 256-bit) pHash of a 64x64 greyscale array (imagehash's algorithm)."""
+    img64 = Image.fromarray(gray64)
+    fine = _bits_to_int(imagehash.phash(img64, hash_size=16).hash)
+    coarse = _bits_to_int(imagehash.phash(img64.resize((32, 32), Image.LANCZOS), hash_size=8).hash)
+    return coarse, fine
+
+
+def compute_hashes(img: Image.Image) -> Hashes:
+    """Both pHashes, their rotations and the colour grid of the trimmed product."""
+    img = trim_background(img)
+    gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
+    phash, fine = _phash_pair(gray64)
+    rotated = tuple(_phash_pair(np.rot90(gray64, k).copy()) for k in (1, 2, 3))
+    color = np.asarray(img.resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
+    return Hashes(phash, fine, rotated, color)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest per-cell RGB distance between colour grids (..., 4, 4, 3), scaled to 0..1.
+
+    One pair gives a scalar; stacked pairs (the batch pair search in
+    ``nearpairs``) give one distance each, by the same arithmetic.
+    """
+    return np.sqrt(((a - b) ** 2).sum(axis=-1)).max(axis=(-2, -1)) / np.sqrt(3.0)
+
+
+def _within(bits: int, radius: int) -> int:
+    """How many keys lie within ``radius`` bits of a ``bits``-bit key."""
+    return sum(math.comb(bits, d) for d in range(radius + 1))
+
+
+def block_widths(blocks: int) -> list[int]:
+    """Bit widths of the ``blocks`` blocks a 64-bit hash is cut into (as even as possible)."""
+    return [HASH_BITS // blocks + (1 if i < HASH_BITS % blocks else 0) for i in range(blocks)]
+
+
+def plan_blocks(n: int, radius: int, max_width: int = 32) -> int:
+    """Block count that minimises expected query cost for ``n`` stored hashes.
+
+    A query with ``m`` blocks of ``b`` bits probes ``m * V(b, r // m)`` buckets
+    (V: Hamming-ball volume) and checks the ``n * m * V / 2**b`` hashes they
+    hold (for spread-out hashes). Few wide blocks cost more probes but far
+    fewer candidates, so the best ``m`` falls as the collection grows.
+    """
+    best, best_cost = 1, float("inf")
+    for m in range(1, radius + 2):
+        if -(-HASH_BITS // m) > max_width:  # a 64-bit ball of radius r is too big to enumerate
+            continue
+        probes = sum(_within(b, radius // m) for b in block_widths(m))
+        candidates = sum(n * _within(b, radius // m) / 2.0**b for b in block_widths(m))
+        if probes + candidates < best_cost:
+            best, best_cost = m, probes + candidates
+    return best
+
+
+class MultiIndexHash:
+    """Exact r-neighbour search over 64-bit hashes without comparing all pairs.
+
+    ``m`` tables, one per block of the hash. A query enumerates, for each block,
+    every key within ``r // m`` bits of its own block and collects those
+    buckets' entries as candidates; candidates are then checked in full.
+    ``m`` follows ``plan_blocks`` and the tables are rebuilt whenever the
+    collection doubles, so inserts stay amortised O(m) and a query's cost stays
+    near the cost model's minimum (README, "How dedupe scales").
+    """
+
+    def __init__(self, radius: int, blocks: int | None = None) -> None:
+        self.radius = radius
+        self._fixed = blocks
+        self._hashes: dict[int, int] = {}
+        self._replan_at = 1024
+        self._build(blocks or plan_blocks(self._replan_at, radius))
+
+    def _build(self, blocks: int) -> None:
+        self.blocks = blocks
+        self.sub_radius = self.radius // blocks
+        widths = block_widths(blocks)
+        self._shifts = [sum(widths[:i]) for i in range(blocks)]
+        self._masks = [(1 << w) - 1 for w in widths]
+        self._flips = [
+            [sum(1 << bit for bit in combo) for d in range(self.sub_radius + 1) for combo in itertools.combinations(range(w), d)]
+            for w in widths
+        ]
+        self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(blocks)]
+        for key, h in self._hashes.items():
+            self._insert(key, h)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def _split(self, h: int) -> list[int]:
+        return [(h >> shift) & mask for shift, mask in zip(self._shifts, self._masks)]
+
+    def _insert(self, key: int, h: int) -> None:
+        for table, part in zip(self._tables, self._split(h)):
+            table[part].append(key)
+
+    def add(self, key: int, h: int) -> None:
+        self._hashes[key] = h
+        self._insert(key, h)
+        if len(self._hashes) >= self._replan_at:
+            self._replan_at *= 2
+            if self._fixed is None and (m := plan_blocks(self._replan_at, self.radius)) != self.blocks:
+                self._build(m)
+
+    def query(self, h: int) -> list[tuple[int, int]]:
+        """All stored (key, distance) within ``radius`` of ``h``, nearest first."""
+        seen: set[int] = set()
+        hits: list[tuple[int, int]] = []
+        for table, part, flips in zip(self._tables, self._split(h), self._flips):
+            for flip in flips:
+                for key in table.get(part ^ flip, ()):
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    d = hamming(self._hashes[key], h)
+                    if d <= self.radius:
+                        hits.append((d, key))
+        return [(key, d) for d, key in sorted(hits)]
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    phash_threshold: int = DEFAULT_PHASH_THRESHOLD
+    fine_threshold: int = DEFAULT_FINE_THRESHOLD
+    color_threshold: float = DEFAULT_COLOR_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What dedupe needs to know about one decodable photo."""
+
+    row: int
+    sha256: str
+    area: int
+    hashes: Hashes
+
+
+@dataclass(frozen=True)
+class Match:
+    """``row`` duplicates ``kept``; ``kind`` is ``exact`` or ``near``."""
+
+    row: int
+    kept: int
+    kind: str
+    phash_distance: int = 0
+
+
+def is_near(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
+    """Second-stage check of a pHash candidate: the fine hash and colour must agree."""
+    return hamming(a.fine, b.fine) <= cfg.fine_threshold and color_distance(a.color, b.color) <= cfg.color_threshold
+
+
+class MatchIndex(Protocol):
+    """What ``find_duplicates`` walks: the kept photos so far, asked one candidate at a time.
+
+    ``DedupeIndex`` searches as it goes; ``nearpairs.NearPairs`` looks the
+    answer up in pairs searched beforehand in bulk (vectorised, or on a Ray
+    cluster). Both answer the same question in the same order, so every runner
+    makes the same decisions.
+    """
+
+    def add(self, key: int, sha256: str, hashes: Hashes) -> None: ...
+
+    def match(self, cand: Candidate) -> tuple[int, str, int] | None: ...
+
+
+class DedupeIndex:
+    """The kept photos so far (this batch, earlier chunks, earlier nights) and their hashes.
+
+    Keys are integers chosen by the caller: this run's row numbers, or
+    negative keys for photos kept on earlier nights (see ``store``).
+    """
+
+    def __init__(self, cfg: DedupeConfig = DedupeConfig()) -> None:
+        self.cfg = cfg
+        self.by_sha: dict[str, int] = {}
+        self.kept: dict[int, Hashes] = {}
+        self.mih = MultiIndexHash(cfg.phash_threshold)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def add(self, key: int, sha256: str, hashes: Hashes) -> None:
+        self.by_sha.setdefault(sha256, key)
+        self.kept[key] = hashes
+        self.mih.add(key, hashes.phash)
+
+    def match(self, cand: Candidate) -> tuple[int, str, int] | None:
+        """(kept key, ``exact`` or ``near``, pHash distance) of the photo this one repeats, or None."""
+        if cand.sha256 in self.by_sha:
+            return self.by_sha[cand.sha256], "exact", 0
+        hashes = cand.hashes
+        views = [hashes] + [Hashes(p, f, (), np.rot90(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
+        for view in views:  # upright first, then the pixel rotations
+            for key, dist in self.mih.query(view.phash):
+                if is_near(view, self.kept[key], self.cfg):
+                    return key, "near", dist
+        return None
+
+
+def find_duplicates(
+    items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig(), index: MatchIndex | None = None
+) -> dict[int, Match]:
+    """Map each duplicate row to the kept photo it repeats; rows absent are kept (and added to ``index``).
+
+    Rule (documented in the README): within ``items`` the kept photo is the one
+    with the most pixels, ties going to the row seen first. Photos are visited
+    in that priority order and each is matched only against photos already
+    kept, so ``duplicate_of`` always points at a kept photo (no chains) and the
+    result does not depend on the order of equal-priority rows. Photos already
+    in ``index`` (earlier chunks or nights) were kept first and stay kept.
+    ``index`` may also be a ``nearpairs.NearPairs``: the same walk over pairs
+    found beforehand, in parallel.
+    """
+    index = index if index is not None else DedupeIndex(cfg)
+    matches: dict[int, Match] = {}
+    for cand in sorted(items, key=lambda c: (-c.area, c.row)):
+        found = index.match(cand)
+        if found is not None:
+            key, kind, dist = found
+            matches[cand.row] = Match(cand.row, key, kind, dist)
+        else:
+            index.add(cand.row, cand.sha256, cand.hashes)
+    return matches

@@ -1,0 +1,194 @@
+"""Near duplicates of a whole batch at once: vectorised, shardable pair search.
+
+Why a second search structure: ``DedupeIndex`` answers one query at a time in
+Python, which is right for a nightly chunk but costs about a day of one core
+at 10M photos. Here every photo's hashes sit in flat numpy arrays (about 350
+bytes a photo), the multi-index tables are sorted arrays probed with
+``searchsorted`` for thousands of queries at once, and any range of photos can
+be searched independently of the others, so a cluster splits the work by rows
+(``ray_runner``) while every worker reads the same arrays.
+
+It does not decide who is a duplicate: it lists, for each photo, every other
+photo that passes the same rule as ``dedupe.DedupeIndex.match`` (pHash within
+the radius for any of the photo's four rotations, then the fine hash and the
+colour grid), in the order that method would try them. ``NearPairs`` then
+plays ``find_duplicates``' kept-first walk over those sparse lists, so both
+runners group photos identically (a test checks it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.stages.dedupe import HASH_BITS, Candidate, DedupeConfig, Hashes, block_widths, color_distance, plan_blocks
+
+VIEWS = 4  # upright + pixel rotations by 90, 180, 270 degrees
+PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
+MAX_BLOCK_BITS = 24  # a block's offset table has 2**bits entries
+
+
+def _words(h: int) -> list[int]:
+    """A 256-bit hash as four 64-bit words, most significant first."""
+    return [(h >> (64 * i)) & 0xFFFFFFFFFFFFFFFF for i in (3, 2, 1, 0)]
+
+
+@dataclass
+class HashArrays:
+    """The hashes of N photos as flat arrays (what a worker needs to search them).
+
+    ``views[i, k]`` is the 64-bit pHash of photo i rotated by k quarter turns
+    (k = 0 upright), ``fine[i, k]`` its 256-bit hash as four words; ``has_view``
+    marks views a photo has (all four for photos hashed by this version).
+    """
+
+    rows: np.ndarray  # int64 [N], the run's row numbers
+    views: np.ndarray  # uint64 [N, 4]
+    fine: np.ndarray  # uint64 [N, 4, 4]
+    has_view: np.ndarray  # bool [N, 4]
+    color: np.ndarray  # float32 [N, 4, 4, 3], upright
+
+    @classmethod
+    def from_candidates(cls, cands: list[Candidate]) -> "HashArrays":
+        n = len(cands)
+        views = np.zeros((n, VIEWS), np.uint64)
+        fine = np.zeros((n, VIEWS, 4), np.uint64)
+        has = np.zeros((n, VIEWS), bool)
+        for i, c in enumerate(cands):
+            for k, (p, f) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
+                views[i, k], fine[i, k], has[i, k] = p, _words(f), True
+        color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
+        return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class PairSearch:
+    """Multi-index hash over the upright pHashes of all photos, as numpy bucket tables.
+
+    Same pigeonhole as ``dedupe.MultiIndexHash``: with ``m`` blocks, two hashes
+    within ``r`` bits agree within ``r // m`` bits on some block, so each
+    query probes every key within that distance of each of its blocks. Each
+    block's table is the photos sorted by block value plus an offset per
+    possible value (blocks are at most ``MAX_BLOCK_BITS`` wide), so a probe is
+    two array reads, not a search. Built once per worker in O(N log N);
+    ``search`` takes any slice of photos.
+    """
+
+    def __init__(self, arrays: HashArrays, cfg: DedupeConfig = DedupeConfig(), blocks: int | None = None) -> None:
+        self.a, self.cfg = arrays, cfg
+        self.radius = cfg.phash_threshold
+        self.blocks = blocks or plan_blocks(max(len(arrays), 1), self.radius, MAX_BLOCK_BITS)
+        widths = block_widths(self.blocks)
+        if max(widths) > MAX_BLOCK_BITS:
+            raise ValueError(f"{self.blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
+        self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(self.blocks)]
+        self._masks = [np.uint64((1 << w) - 1) for w in widths]
+        sub = self.radius // self.blocks
+        self._flips = [np.array([sum(1 << b for b in combo) for d in range(sub + 1)
+                                 for combo in itertools.combinations(range(w), d)], np.uint64) for w in widths]
+        upright = arrays.views[:, 0]
+        self._order, self._offsets, self._sorted = [], [], []  # per block: photos by block value, bucket starts, hashes
+        for shift, mask, w in zip(self._shifts, self._masks, widths):
+            key = ((upright >> np.uint64(shift)) & mask).astype(np.int64)
+            self._order.append(np.argsort(key, kind="stable"))
+            self._sorted.append(upright[self._order[-1]])
+            starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << w))])
+            self._offsets.append(starts.astype(np.int32 if len(arrays) < 2**31 else np.int64))  # half the cache misses
+        n = max(len(arrays), 1)
+        self.checks_per_query = sum(n * len(f) / 2.0 ** w for f, w in zip(self._flips, widths))
+
+    def query_batch(self) -> int:
+        """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
+        per_query = max(self.checks_per_query + sum(len(f) for f in self._flips), 1.0)
+        return int(max(1, min(8192, PAIR_BUDGET // per_query)))
+
+    def _candidates(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, photo index) of every upright pHash within the radius of hashes ``q``."""
+        qi_all, hit_all = [], []
+        for shift, mask, flips, order, offsets, hashes in zip(self._shifts, self._masks, self._flips, self._order,
+                                                               self._offsets, self._sorted):
+            probes = (((q >> np.uint64(shift)) & mask)[:, None] ^ flips[None, :]).astype(np.intp)
+            lo = offsets[probes].ravel()
+            counts = offsets[probes + 1].ravel() - lo
+            total = int(counts.sum())
+            if not total:
+                continue
+            # positions of every photo in every probed bucket, and the query each belongs to
+            starts = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(total)
+            qi = np.repeat(np.arange(len(q)), counts.reshape(len(q), -1).sum(axis=1))
+            close = np.bitwise_count(q[qi] ^ hashes[starts]) <= self.radius
+            qi_all.append(qi[close])
+            hit_all.append(order[starts[close]])
+        if not qi_all:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        qi, hit = np.concatenate(qi_all), np.concatenate(hit_all)
+        pair = np.unique(qi.astype(np.int64) * len(self.a) + hit)  # a hash can hit several blocks
+        return pair // len(self.a), pair % len(self.a)
+
+    def search(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Verified near pairs of photos ``start:stop`` against all photos.
+
+        Returns columns ``photo``, ``view``, ``distance``, ``other`` (indices into
+        the arrays): ``photo`` seen in rotation ``view`` matches ``other`` upright.
+        """
+        a, cfg = self.a, self.cfg
+        out: dict[str, list[np.ndarray]] = {"photo": [], "view": [], "distance": [], "other": []}
+        step = self.query_batch()
+        for s in range(start, stop, step):
+            idx = np.arange(s, min(s + step, stop))
+            for view in range(VIEWS):
+                sel = idx[a.has_view[idx, view]]
+                qpos, other = self._candidates(a.views[sel, view])
+                photo = sel[qpos]
+                keep = photo != other
+                photo, other = photo[keep], other[keep]
+                fine_d = np.bitwise_count(a.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
+                turned = np.rot90(a.color[photo], view, axes=(1, 2))  # the view's colour, as in DedupeIndex.match
+                color_d = color_distance(turned, a.color[other])
+                ok = (fine_d <= cfg.fine_threshold) & (color_d <= cfg.color_threshold)
+                out["photo"].append(photo[ok])
+                out["view"].append(np.full(int(ok.sum()), view, np.int8))
+                out["distance"].append(np.bitwise_count(a.views[photo[ok], view] ^ a.views[other[ok], 0]).astype(np.int16))
+                out["other"].append(other[ok])
+        return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
+
+
+class NearPairs:
+    """A ``DedupeIndex`` stand-in for ``find_duplicates`` that looks matches up in precomputed pairs.
+
+    ``match`` returns the first *kept* photo among the candidate's verified
+    pairs in ``DedupeIndex.match``'s order (upright view first, then each
+    rotation; nearest first, then lowest row), after the exact-copy check, so
+    ``find_duplicates`` makes the same decisions with either index.
+    """
+
+    def __init__(self, arrays: HashArrays, pairs: dict[str, np.ndarray]) -> None:
+        rows = arrays.rows
+        order = np.lexsort((rows[pairs["other"]], pairs["distance"], pairs["view"], pairs["photo"]))
+        photo = pairs["photo"][order]
+        self._other_row = rows[pairs["other"][order]].tolist()
+        self._distance = pairs["distance"][order].tolist()
+        bounds = np.searchsorted(photo, np.arange(len(rows) + 1))
+        self._slice = {int(r): (int(bounds[i]), int(bounds[i + 1])) for i, r in enumerate(rows) if bounds[i] < bounds[i + 1]}
+        self.by_sha: dict[str, int] = {}
+        self.kept: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def add(self, key: int, sha256: str, hashes: Hashes | None = None) -> None:
+        self.by_sha.setdefault(sha256, key)
+        self.kept.add(key)
+
+    def match(self, cand: Candidate) -> tuple[int, str, int] | None:
+        if cand.sha256 in self.by_sha:
+            return self.by_sha[cand.sha256], "exact", 0
+        lo, hi = self._slice.get(cand.row, (0, 0))
+        for i in range(lo, hi):
+            if self._other_row[i] in self.kept:
+                return self._other_row[i], "near", self._distance[i]
+        return None

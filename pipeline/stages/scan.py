@@ -1,0 +1,76 @@
+"""Scan: one read of each photo gives its sha256, upright size, perceptual hashes and quality numbers.
+
+Why one module: the local runner, the Ray runner and training must agree on
+what a photo is (the same bytes read, the same decode, the same error codes),
+or a photo trained on would be a different photo at night. Every failure,
+including a decoder bug on one file, becomes an ``(error code, detail)`` pair
+rather than an exception, so one bad photo never stops the night.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.ops.device import cpu_count
+from pipeline.stages import decode as dec
+from pipeline.stages.dedupe import Hashes, compute_hashes
+from pipeline.stages.ingest import Record
+from pipeline.stages.junk import Quality, quality_stats
+
+SCAN_SIDE = 256  # decode size for hashing and quality checks (JPEG draft mode)
+
+ScanError = tuple[str, str]  # (error code, detail)
+
+
+@dataclass
+class Scan:
+    """What one read of the file told us (before the model)."""
+
+    sha256: str
+    width: int
+    height: int
+    hashes: Hashes
+    quality: Quality
+
+
+def scan_file(path: Path, max_pixels: int, max_bytes: int) -> Scan:
+    """Read, hash and measure one photo; raises ``DecodeError`` with a reason."""
+    data = dec.read_bytes(path, max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    img = dec.open_image(data, max_pixels)
+    width, height = dec.upright_size(img)
+    rgb = dec.decode_opened(img, min_side=SCAN_SIDE)
+    return Scan(digest, width, height, compute_hashes(rgb), quality_stats(rgb))
+
+
+def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError | None = None) -> Scan | ScanError:
+    """``scan_file`` with every failure mapped to ``(code, detail)``; ``known_error`` (from ingest) wins."""
+    if known_error is not None:
+        return known_error
+    try:
+        return scan_file(path, max_pixels, max_bytes)
+    except dec.DecodeError as exc:
+        return exc.code, exc.detail
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one photo must not stop the night
+        return "decode_failed", f"{type(exc).__name__}: {exc}"
+
+
+def scan_records(records: list[Record], max_pixels: int, max_bytes: int, workers: int = 0,
+                 quiet: bool = True) -> dict[int, Scan | ScanError]:
+    """Scan every record on a thread pool (Pillow and hashlib release the GIL); keyed by row."""
+    todo = [r for r in records if r.error is None]
+    out: dict[int, Scan | ScanError] = {r.row: r.error for r in records if r.error is not None}
+
+    def one(rec: Record) -> tuple[int, Scan | ScanError]:
+        return rec.row, scan_one(rec.resolved, max_pixels, max_bytes)
+
+    with ThreadPoolExecutor(max_workers=workers or cpu_count()) as pool:
+        for row, result in tqdm(pool.map(one, todo), total=len(todo), desc="scan", unit="img",
+                                disable=quiet or None, leave=False):
+            out[row] = result
+    return out

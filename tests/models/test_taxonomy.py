@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.models.taxonomy import TaxonomyError, imagenet_classes, load_taxonomy
+
+
+def test_default_taxonomy_is_consistent():
+    tax = load_taxonomy()
+    assert len(imagenet_classes()) == 1000
+    assert {"tops", "footwear", "furniture", "tv_video", "food_drink"} <= set(tax.categories)
+    assert {"animal", "remote_control", "circuit_board"} <= set(tax.groups)
+    # no ImageNet class is in two places
+    assert ((tax.product_matrix.sum(1) + tax.group_matrix.sum(1)) <= 1).all()
+    assert tax.resolve_hint("TV") == "tv_video"
+    assert tax.resolve_hint("T-Shirts") == "tops"
+    assert tax.resolve_hint("nonsense") is None
+
+
+def test_aggregate_is_a_distribution_over_shop_categories():
+    tax = load_taxonomy()
+    raw = np.random.default_rng(0).dirichlet(np.ones(1000), size=5).astype(np.float32)
+    probs, product, groups = tax.aggregate(raw)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(product + groups.sum(1) <= 1.0 + 1e-5, True)
+
+
+def _write(tmp_path, doc):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"categories": {"a": {"imagenet": ["crane"]}}}, "ambiguous"),
+        ({"categories": {"a": {"imagenet": ["no such class"]}}}, "unknown ImageNet class"),
+        ({"categories": {"a": {"imagenet": [1]}, "b": {"imagenet": ["0-3"]}}}, "in both"),
+        ({"categories": {}}, "non-empty"),
+        ({"categories": {"a": {"imagenet": [5000]}}}, "out of range"),
+    ],
+)
+def test_bad_taxonomies_are_refused_with_the_entry_named(tmp_path, doc, message):
+    with pytest.raises(TaxonomyError, match=message):
+        load_taxonomy(_write(tmp_path, doc))
+
+
+def test_custom_taxonomy(tmp_path):
+    tax = load_taxonomy(_write(tmp_path, {"name": "mine", "categories": {
+        "shoes": {"aliases": ["kicks"], "imagenet": ["running shoe", "Loafer"]},
+        "cups": {"imagenet": [968, "coffee mug"]}}}))
+    assert tax.categories == ["shoes", "cups"] and tax.resolve_hint("Kicks") == "shoes"
+    assert tax.product_matrix.sum() == 4

@@ -1,0 +1,188 @@
+"""Nightly runs that lose nothing: incremental, resumable after SIGKILL, locked."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import REPO, build_tiny_model, product_photo
+from pipeline.models.card import ModelCard, save_model
+from pipeline.cli import cli
+from pipeline.ops.store import Store
+
+COLORS = [(200, 30, 30), (20, 150, 140), (40, 40, 40), (230, 200, 40), (60, 80, 170), (120, 60, 20),
+          (250, 120, 180), (30, 120, 40)]
+
+
+def make_shop(folder, n, start=0):
+    """``n`` distinct products (shape x colour x seed), one per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        shape = "shirt" if i % 2 == 0 else "bag"
+        product_photo(COLORS[i % len(COLORS)], (260, 260), shape=shape, seed=i).save(folder / f"p{i:03d}.jpg", quality=90)
+
+
+@pytest.fixture(scope="module")
+def card_model(tmp_path_factory):
+    """A tiny real model folder, so subprocess runs start fast."""
+    import keras
+
+    base = build_tiny_model()
+    out = keras.layers.Dense(3, name="logits")(base.layers[-2].output)
+    model = keras.Model(base.input, out)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(model, ModelCard(name="tiny", classes=["bags", "footwear", "tops"],
+                                preprocess={"name": "center_crop", "size": 224, "resize_short": 256}, arch="tiny"), folder)
+    return folder
+
+
+def cli_run(*args):
+    return CliRunner().invoke(cli, ["run", *map(str, args)])
+
+
+def dataset(store):
+    return pd.read_parquet(store / "labels")
+
+
+def test_second_night_classifies_only_the_new_photos(tmp_path, card_model):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 6)
+    store = tmp_path / "store"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n1.parquet", "--chunk-size", "4", "-q")
+    assert r.exit_code == 0, r.output
+    night1 = pd.read_parquet(tmp_path / "n1.parquet")
+    make_shop(shop, 2, start=6)  # two new products
+    Image.open(shop / "p001.jpg").resize((180, 180)).save(shop / "p001_small.jpg")  # a near copy of last night's
+    summary = tmp_path / "s2.json"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n2.parquet", "--summary-json", summary, "-q")
+    assert r.exit_code == 0, r.output
+    night2 = pd.read_parquet(tmp_path / "n2.parquet").set_index("path")
+    assert json.loads(summary.read_text())["classified"] == 2
+    old = [str(shop / f"p{i:03d}.jpg") for i in range(6)]
+    assert (night2.loc[old, "status"] == "seen").all()
+    first = night1.set_index("path")
+    assert list(night2.loc[old, "label"]) == list(first.loc[old, "label"])
+    assert night2.loc[str(shop / "p000.jpg"), "seen_in"] == f"{night1.run_id[0]}#{first.loc[str(shop / 'p000.jpg'), 'row']}"
+    near = night2.loc[str(shop / "p001_small.jpg")]
+    assert near.status == "duplicate" and near.duplicate_of_run == night1.run_id[0]
+    assert near.duplicate_of == first.loc[str(shop / "p001.jpg"), "row"]
+    assert set(night2.loc[[str(shop / "p006.jpg"), str(shop / "p007.jpg")], "status"]) <= {"labelled", "junk"}
+    d = dataset(store)
+    sizes = d.groupby("run_id").size()  # both nights, readable as one dataset
+    assert sizes[night1.run_id[0]] == 6 and sizes[night2.run_id.iloc[0]] == 9
+    assert night1.run_id[0] < night2.run_id.iloc[0]  # run ids sort in time
+    assert sorted(d.run_date.astype(str).unique()) == [night1.processed_at[0].strftime("%Y-%m-%d")]
+
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n3.parquet", "--skip-seen", "-q")
+    assert r.exit_code == 0
+    assert "seen" not in set(pd.read_parquet(tmp_path / "n3.parquet").status)
+
+
+def test_a_new_model_version_relabels_only_on_demand(tmp_path):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 3)
+    store = tmp_path / "store"
+    tax = tmp_path / "tax.json"
+    tax.write_text(json.dumps({"name": "v2", "categories": {"tops": {"imagenet": ["jersey"]}, "bags": {"imagenet": ["purse"]}}}))
+    assert cli_run(shop, "--store", store, "--model", "tiny_test", "--out", tmp_path / "a.parquet", "-q").exit_code == 0
+    args = [shop, "--store", store, "--model", "tiny_test", "--taxonomy", tax, "-q"]
+    assert cli_run(*args, "--out", tmp_path / "b.parquet").exit_code == 0
+    assert set(pd.read_parquet(tmp_path / "b.parquet").status) == {"seen"}  # not silently relabelled
+    assert cli_run(*args, "--out", tmp_path / "c.parquet", "--relabel").exit_code == 0
+    c = pd.read_parquet(tmp_path / "c.parquet")
+    assert "seen" not in set(c.status) and set(c.label) <= {"tops", "bags"}
+
+
+def _subprocess_run(shop, store, model, out, fault=None, chunk=3):
+    env = dict(os.environ, LABELCAT_CACHE=os.environ.get("LABELCAT_CACHE", ""))
+    env.pop("LABELCAT_FAULT", None)
+    if fault:
+        env["LABELCAT_FAULT"] = fault
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(shop), "--store", str(store),
+           "--model", str(model), "--chunk-size", str(chunk), "--out", str(out), "-q"]
+    return subprocess.Popen(cmd, cwd=REPO, env={k: v for k, v in env.items() if v}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _comparable(store):
+    d = dataset(store).drop(columns=["run_id", "processed_at", "run_date"]).sort_values("row").reset_index(drop=True)
+    return d
+
+
+@pytest.mark.parametrize("fault", ["kill@after-chunk:0", "kill@after-chunk:2", "kill@after-chunk:4", "kill@mid-publish"])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, card_model, fault):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 14)
+    Image.open(shop / "p002.jpg").save(shop / "p002_copy.png")  # a duplicate across chunks
+    ref = tmp_path / "ref"
+    p = _subprocess_run(shop, ref, card_model, tmp_path / "ref.parquet")
+    assert p.wait(120) == 0, p.stderr.read()
+    store = tmp_path / "store"
+    p = _subprocess_run(shop, store, card_model, tmp_path / "out.parquet", fault=fault)
+    assert p.wait(120) == -signal.SIGKILL
+    assert not (tmp_path / "out.parquet").exists()  # no half-written output
+    if fault != "kill@mid-publish":
+        assert not (store / "labels").exists()  # readers see nothing of the killed night
+    p = _subprocess_run(shop, store, card_model, tmp_path / "out.parquet")
+    assert p.wait(120) == 0, p.stderr.read()
+    pd.testing.assert_frame_equal(_comparable(store), _comparable(ref))
+    assert not (store / "staging").exists()
+    assert len(list((store / "labels").glob("run_date=*/*"))) == 1
+    out = pd.read_parquet(tmp_path / "out.parquet").sort_values("row")
+    assert list(out.row) == list(range(15))
+
+
+def test_two_runs_at_once_and_a_stale_lock(tmp_path, card_model):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 7)
+    store = tmp_path / "store"
+    first = _subprocess_run(shop, store, card_model, tmp_path / "a.parquet", fault="pause@after-chunk:0")
+    deadline = time.time() + 60
+    while not list((store / "staging" / "labels").glob("part-*.parquet")) and time.time() < deadline:
+        time.sleep(0.1)  # until the first run holds the lock and has committed a chunk
+    second = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "b.parquet")
+    assert second.exit_code == 3
+    assert "is locked by pid" in second.output and str(first.pid) in second.output
+    first.send_signal(signal.SIGKILL)  # the holder dies: its lock dies with it
+    first.wait(30)
+    third = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "c.parquet", "--chunk-size", "3", "-q")
+    assert third.exit_code == 0, third.output
+    assert len(pd.read_parquet(tmp_path / "c.parquet")) == 7
+
+
+def test_lock_is_exclusive_in_process(tmp_path):
+    s = Store(tmp_path / "store")
+    with s.lock():
+        with pytest.raises(Exception, match="locked by pid"):
+            with Store(tmp_path / "store").lock():
+                pass
+    with s.lock():  # released
+        pass
+
+
+def test_an_unwritable_store_fails_clearly_and_keeps_what_was_published(tmp_path, card_model, monkeypatch):
+    shop = tmp_path / "uploads"
+    make_shop(shop, 4)
+    store = tmp_path / "store"
+    assert cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "a.parquet", "-q").exit_code == 0
+    before = dataset(store)
+    make_shop(shop, 2, start=4)
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("pipeline.ops.store.Store.commit_chunk", read_only)
+    log = tmp_path / "run.log"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "b.parquet", "--log-file", log, "-q")
+    assert r.exit_code == 1 and "Read-only file system" in r.output
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[-1]["stage"] == "failed" and "Read-only" in events[-1]["error"]
+    pd.testing.assert_frame_equal(dataset(store), before)
+    assert not (tmp_path / "b.parquet").exists()

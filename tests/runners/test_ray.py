@@ -1,0 +1,139 @@
+"""The Ray Data runner: same rows as the local runner, locally and on a real (local) cluster."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, SAMPLE
+from pipeline.cli import cli
+
+ray = pytest.importorskip("ray")
+COMPARE = ["row", "path", "status", "label", "topk_labels", "duplicate_of", "duplicate_kind", "junk_reason", "error",
+           "sha256", "phash", "width", "height"]
+
+
+def _same_rows(a: Path, b: Path) -> None:
+    x = pq.read_table(a).to_pandas()[COMPARE]
+    y = pq.read_table(b).to_pandas()[COMPARE]
+    pd.testing.assert_frame_equal(x, y)
+    conf_a = pq.read_table(a).to_pandas().confidence
+    conf_b = pq.read_table(b).to_pandas().confidence
+    assert ((conf_a - conf_b).abs().fillna(0) < 1e-4).all()
+
+
+@pytest.mark.slow
+def test_ray_runner_matches_the_local_runner_on_sample_catalog(tmp_path):
+    local, distributed = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    r = CliRunner().invoke(cli, ["run", str(SAMPLE / "manifest.csv"), "--out", str(local), "-q"])
+    assert r.exit_code == 0, r.output
+    try:
+        r = CliRunner().invoke(cli, ["run", str(SAMPLE / "manifest.csv"), "--out", str(distributed), "-q", "--runner", "ray"])
+        assert r.exit_code == 0, r.output
+    finally:
+        ray.shutdown()
+    _same_rows(local, distributed)
+    meta = pq.read_schema(distributed).metadata[b"labelcat.run"].decode()
+    assert '"runner": {"name": "ray"' in meta
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes whose command line mentions ``marker`` (our cluster's temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture()
+def local_cluster():
+    """``ray start --head`` on 127.0.0.1; stopped afterwards by killing exactly its own processes."""
+    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=false",
+           "--disable-usage-stats"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _pids_using(temp):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while _pids_using(temp) and time.time() < deadline:
+                time.sleep(0.2)
+        assert not _pids_using(temp)
+
+
+@pytest.mark.slow
+def test_ray_runner_on_a_real_local_cluster(tmp_path, local_cluster):
+    address, env = local_cluster
+    data = SAMPLE / "images" / "sneakers"
+    local = tmp_path / "local.parquet"
+    assert CliRunner().invoke(cli, ["run", str(data), "--out", str(local), "-q"]).exit_code == 0
+    out = tmp_path / "cluster.parquet"
+    p = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(data), "--out", str(out),
+                        "-q", "--runner", "ray", "--ray-address", address], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _same_rows(local, out)
+    assert '"address": "127.0.0.1:' in pq.read_schema(out).metadata[b"labelcat.run"].decode()
+
+
+def test_ray_usage_errors(tmp_path):
+    (tmp_path / "m.csv").write_text("path\nx.jpg\n")
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "--runner", "ray", "--store", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "local runner only" in r.output
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "--ray-address", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "needs --runner ray" in r.output
+
+
+def test_pool_is_sized_to_leave_cpus_for_reads():
+    from pipeline.runners.ray import pool_size
+
+    assert pool_size(2, 0) == (1, 1.0)  # 2 cores: one actor, one core left for the read tasks
+    actors, cpus = pool_size(16, 0)
+    assert actors * cpus < 16
+    assert pool_size(32, 4) == (4, 1.0)  # one actor per GPU
+
+
+def test_pair_search_on_ray_actors_makes_the_local_decisions():
+    """Enough photos for several shards, so the actor pool really runs; same groups as the local index."""
+    from test_nearpairs import clustered_candidates
+
+    from pipeline.stages.dedupe import DedupeConfig, find_duplicates
+    from pipeline.runners.ray import ray_pair_index
+
+    cands = clustered_candidates(1200, seed=4)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        index = ray_pair_index(2)(cands, DedupeConfig())
+    finally:
+        ray.shutdown()
+    assert find_duplicates(cands, index=index) == find_duplicates(cands)

@@ -1,0 +1,96 @@
+"""Near-duplicate search: finds real copies, keeps colour variants apart, scales."""
+
+import io
+import random
+
+import pytest
+
+from conftest import SAMPLE, product_photo
+from pipeline.stages.decode import decode
+from pipeline.stages.dedupe import Candidate, DedupeConfig, MultiIndexHash, plan_blocks, compute_hashes, find_duplicates, hamming
+
+
+def _jpeg(img, q=85):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=q)
+    return decode(buf.getvalue())
+
+
+def _cand(row, img, sha=None):
+    return Candidate(row, sha or f"sha{row}", img.width * img.height, compute_hashes(img))
+
+
+@pytest.mark.parametrize("blocks", [None, 3, 4, 6, 11])
+def test_multi_index_hash_equals_brute_force(blocks):
+    rng = random.Random(3)
+    base = [rng.getrandbits(64) for _ in range(300)]
+    # plant near neighbours at known distances
+    hashes = base + [b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(0, 14))) for b in base[:100]]
+    index = MultiIndexHash(radius=10, blocks=blocks)
+    for i, h in enumerate(hashes):
+        index.add(i, h)
+    for q in hashes[:150]:
+        expected = sorted((i, hamming(h, q)) for i, h in enumerate(hashes) if hamming(h, q) <= 10)
+        assert sorted(index.query(q)) == expected
+
+
+def test_index_replans_blocks_as_it_grows():
+    assert plan_blocks(10_000, 10) > plan_blocks(10_000_000, 10)
+    index = MultiIndexHash(radius=10)
+    first = index.blocks
+    rng = random.Random(5)
+    hashes = [rng.getrandbits(64) for _ in range(300_000)]
+    for i, h in enumerate(hashes):
+        index.add(i, h)
+    assert index.blocks < first  # rebuilt with wider blocks, nothing lost
+    assert (7, 0) in index.query(hashes[7])
+
+
+def test_finds_copies_and_keeps_the_largest():
+    orig = product_photo((30, 90, 200), (480, 480), seed=1)
+    w, h = orig.size
+    copies = [
+        orig,
+        _jpeg(orig, 55),  # re-encoded
+        _jpeg(orig.resize((240, 240))),  # resized
+        _jpeg(orig.crop((24, 24, w - 24, h - 24))),  # cropped 90%
+        _jpeg(orig.rotate(90, expand=True)),  # pixels rotated
+    ]
+    other = product_photo((30, 90, 200), (480, 480), shape="bag", seed=2)
+    cands = [_cand(i + 1, im) for i, im in enumerate(copies[1:])] + [_cand(0, orig), _cand(9, other)]
+    cands.append(Candidate(10, "sha0", 480 * 480, compute_hashes(orig)))  # byte-identical upload
+    matches = find_duplicates(cands)
+    assert {r: m.kept for r, m in matches.items()} == {1: 0, 2: 0, 3: 0, 4: 0, 10: 0}
+    assert matches[10].kind == "exact" and matches[1].kind == "near"
+
+
+def test_kept_row_is_the_largest_then_the_first():
+    img = product_photo(seed=4)
+    small = img.resize((200, 200))
+    matches = find_duplicates([_cand(0, small), _cand(1, img), _cand(2, img, sha="other-bytes")])
+    assert {r: m.kept for r, m in matches.items()} == {0: 1, 2: 1}
+
+
+@pytest.mark.parametrize("variant", [(20, 150, 140), (40, 40, 40), (60, 80, 170)])
+def test_colour_variants_are_not_duplicates(variant):
+    red = product_photo((200, 30, 30), seed=5)
+    other = product_photo(variant, seed=5)  # same shirt, same texture, another colour
+    a, b = compute_hashes(red), compute_hashes(other)
+    assert hamming(a.phash, b.phash) <= DedupeConfig().phash_threshold  # greyscale hashes agree...
+    assert find_duplicates([_cand(0, red), _cand(1, other)]) == {}  # ...colour keeps them apart
+
+
+def test_real_colour_variants_in_sample_catalog_are_kept_apart():
+    names = ["hoodies/cl_bogo01_1", "hoodies/cl_bogo02_1", "hoodies/cl_bogo03_1", "hoodies/cl_bogo04_1",
+             "paints/paints_01", "paints/paints_03", "paints/paints_04",
+             "juices/fd_juice_05", "juices/fd_juice_06"]  # carrot vs orange: same design, same colour
+    cands = [_cand(i, decode((SAMPLE / "images" / f"{n}.jpg").read_bytes())) for i, n in enumerate(names)]
+    assert find_duplicates(cands) == {}
+
+
+def test_thresholds_are_configurable():
+    img = product_photo(seed=6)
+    crop = _jpeg(img.crop((30, 30, 370, 370)))
+    assert find_duplicates([_cand(0, img), _cand(1, crop)])
+    strict = DedupeConfig(phash_threshold=0, fine_threshold=0, color_threshold=0.0)
+    assert find_duplicates([_cand(0, img), _cand(1, crop)], strict) == {}

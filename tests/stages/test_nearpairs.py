@@ -1,0 +1,109 @@
+"""Batch pair search (the Ray runner's dedupe): exact, shardable, same decisions as the local index."""
+
+import io
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE, product_photo
+from pipeline.stages.decode import decode
+from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes, compute_hashes, find_duplicates, hamming
+from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+
+
+def _flip(rng, h: int, bits: int, k: int) -> int:
+    for b in rng.choice(bits, k, replace=False):
+        h ^= 1 << int(b)
+    return h
+
+
+def _random_hash(rng, bits: int) -> int:
+    return int.from_bytes(rng.bytes(bits // 8), "big")
+
+
+def clustered_candidates(n: int, seed: int) -> list[Candidate]:
+    """Originals plus noisy copies (pHash, fine hash and colour near the original's, some
+    rotated, some byte-identical), with areas that make the kept-first order matter."""
+    rng = np.random.default_rng(seed)
+    originals: list[Hashes] = []
+    cands = []
+    for i in range(n):
+        if originals and rng.random() < 0.5:
+            b = originals[int(rng.integers(len(originals)))]
+            if rng.random() < 0.2:  # the original's pixels turned a quarter
+                p, f = b.rotated[0]
+                h = Hashes(p, f, ((b.phash, b.fine),) * 3, np.rot90(b.color, 3).copy())
+            else:
+                h = Hashes(_flip(rng, b.phash, 64, int(rng.integers(0, 14))), _flip(rng, b.fine, 256, int(rng.integers(0, 50))),
+                           tuple((_flip(rng, p, 64, int(rng.integers(0, 14))), f) for p, f in b.rotated),
+                           (b.color + rng.normal(0, 0.04, (4, 4, 3))).astype(np.float32))
+        else:
+            h = Hashes(_random_hash(rng, 64), _random_hash(rng, 256),
+                       tuple((_random_hash(rng, 64), _random_hash(rng, 256)) for _ in range(3)),
+                       rng.random((4, 4, 3)).astype(np.float32))
+            originals.append(h)
+        sha = "same-bytes" if rng.random() < 0.1 else f"sha{i}"
+        cands.append(Candidate(3 * i + 1, sha, int(rng.integers(1, 5)) * 100, h))
+    return cands
+
+
+@pytest.mark.parametrize("blocks", [3, 4, 6, 11])
+def test_pair_search_finds_exactly_the_hashes_within_the_radius(blocks):
+    cands = clustered_candidates(400, seed=blocks)
+    arrays = HashArrays.from_candidates(cands)
+    loose = DedupeConfig(fine_threshold=256, color_threshold=10.0)  # pHash alone decides
+    pairs = PairSearch(arrays, loose, blocks=blocks).search(0, len(cands))
+    got = set(zip(pairs["photo"].tolist(), pairs["view"].tolist(), pairs["other"].tolist()))
+    expected = set()
+    for i, c in enumerate(cands):
+        for view, (p, _) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
+            expected |= {(i, view, j) for j, o in enumerate(cands) if j != i and hamming(p, o.hashes.phash) <= 10}
+    assert got == expected
+    assert all(d == hamming(([cands[i].hashes.phash] + [p for p, _ in cands[i].hashes.rotated])[v], cands[j].hashes.phash)
+               for i, v, d, j in zip(pairs["photo"], pairs["view"], pairs["distance"], pairs["other"]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_decisions_as_the_local_index_in_any_shards(seed):
+    cands = clustered_candidates(500, seed)
+    expected = find_duplicates(cands)
+    assert len(expected) > 150  # exact and near duplicates, some rotated
+    arrays = HashArrays.from_candidates(cands)
+    search = PairSearch(arrays)
+    bounds = [0, 7, 130, 131, 400, 500]  # uneven shards, as workers would get them
+    parts = [search.search(a, b) for a, b in zip(bounds, bounds[1:])]
+    pairs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert find_duplicates(list(reversed(cands)), index=NearPairs(arrays, pairs)) == expected
+
+
+def test_same_decisions_on_real_photo_copies():
+    names = ["hoodies/cl_bogo01_1", "hoodies/cl_bogo02_1", "paints/paints_01", "paints/paints_03",
+             "juices/fd_juice_05", "juices/fd_juice_06", "sneakers/sneakers_01_1", "polos/cl_polo01"]
+    imgs = [decode((SAMPLE / "images" / f"{n}.jpg").read_bytes()) for n in names]
+    imgs.append(product_photo(seed=7))
+    copies = []
+    for img in imgs:
+        w, h = img.size
+        for variant in (img.resize((w // 2, h // 2)), img.crop((w // 20, h // 20, w - w // 20, h - h // 20)),
+                        img.rotate(90, expand=True)):
+            buf = io.BytesIO()
+            variant.save(buf, "JPEG", quality=70)
+            copies.append(decode(buf.getvalue()))
+    photos = imgs + copies
+    cands = [Candidate(i, f"sha{i}", p.width * p.height, compute_hashes(p)) for i, p in enumerate(photos)]
+    expected = find_duplicates(cands)
+    assert len(expected) >= 2 * len(imgs)  # most copies are found...
+    assert all(m.kept < len(imgs) for m in expected.values())  # ...and point at their originals
+    arrays = HashArrays.from_candidates(cands)
+    assert find_duplicates(cands, index=NearPairs(arrays, PairSearch(arrays).search(0, len(cands)))) == expected
+
+
+def test_blocks_too_wide_for_a_bucket_table_are_refused():
+    with pytest.raises(ValueError, match="32 bits wide"):
+        PairSearch(HashArrays.from_candidates(clustered_candidates(10, 0)), blocks=2)
+    assert PairSearch(HashArrays.from_candidates(clustered_candidates(10, 0))).blocks >= 3
+
+
+def test_empty_batch():
+    arrays = HashArrays.from_candidates([])
+    assert find_duplicates([], index=NearPairs(arrays, PairSearch(arrays).search(0, 0))) == {}
