@@ -174,6 +174,14 @@ def run(
 
     if (relabel or skip_seen) and store is None:
         raise click.UsageError("--relabel and --skip-seen need --store")
+    if out.suffix.lower() != ".parquet":
+        raise click.UsageError(f"--out {out} must end in .parquet (labelcat writes Parquet; `labelcat export` "
+                               "makes CSV or xlsx from it)")
+    if out.exists() and input_path.exists() and out.resolve() == input_path.resolve():
+        raise click.UsageError(f"--out {out} is the input itself; refusing to replace it")
+    for what, path in (("--summary-json", summary_json), ("--out", out)):
+        if path is not None:
+            _check_writable(what, path)
     if runner == "ray" and store is not None:
         raise click.UsageError("--store works with the local runner only (yet)")
     if ray_address and runner != "ray":
@@ -224,11 +232,29 @@ def run(
                    "LABELCAT_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
     if summary_json:
-        write_summary_json(summary, summary_json)
+        try:
+            write_summary_json(summary, summary_json)
+        except OSError as exc:
+            click.echo(f"labelcat: run completed but --summary-json {summary_json} could not be written: "
+                       f"{exc.strerror or exc}", err=True)
+            sys.exit(1)
     if not quiet:
         click.echo(summary.render())
     if fail_on_row_errors and summary.by_status.get("error"):
         sys.exit(4)
+
+
+def _check_writable(what: str, path: Path) -> None:
+    """Create the parent folder of an output labelcat owns, and refuse (exit 2) one it cannot write,
+    before any work is done."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(f"cannot create the folder of {what} {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise click.UsageError(f"{what} {path} is a folder")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.UsageError(f"cannot write {what} {path}: permission denied")
 
 
 def _load_classifier(model: str, taxonomy: Path | None, precision: str):

@@ -132,3 +132,179 @@ def test_a_symlinked_store_lock_is_not_followed(tmp_path):
                                  "--model", "tiny_test", "-q"])
     assert r.exit_code == 2, r.output
     assert target.read_text() == "keep me"
+
+
+def test_an_unreadable_subfolder_gets_a_row_not_silence():
+    """A folder that cannot be listed is one `unreadable` row. As root the kernel lists any folder, so the
+    walk runs in a child that dropped to `nobody` (in a world-traversable folder)."""
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="labelcat-unreadable-", dir="/tmp"))
+    src = base / "in"
+    (src / "secret").mkdir(parents=True)
+    (src / "secret" / "b.jpg").write_bytes(b"x")
+    (src / "a.jpg").write_bytes(b"x")
+    os.chmod(base, 0o755)
+    os.chmod(src, 0o755)
+    os.chmod(src / "secret", 0)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            if os.getuid() == 0:
+                os.setgid(pwd.getpwnam("nobody").pw_gid)
+                os.setuid(pwd.getpwnam("nobody").pw_uid)
+            from pipeline.stages.ingest import ingest
+
+            text = "\n".join(f"{rec.path}|{rec.error[0] if rec.error else ''}" for rec in ingest(src).records)
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        lines = fh.read().splitlines()
+    os.waitpid(pid, 0)
+    os.chmod(src / "secret", 0o755)
+    shutil.rmtree(base)
+    got = dict(line.rsplit("|", 1) for line in lines)
+    assert got[str(src / "a.jpg")] == "" and got[str(src / "secret")] == "unreadable"
+
+
+def _shop_run(tmp_path, manifest_header="sku,path,category_hint", cells=("S1", "a.jpg", "tops")):
+    product_photo(seed=1).save(tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text(manifest_header + "\n" + ",".join(cells) + "\n")
+    out = tmp_path / "run.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "-o", str(out), "--model", "tiny_test", "-q",
+                                 "--corrections", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_formula_headers_and_class_names_are_text_in_every_sheet(tmp_path):
+    import zipfile
+
+    out = _shop_run(tmp_path, 'sku,path,category_hint,"=HYPERLINK(""http://x"",""click"")"', ("S1", "a.jpg", "tops", "v"))
+    xlsx, csv_path = tmp_path / "r.xlsx", tmp_path / "r.csv"
+    for path in (xlsx, csv_path):
+        assert CliRunner().invoke(cli, ["review", "export", str(out), "--out", str(path), "--threshold", "1"]).exit_code == 0
+    with zipfile.ZipFile(xlsx) as z:
+        for name in z.namelist():
+            if name.startswith("xl/worksheets/"):
+                xml = z.read(name).decode()
+                assert "<f>" not in xml and "<f " not in xml, name
+    header = csv_path.read_text(encoding="utf-8-sig").splitlines()[0]
+    assert not any(h.startswith(("=", "+", "-", "@")) for h in header.split(","))
+
+
+def test_manifest_columns_named_like_reviewer_columns_never_prefill_the_sheet(tmp_path):
+    out = _shop_run(tmp_path, "sku,path,category_hint,corrected_label,note,reason", ("S1", "a.jpg", "tops", "junk", "n", "r"))
+    xlsx = tmp_path / "r.xlsx"
+    assert CliRunner().invoke(cli, ["review", "export", str(out), "--out", str(xlsx), "--threshold", "1"]).exit_code == 0
+    from openpyxl import load_workbook
+
+    ws = load_workbook(xlsx)["review"]
+    header = [c.value for c in ws[1]]
+    assert ws.cell(2, header.index("corrected_label") + 1).value is None
+    assert ws.cell(2, header.index("input_corrected_label") + 1).value == "junk"
+    r = CliRunner().invoke(cli, ["review", "import", str(xlsx), "--corrections", str(tmp_path / "store")])
+    assert r.exit_code == 0 and "no corrections" in r.output  # the untouched sheet stores nothing
+
+
+def test_review_import_refuses_bombs_and_bad_files_with_one_line(tmp_path):
+    import zipfile
+
+    out = _shop_run(tmp_path)
+    xlsx = tmp_path / "r.xlsx"
+    assert CliRunner().invoke(cli, ["review", "export", str(out), "--out", str(xlsx), "--threshold", "1"]).exit_code == 0
+    # a sheet whose <dimension> claims the whole grid
+    bomb = tmp_path / "bomb.xlsx"
+    with zipfile.ZipFile(xlsx) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                import re
+
+                data = re.sub(rb'<dimension ref="[^"]+"', b'<dimension ref="A1:XFD1048576"', data)
+                data = data.replace(b"</sheetData>", b'<row r="1048000"><c r="A1048000" t="inlineStr"><is><t>x</t></is></c></row></sheetData>')
+            zout.writestr(item, data)
+    with deadline(30):
+        r = CliRunner().invoke(cli, ["review", "import", str(bomb), "--corrections", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "refused" in r.output and "Traceback" not in r.output
+    (tmp_path / "notzip.xlsx").write_text("hello")
+    r = CliRunner().invoke(cli, ["review", "import", str(tmp_path / "notzip.xlsx"), "--run", str(out)])
+    assert r.exit_code == 2 and "not a readable xlsx" in r.output
+    csv_path = tmp_path / "r.csv"
+    assert CliRunner().invoke(cli, ["review", "export", str(out), "--out", str(csv_path), "--threshold", "1"]).exit_code == 0
+    (tmp_path / "cp1252.csv").write_bytes(csv_path.read_text(encoding="utf-8-sig").replace("S1", "S\u00e9").encode("cp1252"))
+    r = CliRunner().invoke(cli, ["review", "import", str(tmp_path / "cp1252.csv"), "--run", str(out)])
+    assert r.exit_code == 2 and "UTF-8" in r.output
+
+
+def test_a_sku_starting_with_quote_equals_round_trips_through_csv(tmp_path):
+    out = _shop_run(tmp_path, cells=("'=A1", "a.jpg", "tops"))
+    csv_path = tmp_path / "r.csv"
+    assert CliRunner().invoke(cli, ["review", "export", str(out), "--out", str(csv_path), "--threshold", "1"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["review", "import", str(csv_path), "--corrections", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0), ("temperature", -1), ("temperature", "hot"),
+                                         ("preprocess", {"name": "magic", "size": 224}), ("classes", 10),
+                                         ("recommended_threshold", "0.5"), ("classes", ["a", "A"])])
+def test_model_card_fields_are_validated_on_load(tmp_path, field, value):
+    import json
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    card = {"name": "m", "classes": ["a", "b"], "preprocess": {"name": "center_crop", "size": 224, "resize_short": 256},
+            "arch": "x", "temperature": 1.0, field: value}
+    (folder / "card.json").write_text(json.dumps(card))
+    (folder / "model.keras").write_bytes(b"")
+    product_photo(seed=1).save(tmp_path / "a.jpg")
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "a.jpg").rsplit("/", 1)[0], "-o", str(tmp_path / "o.parquet"),
+                                 "--model", str(folder), "-q"])
+    assert r.exit_code == 2 and f"field '{field}'" in r.output, r.output
+
+
+def test_output_paths_are_checked_before_work(tmp_path):
+    out = _shop_run(tmp_path)
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "-o", str(tmp_path / "labels.csv"), "--model", "tiny_test"])
+    assert r.exit_code == 2 and ".parquet" in r.output
+    (tmp_path / "m.parquet").write_bytes((tmp_path / "m.csv").read_bytes())
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "m.parquet"), "--model", "tiny_test"])
+    assert r.exit_code == 2 and "input itself" in r.output
+    log = tmp_path / "new" / "deeper" / "labelcat.log"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "-o", str(out), "--log-file", str(log), "--model",
+                                 "tiny_test", "-q", "--summary-json", str(tmp_path / "s" / "summary.json")])
+    assert r.exit_code == 0 and log.is_file() and (tmp_path / "s" / "summary.json").is_file()
+
+
+def test_a_review_threshold_of_zero_is_kept(tmp_path):
+    import json
+
+    product_photo(seed=1).save(tmp_path / "a.jpg")
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "a.jpg").rsplit("/", 1)[0], "-o", str(out), "--model",
+                                 "tiny_test", "-q", "--review-threshold", "0"])
+    assert r.exit_code == 0
+    meta = json.loads(pq.read_schema(out).metadata[b"labelcat.run"])
+    assert meta["review_threshold"] == 0
+
+
+def test_temporaries_of_a_killed_writer_are_swept(tmp_path):
+    from pipeline.ops.fsutil import atomic_path
+
+    dest = tmp_path / "labels.parquet"
+    dead = tmp_path / ".labels.parquet.999999999.abc.tmp.parquet"
+    dead.write_bytes(b"half")
+    live = tmp_path / f".labels.parquet.{os.getpid()}.xyz.tmp.parquet"
+    live.write_bytes(b"mine, still writing")
+    foreign = tmp_path / ".labels.parquet.notes"
+    foreign.write_text("not ours")
+    with atomic_path(dest, suffix=".parquet") as tmp:
+        tmp.write_bytes(b"new")
+    assert not dead.exists() and live.exists() and foreign.exists() and dest.read_bytes() == b"new"

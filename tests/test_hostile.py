@@ -103,7 +103,7 @@ def test_a_file_that_disappears_between_listing_and_reading(tmp_path, monkeypatc
     d.mkdir()
     for i in range(3):
         product_photo(((i * 80) % 255, 100, 50), seed=i).save(d / f"p{i}.jpg")
-    import pipeline.runners.local as run_mod
+    import pipeline.stages.scan as run_mod
 
     real = run_mod.scan_file
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -121,6 +122,16 @@ def check_model_destination(folder: str | Path, force: bool, protect: Path | Non
         raise CardError(f"--out {folder} is an existing model; pass --force to replace it")
 
 
+def _without_optimizer(model):
+    """The same network and weights without the optimizer's state (AdamW's moments double a model's
+    size twice over, and nothing that loads a card needs them: ``--init-from`` compiles afresh)."""
+    import keras
+
+    if getattr(model, "optimizer", None) is None:
+        return model
+    return keras.Model(model.inputs, model.outputs, name=model.name)  # the same layers, never compiled
+
+
 def save_model(model, card: ModelCard, folder: str | Path, force: bool = False) -> Path:
     """Write ``folder/model.keras`` and ``folder/card.json`` atomically (whole folder).
 
@@ -136,7 +147,7 @@ def save_model(model, card: ModelCard, folder: str | Path, force: bool = False) 
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from other users
     try:
-        model.save(tmp / MODEL_FILE)
+        _without_optimizer(model).save(tmp / MODEL_FILE)
         (tmp / CARD_FILE).write_text(json.dumps(asdict(card), indent=2) + "\n", encoding="utf-8")
         old = None
         if folder.exists():
@@ -159,11 +170,56 @@ def read_card(folder: str | Path) -> ModelCard:
         raise CardError(f"{folder}: no {CARD_FILE}; not a labelcat model folder") from None
     except json.JSONDecodeError as exc:
         raise CardError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CardError(f"{path}: not a JSON object")
     known = set(ModelCard.__dataclass_fields__)
     missing = {"name", "classes", "preprocess", "arch"} - set(doc)
     if missing:
         raise CardError(f"{path}: missing {', '.join(sorted(missing))}")
-    return ModelCard(**{k: v for k, v in doc.items() if k in known})
+    card = ModelCard(**{k: v for k, v in doc.items() if k in known})
+    validate_card(card, path)
+    return card
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def validate_card(card: ModelCard, path: Path) -> None:
+    """Refuse a card whose fields would give nonsense labels or tracebacks later: one line naming the field.
+
+    Why at load: a card is a file anyone can edit, and a run trusts it for
+    every row (a temperature of 0 would make every confidence 1.0).
+    """
+    def bad(field_name: str, why: str) -> CardError:
+        return CardError(f"{path}: field {field_name!r} {why}")
+
+    if not isinstance(card.name, str):
+        raise bad("name", "must be text")
+    if not isinstance(card.classes, list) or not card.classes or not all(isinstance(c, str) and c.strip() for c in card.classes):
+        raise bad("classes", "must be a non-empty list of class names")
+    if len({c.strip().lower() for c in card.classes}) != len(card.classes):
+        raise bad("classes", "has duplicate names")
+    if not isinstance(card.preprocess, dict):
+        raise bad("preprocess", "must be an object like {\"name\": \"center_crop\", \"size\": 224}")
+    try:
+        pre = Preprocess.from_dict(card.preprocess)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise bad("preprocess", f"is not usable ({exc})") from None
+    if not 8 <= pre.size <= 1024 or pre.resize_short < 0:
+        raise bad("preprocess", f"size {pre.size} is out of range 8..1024")
+    t = _number(card.temperature)
+    if t is None or not 0.01 <= t <= 100:
+        raise bad("temperature", f"must be a number in 0.01..100, not {card.temperature!r}")
+    if card.recommended_threshold is not None:
+        r = _number(card.recommended_threshold)
+        if r is None or not 0 <= r <= 1:
+            raise bad("recommended_threshold", f"must be a number in 0..1 or null, not {card.recommended_threshold!r}")
+    for name in ("training_data", "metrics", "training", "library_versions"):
+        if not isinstance(getattr(card, name), dict):
+            raise bad(name, "must be an object")
 
 
 def load_model(folder: str | Path):

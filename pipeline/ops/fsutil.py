@@ -43,7 +43,8 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    sweep_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp" + suffix, dir=dest.parent)
     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from other readers
     os.close(fd)
     tmp_path = Path(tmp)
@@ -61,3 +62,37 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def sweep_temporaries(dest: Path) -> int:
+    """Remove the temporaries a killed writer of ``dest`` left behind; returns how many.
+
+    Only names ``atomic_path`` makes (``.<name>.<pid>.<random>.tmp...``) whose
+    process is gone are touched: never another file, never a live writer's.
+    """
+    removed = 0
+    for tmp in dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp*"):
+        pid_text = tmp.name[len(dest.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters taken literally."""
+    import glob
+
+    return glob.escape(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -43,6 +43,10 @@ LEADING_COLUMNS = ("thumbnail", "row", "sku", "path", "label", "confidence", "al
 TRAILING_COLUMNS = ("sha256", "corrected_label", "note")
 DANGEROUS_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 THUMB = 72  # pixels
+#: The columns a review sheet itself owns; a manifest column of the same name is shown as input_<name>.
+SHEET_OWN = frozenset(LEADING_COLUMNS) | frozenset(TRAILING_COLUMNS) | {"run_file"}
+MAX_SHEET_COLUMNS = 256  # far more than an exported sheet has; wider sheets are refused
+MAX_SHEET_XML_BYTES = 200 * 1024 * 1024  # uncompressed worksheet XML; a zip bomb is refused before parsing
 
 CORRECTIONS_SCHEMA = pa.schema([
     ("sha256", pa.string()), ("corrected_label", pa.string()), ("note", pa.string()),
@@ -93,22 +97,46 @@ def read_run(path: str | Path) -> RunFile:
 
 
 def safe_text(value: Any) -> Any:
-    """CSV cell text that no spreadsheet will evaluate: a leading ' before formula starters."""
-    if isinstance(value, str) and value.startswith(DANGEROUS_PREFIXES):
+    """CSV cell text that no spreadsheet will evaluate: a leading ' before formula starters.
+
+    A value that already starts with ' gets one more, so ``unsafe_text`` can
+    always strip exactly one and a SKU such as ``'=A1`` round-trips.
+    """
+    if isinstance(value, str) and value.startswith((*DANGEROUS_PREFIXES, "'")):
         return "'" + value
     return value
 
 
 def unsafe_text(value: Any) -> Any:
     """Undo ``safe_text`` on import."""
-    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(DANGEROUS_PREFIXES):
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith((*DANGEROUS_PREFIXES, "'")):
         return value[1:]
     return value
 
 
+def sheet_extra_columns(run: RunFile) -> list[tuple[str, str]]:
+    """(sheet header, run column) for the manifest's pass-through columns.
+
+    A manifest column named like one the reviewer fills in (``corrected_label``,
+    ``note``, ``reason``...) must never pre-fill it, so it is shown as
+    ``input_<name>`` (``_2``... if that is taken too).
+    """
+    taken = set(SHEET_OWN)
+    out = []
+    for col in run.extra_columns:
+        name, k = (col if col not in taken else f"input_{col}"), 2
+        base = name
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        out.append((name, col))
+    return out
+
+
 def rows_to_review(run: RunFile, threshold: float | None = None) -> tuple[list[dict[str, Any]], float]:
     """Low-confidence labelled rows, every junk row and every hint mismatch, least confident first."""
-    t = threshold if threshold is not None else float(run.meta.get("review_threshold") or DEFAULT_REVIEW_THRESHOLD)
+    recorded = run.meta.get("review_threshold")
+    t = threshold if threshold is not None else float(recorded if recorded is not None else DEFAULT_REVIEW_THRESHOLD)
     picked = []
     for r in run.table.to_pylist():
         if r["status"] == "junk":
@@ -129,7 +157,7 @@ def rows_to_review(run: RunFile, threshold: float | None = None) -> tuple[list[d
 
 
 def _columns(run: RunFile) -> list[str]:
-    return [*LEADING_COLUMNS, *run.extra_columns, *TRAILING_COLUMNS]
+    return [*LEADING_COLUMNS, *(h for h, _ in sheet_extra_columns(run)), *TRAILING_COLUMNS]
 
 
 def _cells(r: dict[str, Any], run: RunFile) -> dict[str, Any]:
@@ -142,7 +170,7 @@ def _cells(r: dict[str, Any], run: RunFile) -> dict[str, Any]:
         "alternative_2": alt[0], "alternative_3": alt[1], "status": r["status"], "reason": r["reason"],
         "sha256": r["sha256"], "corrected_label": None, "note": None,
     }
-    cells.update({c: r.get(c) for c in run.extra_columns})
+    cells.update({header: r.get(col) for header, col in sheet_extra_columns(run)})
     return cells
 
 
@@ -172,15 +200,32 @@ def export(run_path: str | Path, out: str | Path, threshold: float | None = None
 
 
 def _export_csv(run: RunFile, rows: list[dict[str, Any]], out: Path) -> None:
-    cols = [c for c in _columns(run) if c != "thumbnail"]
+    """A plain CSV (header on the first line, so pandas and spreadsheets read it as is); the run's
+    address is the ``run_file`` column, so ``review import`` needs no ``--run``."""
+    cols = [c for c in _columns(run) if c != "thumbnail"] + ["run_file"]
+    run_file = str(run.path.resolve())
     with atomic_path(out, suffix=".csv") as tmp:
         with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow([f"# labelcat review of run {run.meta['run_id']}; labels: {' | '.join(run.labels + list(SPECIAL_LABELS))}"])
-            w.writerow(cols)
+            w.writerow([safe_text(c) for c in cols])
             for r in rows:
-                cells = _cells(r, run)
-                w.writerow([safe_text(cells.get(c)) for c in cols])
+                cells = {**_cells(r, run), "run_file": run_file}
+                w.writerow([safe_text(_csv_value(cells.get(c))) for c in cols])
+
+
+def _csv_value(v: Any) -> Any:
+    """Numbers as a person wrote them (``1600``, not ``1600.0``)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _put(ws, row: int, col: int, value: Any):
+    """A cell that is never a formula, whatever text it holds (headers and metadata included)."""
+    cell = ws.cell(row=row, column=col, value=value)
+    if isinstance(value, str):
+        cell.data_type = "s"
+    return cell
 
 
 def _export_xlsx(run: RunFile, rows: list[dict[str, Any]], out: Path, threshold: float) -> None:
@@ -196,14 +241,14 @@ def _export_xlsx(run: RunFile, rows: list[dict[str, Any]], out: Path, threshold:
     ws.title = SHEET
     meta = wb.create_sheet(META_SHEET)
     valid = run.labels + list(SPECIAL_LABELS)
-    meta.append(["run_id", run.meta["run_id"]])
-    meta.append(["run_file", str(run.path.resolve())])
-    meta.append(["threshold", threshold])
-    meta.append(["labels"] + valid)
+    for i, values in enumerate((["run_id", run.meta["run_id"]], ["run_file", str(run.path.resolve())],
+                                ["threshold", threshold], ["labels"] + valid), start=1):
+        for j, v in enumerate(values, start=1):
+            _put(meta, i, j, v)
     meta.sheet_state = "hidden"
 
-    ws.append(cols)
-    for cell in ws[1]:
+    for j, c in enumerate(cols, start=1):
+        cell = _put(ws, 1, j, c)
         cell.font = Font(bold=True)
         cell.fill = PatternFill("solid", fgColor="DDE6F0")
     ws.freeze_panes = "B2"
@@ -212,10 +257,7 @@ def _export_xlsx(run: RunFile, rows: list[dict[str, Any]], out: Path, threshold:
         for j, c in enumerate(cols, start=1):
             if c == "thumbnail":
                 continue
-            value = cells.get(c)
-            cell = ws.cell(row=i, column=j, value=value)
-            if isinstance(value, str):
-                cell.data_type = "s"  # never a formula, whatever it starts with
+            cell = _put(ws, i, j, cells.get(c))
             cell.alignment = Alignment(vertical="center", wrap_text=c in ("reason", "path"))
         ws.row_dimensions[i].height = THUMB * 0.78  # points
         thumb = _thumbnail(run.source_path(r["path"]))
@@ -247,27 +289,72 @@ class Correction:
     note: str | None
 
 
-def _read_sheet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]], str]:
-    """(header, [(sheet row number, cells)], sheet name) from an exported xlsx or csv."""
-    if path.suffix.lower() == ".csv":
+def _read_csv(path: Path, max_rows: int, refuse_more: bool = True) -> list[list[str]]:
+    """The CSV's lines, at most ``max_rows`` + 1 (header); a larger (unless ``refuse_more`` is off, then
+    the rest is not read) or non-UTF-8 file is refused with one line."""
+    lines: list[list[str]] = []
+    try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
-            lines = list(csv.reader(fh))
-        if len(lines) < 2:
-            raise ReviewError([f"{path}: not a labelcat review CSV (no header)"])
-        header = lines[1]
-        body = [(n, {h: unsafe_text(v) if v != "" else None for h, v in zip(header, cells)})
-                for n, cells in enumerate(lines[2:], start=3) if any(c.strip() for c in cells)]
-        return header, body, "csv"
+            for cells in csv.reader(fh):
+                if len(lines) > max_rows and not refuse_more:
+                    break
+                lines.append(cells[:MAX_SHEET_COLUMNS + 1])
+                if len(lines) > max_rows + 1 or len(cells) > MAX_SHEET_COLUMNS:
+                    raise ReviewError([f"{path}: larger than any review of this run ({max_rows} rows, "
+                                       f"{MAX_SHEET_COLUMNS} columns at most); refused"])
+    except UnicodeDecodeError:
+        raise ReviewError([f"{path}: not UTF-8 text; save the CSV as UTF-8 (the export wrote UTF-8)"]) from None
+    except csv.Error as exc:
+        raise ReviewError([f"{path}: not valid CSV ({exc})"]) from None
+    return lines
+
+
+def _open_workbook(path: Path):
+    """openpyxl's read-only workbook, after checking the zip: not a zip, or worksheets that would inflate
+    past ``MAX_SHEET_XML_BYTES``, are refused with one line."""
+    import zipfile
+
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 
     try:
-        wb = load_workbook(path, read_only=True, data_only=True)
-    except (InvalidFileException, OSError, KeyError, ValueError) as exc:
+        with zipfile.ZipFile(path) as zf:
+            inflated = sum(i.file_size for i in zf.infolist() if i.filename.startswith("xl/worksheets/"))
+    except (zipfile.BadZipFile, OSError) as exc:
         raise ReviewError([f"{path}: not a readable xlsx workbook ({exc})"]) from None
+    if inflated > MAX_SHEET_XML_BYTES:
+        raise ReviewError([f"{path}: its sheets inflate to {inflated} bytes; refused as a zip bomb"])
+    try:
+        return load_workbook(path, read_only=True, data_only=True)
+    except (InvalidFileException, zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
+        raise ReviewError([f"{path}: not a readable xlsx workbook ({exc})"]) from None
+
+
+def _read_sheet(path: Path, max_rows: int) -> tuple[list[str], list[tuple[int, dict[str, Any]]], str]:
+    """(header, [(sheet row number, cells)], sheet name) from an exported xlsx or csv.
+
+    At most ``max_rows`` data rows and ``MAX_SHEET_COLUMNS`` columns are read
+    (an exported sheet never has more rows than its run): a sheet whose
+    ``<dimension>`` claims a million rows costs nothing, and a larger one is refused.
+    """
+    if path.suffix.lower() == ".csv":
+        lines = _read_csv(path, max_rows)
+        if not lines:
+            raise ReviewError([f"{path}: not a labelcat review CSV (no header)"])
+        header = [unsafe_text(h) for h in lines[0]]
+        body = [(n, {h: unsafe_text(v) if v != "" else None for h, v in zip(header, cells)})
+                for n, cells in enumerate(lines[1:], start=2) if any(c.strip() for c in cells)]
+        return header, body, "csv"
+    wb = _open_workbook(path)
     if SHEET not in wb.sheetnames:
         raise ReviewError([f"{path}: no sheet named {SHEET!r}"])
-    values = list(wb[SHEET].iter_rows(values_only=True))
+    ws = wb[SHEET]
+    claimed_rows, claimed_cols = ws.max_row or 0, ws.max_column or 0  # the sheet's <dimension>, read without the cells
+    if claimed_rows > max_rows + 1 or claimed_cols > MAX_SHEET_COLUMNS:
+        wb.close()
+        raise ReviewError([f"{path}: sheet {SHEET!r} claims {claimed_rows} rows x {claimed_cols} columns, more than a "
+                           f"review of this run has ({max_rows + 1} rows, {MAX_SHEET_COLUMNS} columns at most); refused"])
+    values = list(ws.iter_rows(max_row=max_rows + 1, max_col=MAX_SHEET_COLUMNS, values_only=True))
     wb.close()
     if not values:
         raise ReviewError([f"{path}: sheet {SHEET!r} is empty"])
@@ -289,7 +376,7 @@ def _as_text(v: Any) -> str | None:
 def validate(path: str | Path, run: RunFile) -> list[Correction]:
     """Every correction in the sheet, or ``ReviewError`` listing every bad row (nothing applied)."""
     path = Path(path)
-    header, body, sheet = _read_sheet(path)
+    header, body, sheet = _read_sheet(path, run.table.num_rows)
     need = [c for c in _columns(run) if c != "thumbnail" or sheet != "csv"]
     missing = [c for c in ("row", "sku", "path", "sha256", "corrected_label") if c not in header]
     if missing:
@@ -352,15 +439,19 @@ def import_review(path: str | Path, run_path: str | Path | None, store: str | Pa
 
 
 def _run_file_from_workbook(path: Path) -> Path:
+    """The run's Parquet file as the export recorded it (hidden sheet, or the CSV's ``run_file`` column)."""
     if path.suffix.lower() == ".csv":
-        raise ReviewError([f"{path}: a CSV review needs --run RUN.parquet (CSV has no room for the run's address)"])
-    from openpyxl import load_workbook
-
-    wb = load_workbook(path, read_only=True)
+        lines = _read_csv(path, 1, refuse_more=False)
+        if len(lines) < 2 or "run_file" not in lines[0]:
+            raise ReviewError([f"{path}: no run_file column; pass --run RUN.parquet"])
+        return Path(unsafe_text(lines[1][lines[0].index("run_file")]))
+    wb = _open_workbook(path)
     if META_SHEET not in wb.sheetnames:
         raise ReviewError([f"{path}: no {META_SHEET!r} sheet; pass --run RUN.parquet"])
-    meta = {r[0]: r[1] for r in wb[META_SHEET].iter_rows(values_only=True) if r and r[0]}
+    meta = {r[0]: r[1] for r in wb[META_SHEET].iter_rows(max_row=10, max_col=2, values_only=True) if r and r[0]}
     wb.close()
+    if not meta.get("run_file"):
+        raise ReviewError([f"{path}: the {META_SHEET!r} sheet names no run_file; pass --run RUN.parquet"])
     return Path(str(meta["run_file"]))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import os
 import time
 import uuid
@@ -265,7 +266,8 @@ def run_meta(source: Path, batch: Batch, classifier: Classifier, cfg: RunConfig,
         "run_id": run_id, "input": str(source), "started": started.isoformat(), "model": classifier.name,
         "model_version": classifier.version, "config": _config_dict(cfg), "labels": list(classifier.categories),
         "extra_columns": batch.extra_columns,
-        "review_threshold": cfg.review_threshold or classifier.info.get("recommended_threshold") or DEFAULT_REVIEW_THRESHOLD,
+        "review_threshold": _first_set(cfg.review_threshold, classifier.info.get("recommended_threshold"),
+                                       DEFAULT_REVIEW_THRESHOLD),
         # manifest paths are relative to the manifest; folder paths are as walked from the working directory
         "path_base": str((source.parent if batch.source == "manifest" else Path.cwd()).resolve()),
     }
@@ -361,18 +363,36 @@ def inherit_duplicates(rows: list[dict[str, Any]], ctx: Context) -> None:
             r[k] = kept.get(k)
 
 
+def _first_set(*values: float | None) -> float | None:
+    """The first value that is not None (0.0 is a real threshold, unlike ``x or default``)."""
+    return next((v for v in values if v is not None), None)
+
+
 def write_summary_json(summary: Summary, path: str | Path) -> None:
     write_json(summary.as_dict(), path)
 
 
 def log_to_file(path: str | Path) -> Callable[[dict[str, Any]], None]:
-    """One JSON line per event, appended and flushed (a killed run keeps what it logged)."""
+    """One JSON line per event, appended and flushed (a killed run keeps what it logged).
+
+    The parent folder is created; opening fails early (a usage error). A write
+    that fails later (disk full) costs one line on stderr, never the run.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+    broken = False
 
     def log(event: dict[str, Any]) -> None:
-        fh.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
-                            default=str) + "\n")
-        fh.flush()
+        nonlocal broken
+        if broken:
+            return
+        try:
+            fh.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
+                                default=str) + "\n")
+            fh.flush()
+        except OSError as exc:
+            broken = True
+            print(f"labelcat: --log-file {path}: {exc.strerror or exc}; logging stopped", file=sys.stderr)
 
     return log
 

@@ -76,10 +76,25 @@ def walk_directory(root: Path) -> Iterator[Record]:
     """Every non-hidden file below ``root``, sorted; the parent folder is the hint.
 
     Symlinked folders are not followed (no loops); symlinked files are listed
-    and a dangling one becomes a ``missing`` row.
+    and a dangling one becomes a ``missing`` row. A folder that cannot be
+    listed (permissions, I/O) becomes one ``unreadable`` row for the folder,
+    so its photos never vanish without a trace.
     """
     row = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    failed: list[OSError] = []
+
+    def unlisted() -> Iterator[Record]:
+        nonlocal row
+        while failed:
+            exc = failed.pop(0)
+            folder = Path(exc.filename) if exc.filename else root
+            yield Record(row=row, path=display_path(folder), resolved=folder, sku=None,
+                         category_hint=display_path(folder.name) or None,
+                         error=("unreadable", f"folder cannot be listed: {exc.strerror or exc}"))
+            row += 1
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=failed.append):
+        yield from unlisted()
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -93,6 +108,7 @@ def walk_directory(root: Path) -> Iterator[Record]:
                 category_hint=display_path(Path(dirpath).name) or None,
             )
             row += 1
+    yield from unlisted()
 
 
 def display_path(path: str | os.PathLike) -> str:

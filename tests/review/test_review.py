@@ -93,11 +93,11 @@ def test_train_learns_from_corrections(tmp_path):
     csv_path = tmp_path / "review.csv"
     assert invoke("review", "export", out, "--out", csv_path, "--threshold", "1").exit_code == 0
     lines = list(csv.reader(open(csv_path, encoding="utf-8-sig")))
-    header, body = lines[1], lines[2:]
+    header, body = lines[0], lines[1:]  # a plain CSV: the header is the first line
     for cells in body:
         cells[header.index("corrected_label")] = "food_drink" if "fd_juice" in cells[header.index("path")] else "kitchen"
     with open(csv_path, "w", encoding="utf-8-sig", newline="") as fh:
-        csv.writer(fh).writerows([lines[0], header, *body])
+        csv.writer(fh).writerows([header, *body])
     store = tmp_path / "store"
     r = invoke("review", "import", csv_path, "--run", out, "--corrections", store)
     assert r.exit_code == 0, r.output
@@ -165,16 +165,16 @@ def test_formula_injection_csv(hostile_run):
     tmp, out = hostile_run
     path = tmp / "r.csv"
     assert invoke("review", "export", out, "--out", path, "--threshold", "1").exit_code == 0
-    cells = [c for row in list(csv.reader(open(path, encoding="utf-8-sig")))[2:] for c in row]
+    cells = [c for row in list(csv.reader(open(path, encoding="utf-8-sig")))[1:] for c in row]
     for cell in cells:
         assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
     assert "'=HYPERLINK(\"http://evil.example\",\"click\")" in cells and "'@SUM(1+1)" in cells
     lines = list(csv.reader(open(path, encoding="utf-8-sig")))
-    header = lines[1]
-    lines[2][header.index("corrected_label")] = "tops"
+    header = lines[0]
+    lines[1][header.index("corrected_label")] = "tops"
     with open(path, "w", encoding="utf-8-sig", newline="") as fh:
         csv.writer(fh).writerows(lines)
-    r = invoke("review", "import", path, "--run", out, "--corrections", tmp / "store")
+    r = invoke("review", "import", path, "--corrections", tmp / "store")  # the run_file column names the run
     assert r.exit_code == 0 and "1 corrections stored" in r.output
     corrections = pq.read_table(next((tmp / "store").glob("part-*.parquet"))).to_pylist()
     assert corrections[0]["sku"].startswith(("=HYPERLINK", "+cmd"))  # stored as the original text
