@@ -62,7 +62,8 @@ def fault_point(name: str) -> None:
     """Crash-test hook: ``LABELCAT_FAULT=kill@NAME`` SIGKILLs this process here,
     ``pause@NAME`` sleeps (holding the lock) so a test can race or kill it.
 
-    Points: ``after-chunk:N`` (chunk N committed) and ``mid-publish`` (index
+    Points: ``after-chunk:N`` (chunk N committed), ``before-publish`` (--out written, nothing published)
+    and ``mid-publish`` (index
     published, labels not yet). Unset in production; the tests use it to prove
     that a killed run resumes to the same store.
     """
@@ -210,9 +211,12 @@ class Store:
             state = None
         if state and same:
             done = {int(p.stem.split("-")[1]) for p in (self.staging / "labels").glob("part-*.parquet")}
-            log(f"resuming run {state['run_id']}: {len(done)} chunks already committed")
-            return state["run_id"], state["run_date"], done
-        if state:
+            changed = self.files_unchanged(done)
+            if changed is None:
+                log(f"resuming run {state['run_id']}: {len(done)} chunks already committed")
+                return state["run_id"], state["run_date"], done
+            log(f"not resuming run {state['run_id']}: {changed} changed since it was read")
+        elif state:
             log(f"discarding unfinished run {state['run_id']} (its input or model differ)")
         shutil.rmtree(self.staging, ignore_errors=True)
         (self.staging / "labels").mkdir(parents=True)
@@ -231,12 +235,38 @@ class Store:
         with atomic_path(self._state_file(), suffix=".json") as tmp:
             tmp.write_text(json.dumps(state))
 
-    def commit_chunk(self, n: int, rows: pa.Table, index_records: list[dict[str, Any]]) -> None:
-        """Index part first, then the rows part: a chunk counts as done once its rows part exists."""
+    def commit_chunk(self, n: int, rows: pa.Table, index_records: list[dict[str, Any]],
+                     files: list[tuple[str, int, int]] | None = None) -> None:
+        """Files record, index part, then the rows part: a chunk counts as done once its rows part exists.
+
+        ``files`` (path, size, mtime_ns) are what the chunk read; a resume
+        checks them, so a photo replaced under the same name is not taken from
+        a committed chunk (``files_unchanged``).
+        """
+        with atomic_path(self.staging / "files" / f"part-{n:06d}.json", suffix=".json") as tmp:
+            tmp.write_text(json.dumps(files or []))
         with atomic_path(self.staging / "index" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(index_records, schema=INDEX_SCHEMA), tmp)
         with atomic_path(self.staging / "labels" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
             pq.write_table(rows, tmp)
+
+    def files_unchanged(self, chunks: set[int]) -> str | None:
+        """None if every file the committed ``chunks`` read still has its size and modification time;
+        else the first path that changed (the resume must start afresh)."""
+        for n in sorted(chunks):
+            try:
+                files = json.loads((self.staging / "files" / f"part-{n:06d}.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                return f"chunk {n}'s file list"
+            for path, size, mtime_ns in files:
+                try:
+                    st = os.stat(path)
+                    now = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    now = (-1, -1)
+                if now != (size, mtime_ns):
+                    return path
+        return None
 
     def read_chunk(self, n: int) -> tuple[pa.Table, list[dict[str, Any]]]:
         rows = pq.read_table(self.staging / "labels" / f"part-{n:06d}.parquet")

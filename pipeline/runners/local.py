@@ -85,6 +85,18 @@ def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
+def file_stats(records: list[Record]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of each file a chunk read, for the store to check on resume."""
+    out = []
+    for rec in records:
+        try:
+            st = os.stat(rec.resolved)
+        except (OSError, ValueError):
+            continue
+        out.append((os.fsdecode(rec.resolved), st.st_size, st.st_mtime_ns))
+    return out
+
+
 def input_fingerprint(source: Path) -> str:
     """What the input is, for resuming: manifest bytes, or the folder's names, sizes and times."""
     h = hashlib.sha256()
@@ -243,7 +255,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                     rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc))
                     table = to_table(rows, batch.extra_columns, meta)
                     if store:
-                        store.commit_chunk(n, table, index_records)
+                        store.commit_chunk(n, table, index_records, file_stats(records))
                         cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
                         fault_point(f"after-chunk:{n}")
                 counter.update(table.to_pylist())
@@ -251,8 +263,12 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                     if cfg.skip_seen:
                         table = table.filter(pc.not_equal(table["status"], "seen"))
                     writer.write_table(table)
-            if store and published is None:
-                cfg.log({"stage": "publish", "path": str(store.publish())})
+        # --out is in place before the store publishes: a kill between the two leaves the staging
+        # complete, and the re-run rewrites --out from it (never from a published night, where
+        # tonight's photos would already count as seen).
+        if store and published is None:
+            fault_point("before-publish")
+            cfg.log({"stage": "publish", "path": str(store.publish())})
     summary = counter.summary(
         run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
         model=classifier.name, model_version=classifier.version, device="GPU" if has_gpu() else "CPU",

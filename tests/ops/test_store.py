@@ -100,13 +100,13 @@ def test_a_new_model_version_relabels_only_on_demand(tmp_path):
     assert "seen" not in set(c.status) and set(c.label) <= {"tops", "bags"}
 
 
-def _subprocess_run(shop, store, model, out, fault=None, chunk=3):
+def _subprocess_run(shop, store, model, out, fault=None, chunk=3, *extra):
     env = dict(os.environ, LABELCAT_CACHE=os.environ.get("LABELCAT_CACHE", ""))
     env.pop("LABELCAT_FAULT", None)
     if fault:
         env["LABELCAT_FAULT"] = fault
     cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(shop), "--store", str(store),
-           "--model", str(model), "--chunk-size", str(chunk), "--out", str(out), "-q"]
+           "--model", str(model), "--chunk-size", str(chunk), "--out", str(out), "-q", *extra]
     return subprocess.Popen(cmd, cwd=REPO, env={k: v for k, v in env.items() if v}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -127,7 +127,10 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, card_model, fa
     store = tmp_path / "store"
     p = _subprocess_run(shop, store, card_model, tmp_path / "out.parquet", fault=fault)
     assert p.wait(120) == -signal.SIGKILL
-    assert not (tmp_path / "out.parquet").exists()  # no half-written output
+    if fault == "kill@mid-publish":  # --out is complete before the store publishes
+        assert len(pd.read_parquet(tmp_path / "out.parquet")) == 15
+    else:
+        assert not (tmp_path / "out.parquet").exists()  # no half-written output
     if fault != "kill@mid-publish":
         assert not (store / "labels").exists()  # readers see nothing of the killed night
     p = _subprocess_run(shop, store, card_model, tmp_path / "out.parquet")
@@ -137,6 +140,39 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, card_model, fa
     assert len(list((store / "labels").glob("run_date=*/*"))) == 1
     out = pd.read_parquet(tmp_path / "out.parquet").sort_values("row")
     assert list(out.row) == list(range(15))
+
+
+@pytest.mark.parametrize("fault", ["kill@before-publish", "kill@mid-publish"])
+def test_a_kill_around_publish_never_loses_tonights_rows_from_out(tmp_path, card_model, fault):
+    """With --skip-seen, a re-run after a kill near the publish still writes tonight's rows to --out."""
+    shop = tmp_path / "uploads"
+    make_shop(shop, 7)
+    store, out = tmp_path / "store", tmp_path / "out.parquet"
+    p = _subprocess_run(shop, store, card_model, out, fault, 3, "--skip-seen")
+    assert p.wait(120) == -signal.SIGKILL
+    p = _subprocess_run(shop, store, card_model, out, None, 3, "--skip-seen")
+    assert p.wait(120) == 0, p.stderr.read()
+    rows = pd.read_parquet(out)
+    assert len(rows) == 7 and "seen" not in set(rows.status)
+    assert len(list((store / "labels").glob("run_date=*/*"))) == 1
+
+
+def test_a_photo_replaced_after_a_kill_is_read_again_on_resume(tmp_path, card_model):
+    import hashlib
+
+    shop = tmp_path / "uploads"
+    make_shop(shop, 7)
+    manifest = tmp_path / "manifest.csv"  # a manifest's bytes do not change when a photo does
+    manifest.write_text("path\n" + "".join(f"uploads/p{i:03d}.jpg\n" for i in range(7)))
+    store, out = tmp_path / "store", tmp_path / "out.parquet"
+    p = _subprocess_run(manifest, store, card_model, out, "kill@after-chunk:0")
+    assert p.wait(120) == -signal.SIGKILL
+    product_photo((10, 200, 10), (300, 300), shape="bag", seed=99).save(shop / "p000.jpg", quality=80)  # same name
+    new_sha = hashlib.sha256((shop / "p000.jpg").read_bytes()).hexdigest()
+    p = _subprocess_run(manifest, store, card_model, out)
+    assert p.wait(120) == 0, p.stderr.read()
+    rows = pd.read_parquet(out).set_index("row")
+    assert rows.loc[0, "sha256"] == new_sha and rows.loc[0, "width"] == 300
 
 
 def test_two_runs_at_once_and_a_stale_lock(tmp_path, card_model):
