@@ -146,7 +146,7 @@ def cli() -> None:
               help="Rows per unit of work (memory bound; with --store, the unit a killed run resumes from).")
 @click.option("--relabel", is_flag=True, help="With --store: classify again photos an older model version labelled.")
 @click.option("--skip-seen", is_flag=True, help="With --store: leave photos labelled on earlier nights out of --out.")
-@click.option("--allow-outside", is_flag=True, help="Let manifest paths leave the manifest's folder.")
+@click.option("--allow-outside", is_flag=True, help="Let manifest paths leave the manifest's folder, and folder symlinks point outside the input folder.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append one JSON line per stage and chunk (for monitoring).")
 @click.option("--fail-on-row-errors", is_flag=True, help="Exit 4 (not 0) when the run completed but some rows are errors.")
@@ -205,11 +205,16 @@ def run(
         quiet=quiet, corrections=corrections, review_threshold=review_threshold, store=store,
         chunk_size=chunk_size, relabel=relabel, skip_seen=skip_seen, allow_outside=allow_outside, log=log,
     )
-    if store is not None:  # refuse a foreign folder before spending seconds on the model
+    if store is not None:  # refuse a foreign or locked store before spending seconds on the model
         try:
-            Store(store).claim()
+            with Store(store).lock():
+                pass
         except StoreError as exc:
             raise click.UsageError(str(exc)) from None
+        except StoreLocked as exc:
+            log({"stage": "locked", "message": str(exc)})
+            click.echo(f"labelcat: {exc}; not starting a second run", err=True)
+            sys.exit(3)
     classifier = _load_classifier(model, taxonomy, precision)
     try:
         if runner == "ray":

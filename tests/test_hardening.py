@@ -308,3 +308,61 @@ def test_temporaries_of_a_killed_writer_are_swept(tmp_path):
     with atomic_path(dest, suffix=".parquet") as tmp:
         tmp.write_bytes(b"new")
     assert not dead.exists() and live.exists() and foreign.exists() and dest.read_bytes() == b"new"
+
+
+def test_one_bad_manifest_row_is_an_error_row_not_a_failed_night(tmp_path):
+    """A Latin-1 byte after the first 64 KB and a 200 KB cell: their rows are errors, the rest is labelled."""
+    product_photo(seed=1).save(tmp_path / "a.jpg")
+    good = b"S%d,a.jpg," + b"x" * 100 + b"\n"
+    body = b"".join(good % i for i in range(700))  # > 64 KB before the bad rows
+    body += b"BAD1,a.jpg,caf\xe9 au lait\n" + b"BAD2,a.jpg," + b"y" * 200_000 + b"\n" + good % 999
+    (tmp_path / "m.csv").write_bytes(b"sku,path,note\n" + body)
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "-o", str(out), "--model", "tiny_test", "-q",
+                                 "--chunk-size", "256", "--store", str(tmp_path / "st")])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(out).to_pandas().set_index("sku")
+    assert len(rows) == 703
+    assert rows.loc["BAD1", "error"] == "malformed_row" and "not UTF-8" in rows.loc["BAD1", "error_detail"]
+    assert rows.loc["BAD2", "error"] == "malformed_row" and "200000 characters" in rows.loc["BAD2", "error_detail"]
+    assert rows.loc["BAD1", "note"] == "caf\\xe9 au lait"  # kept, escaped
+    assert rows.loc["S999", "status"] != "error"
+
+
+def test_folder_symlinks_that_leave_the_folder_follow_the_manifest_rule(tmp_path):
+    from pipeline.stages.ingest import ingest
+
+    (tmp_path / "in").mkdir()
+    product_photo(seed=1).save(tmp_path / "secret.jpg")
+    product_photo(seed=2).save(tmp_path / "in" / "a.jpg")
+    (tmp_path / "in" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (tmp_path / "in" / "inside.jpg").symlink_to(tmp_path / "in" / "a.jpg")
+    errors = {r.path.rsplit("/", 1)[1]: r.error for r in ingest(tmp_path / "in").records}
+    assert errors["link.jpg"][0] == "outside_manifest" and errors["inside.jpg"] is None and errors["a.jpg"] is None
+    assert all(r.error is None for r in ingest(tmp_path / "in", allow_outside=True).records)
+
+
+def test_a_locked_store_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    from pipeline import cli as cli_mod
+    from pipeline.ops.store import Store
+
+    product_photo(seed=1).save(tmp_path / "a.jpg")
+    loaded = []
+    monkeypatch.setattr(cli_mod, "_load_classifier", lambda *a: loaded.append(a))
+    with Store(tmp_path / "st").lock():
+        r = CliRunner().invoke(cli, ["run", str(tmp_path), "-o", str(tmp_path / "o.parquet"), "--store",
+                                     str(tmp_path / "st"), "--model", "tiny_test", "-q"])
+    assert r.exit_code == 3 and "locked" in r.output and loaded == []
+
+
+def test_many_chunks_trace_the_model_step_once(tmp_path):
+    """TensorFlow warns about retracing (in cron mail) when every chunk builds a new tf.function."""
+    from conftest import tiny_test
+    from pipeline.runners.local import RunConfig, run
+
+    for i in range(7):
+        product_photo(((i * 40) % 255, 90, 160), seed=i).save(tmp_path / f"p{i}.jpg")
+    clf = tiny_test()
+    run(tmp_path, tmp_path / "o.parquet", clf, RunConfig(chunk_size=1, quiet=True))
+    assert len(clf.steps) == 1
+    assert next(iter(clf.steps.values())).experimental_get_tracing_count() == 1

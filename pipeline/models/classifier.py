@@ -38,6 +38,7 @@ class Classifier:
     temperature: float = 1.0
     precision: str = "float32"
     info: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict, repr=False)  # compiled per-batch functions, by option (classify)
 
     def hint_category(self, hint: str | None) -> str | None:
         """The category a folder name or manifest hint names: through the taxonomy's aliases for

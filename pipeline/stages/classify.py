@@ -33,7 +33,14 @@ class Predictions:
 
 
 def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
-    """The compiled per-batch function: uint8 pixels → tempered softmax."""
+    """The compiled per-batch function: uint8 pixels → tempered softmax.
+
+    Built once per classifier and kept on it: a new ``tf.function`` per chunk
+    would trace again every chunk (and TensorFlow warns about retracing in
+    cron mail from the sixth chunk on).
+    """
+    if jit_compile in classifier.steps:
+        return classifier.steps[jit_compile]
     import tensorflow as tf
 
     shape = classifier.preprocess.shape
@@ -45,6 +52,7 @@ def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
         logits = model(tf.cast(pixels, tf.float32), training=False)
         return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
 
+    classifier.steps[jit_compile] = step
     return step
 
 

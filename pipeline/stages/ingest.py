@@ -58,13 +58,14 @@ class Batch:
 def ingest(source: str | os.PathLike, allow_outside: bool = False) -> Batch:
     """Read a directory tree or a CSV manifest; raise ``IngestError`` if unusable.
 
-    ``allow_outside``: manifest paths that leave the manifest's folder (``../``,
-    absolute paths) are refused per row (``outside_manifest``) unless allowed,
-    so a manifest cannot make the job read arbitrary files.
+    ``allow_outside``: paths that leave the input's folder (a manifest's ``../``
+    or absolute paths, a folder's symlinks to files elsewhere) are refused per
+    row (``outside_manifest``) unless allowed: one rule for both inputs, so
+    neither can make the job read arbitrary files.
     """
     path = Path(source)
     if path.is_dir():
-        return Batch(walk_directory(path), [], "directory")
+        return Batch(walk_directory(path, allow_outside), [], "directory")
     if not path.exists():
         raise IngestError(f"input {str(source)!r} does not exist")
     if not path.is_file():
@@ -72,7 +73,7 @@ def ingest(source: str | os.PathLike, allow_outside: bool = False) -> Batch:
     return read_manifest(path, allow_outside)
 
 
-def walk_directory(root: Path) -> Iterator[Record]:
+def walk_directory(root: Path, allow_outside: bool = False) -> Iterator[Record]:
     """Every non-hidden file below ``root``, sorted; the parent folder is the hint.
 
     Symlinked folders are not followed (no loops); symlinked files are listed
@@ -100,13 +101,16 @@ def walk_directory(root: Path) -> Iterator[Record]:
             if name.startswith("."):
                 continue
             full = Path(dirpath) / name
-            yield Record(
+            rec = Record(
                 row=row,
                 path=display_path(full),
                 resolved=full,
                 sku=None,
                 category_hint=display_path(Path(dirpath).name) or None,
             )
+            if not allow_outside and full.is_symlink() and full.exists() and not _inside(full, root):
+                rec.error = ("outside_manifest", "the symlink leaves the input folder (use --allow-outside)")
+            yield rec
             row += 1
     yield from unlisted()
 
@@ -191,17 +195,67 @@ def read_manifest(path: Path, allow_outside: bool = False) -> Batch:
     return Batch(records(), extra_names, "manifest", renamed)
 
 
+MAX_CELL = 65536  # characters; a longer cell makes its row an error row, not the night's failure
+csv.field_size_limit(16 * 1024 * 1024)  # read long cells so they fail their own row only
+
+
+class BadRow(list):
+    """A manifest row that could not be read as CSV: its cells so far and why."""
+
+    def __init__(self, cells: list[str], why: str) -> None:
+        super().__init__(cells)
+        self.why = why
+
+
 def _manifest_rows(path: Path, delimiter: str) -> Iterator[list[str]]:
-    """Non-blank CSV rows of the manifest, header first; decoding problems are usage errors."""
+    """Non-blank CSV rows of the manifest, header first.
+
+    Bytes that are not UTF-8 are kept as surrogate escapes and a CSV syntax
+    error ends only its own row (``BadRow``): one bad row must not fail a
+    night whose other rows are fine.
+    """
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield BadRow([], f"not valid CSV: {exc}")
+                continue
+            if cells and not (len(cells) == 1 and not cells[0].strip()):
+                yield cells
+
+
+def _row_problem(cells: list[str]) -> str | None:
+    """Why a row's cells cannot be used as they are (bad bytes, a huge cell), or None."""
+    if isinstance(cells, BadRow):
+        return cells.why
+    for i, c in enumerate(cells):
+        if len(c) > MAX_CELL:
+            return f"cell {i + 1} has {len(c)} characters (limit {MAX_CELL})"
+        if _has_surrogates(c):
+            bad = c.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            return f"cell {i + 1} is not UTF-8 text: {bad[:80]!r}"
+    return None
+
+
+def _has_surrogates(text: str) -> bool:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            for cells in csv.reader(fh, delimiter=delimiter):
-                if cells and not (len(cells) == 1 and not cells[0].strip()):
-                    yield cells
-    except UnicodeDecodeError:
-        raise IngestError(f"manifest {str(path)!r} is not UTF-8 text") from None
-    except csv.Error as exc:
-        raise IngestError(f"manifest {str(path)!r} is not valid CSV: {exc}") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _clean(cell: str | None) -> str | None:
+    """A cell as text any Parquet reader accepts: undecodable bytes as \\xNN escapes, huge cells cut."""
+    if cell is None:
+        return None
+    if _has_surrogates(cell):
+        cell = cell.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return cell if len(cell) <= MAX_CELL else cell[:MAX_CELL] + "..."
 
 
 def _record_from_cells(
@@ -216,11 +270,13 @@ def _record_from_cells(
     base: Path,
     allow_outside: bool,
 ) -> Record:
+    problem = _row_problem(cells)
+
     def cell(i: int | None) -> str | None:
         if i is None or i >= len(cells):
             return None
-        value = cells[i]
-        return value if value.strip() else None
+        value = _clean(cells[i])
+        return value if value and value.strip() else None
 
     raw_path = cell(path_col) or ""
     rec = Record(
@@ -229,9 +285,11 @@ def _record_from_cells(
         resolved=(base / raw_path.strip()) if raw_path.strip() else base,
         sku=cell(id_col),
         category_hint=cell(hint_col),
-        extra={name: (cells[i] if i < len(cells) else None) for name, i in zip(extra_names, extra_idx)},
+        extra={name: (_clean(cells[i]) if i < len(cells) else None) for name, i in zip(extra_names, extra_idx)},
     )
-    if not raw_path.strip():
+    if problem is not None:
+        rec.error = ("malformed_row", problem)
+    elif not raw_path.strip():
         rec.error = ("no_path", "the path cell is empty")
     elif len(cells) > len(header):
         rec.error = ("malformed_row", f"{len(cells)} cells for {len(header)} columns")
