@@ -68,10 +68,10 @@ def bench_decode(paths: list[Path], batch_size: int, parallel: int | None) -> fl
 def bench_model(classifier, batch_size: int, batches: int) -> float:
     step = make_step(classifier)
     x = np.random.default_rng(1).integers(0, 255, (batch_size, *classifier.preprocess.shape), dtype=np.uint8)
-    step(x).numpy()  # trace once
+    step(x)[0].numpy()  # trace once
     t = time.perf_counter()
     for _ in range(batches):
-        step(x).numpy()
+        step(x)[0].numpy()
     return rate(batch_size * batches, time.perf_counter() - t)
 
 

@@ -287,6 +287,9 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 @click.option("--arch", default=None, help="Fashion-MNIST architecture (`labelcat models list`); default fmnist_best.")
 @click.option("--backbone", type=click.Choice(BACKBONES.list()), default="efficientnet_lite0",
               show_default=True, help="Pretrained backbone for shop photos.")
+@click.option("--method", type=click.Choice(["auto", "centroid", "logreg", "finetune"]), default="auto", show_default=True,
+              help="Shop photos: auto picks centroid or logreg (few-shot on frozen embeddings) by cross-validation; "
+                   "finetune trains the top of the backbone.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (phase 1); default per architecture, 12 for shop photos.")
 @click.option("--fine-tune-epochs", type=click.IntRange(0), default=6, show_default=True,
               help="Shop photos: epochs of phase 2 (top blocks unfrozen, learning rate / 10).")
@@ -303,7 +306,7 @@ def _echo(quiet: bool) -> Callable[[str], None]:
               help="Fashion-MNIST: continue training this model folder (same --arch and --seed, so the same split).")
 @click.option("--force", is_flag=True, help="Replace an existing model folder at --out (atomically, once training succeeded).")
 @quiet_option
-def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | None, fine_tune_epochs: int,
+def train(data: str, out: Path, arch: str | None, backbone: str, method: str, epochs: int | None, fine_tune_epochs: int,
           fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
           target_precision: float, init_from: Path | None, force: bool, quiet: bool) -> None:
     """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
@@ -329,7 +332,7 @@ def train(data: str, out: Path, arch: str | None, backbone: str, epochs: int | N
         raise click.UsageError(str(exc)) from None
     has_gpu()  # imports TensorFlow with its start-up log muted
 
-    cfg = TrainConfig(force=force, epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
+    cfg = TrainConfig(force=force, method=method, epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_blocks=fine_tune_blocks,
                       batch_size=batch_size, learning_rate=learning_rate, val_split=val_split, seed=seed,
                       backbone=backbone, target_precision=target_precision, init_from=init_from, quiet=quiet,
                       log=_echo(quiet))

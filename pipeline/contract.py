@@ -60,6 +60,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match) | human (a reviewer said so)"),
     Column("seen_in", pa.string(), "run_id#row where this same photo was labelled before (status seen)"),
     Column("junk_reason", pa.string(), "code: detail, e.g. 'not_product: looks like animal (0.96)'", indexed=True),
+    Column("needs_review", pa.bool_(), "a person should look: junk, a hint mismatch or outlier, or confidence under the "
+           "run's review threshold; false once a person decided (the rows `review export` picks)"),
+    Column("review_reason", pa.string(), "why it needs review: junk: <code>, hint_mismatch, hint_outlier, low_confidence"),
     Column("error", pa.string(), "why the photo could not be used: missing, empty, truncated, ... (README)"),
     Column("error_detail", pa.string(), "the underlying message"),
     Column("sha256", pa.string(), "hex sha256 of the file's bytes", indexed=True),

@@ -34,6 +34,7 @@ class TrainConfig:
     target_precision: float = 0.95
     init_from: Path | None = None  # continue from this trained model folder (same architecture)
     force: bool = False  # replace an existing model folder at the destination
+    method: str = "auto"  # shop photos: auto | centroid | logreg (few-shot on frozen embeddings) | finetune
     quiet: bool = False
     log: Callable[[str], None] = field(default=print)
 

@@ -32,6 +32,8 @@ from pipeline.stages.junk import JunkConfig, quality_reason
 from pipeline.ops.device import has_gpu
 from pipeline.learning.recipe import TrainConfig, brief, calibrate, callbacks, compile_model, machine, stratified_split
 
+MIN_PER_CLASS = 3  # fewer photos in a class: say what the card's calibration and threshold can mean
+
 
 # ---------------------------------------------------------------- shop photos
 
@@ -145,8 +147,63 @@ def unfreeze_top(features, blocks: int) -> list[str]:
     return opened
 
 
+def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: LabelledPhotos, classes: list[str],
+                  y: np.ndarray, groups: np.ndarray) -> ModelCard:
+    """The default: a linear rule on frozen embeddings (``fewshot``), cross-validated, calibrated, open-set."""
+    from pipeline.learning.fewshot import build_model, class_outliers, fit, open_set_card, paths_embeddings
+    from pipeline.models.backbones import backbone_features
+
+    t0 = time.perf_counter()
+    emb, errors = paths_embeddings(photos.paths, cfg.backbone)
+    ok = np.array([e is None for e in errors])
+    if not ok.all():
+        for i in np.flatnonzero(~ok):
+            cfg.log(f"skipped {photos.paths[i]}: {errors[i][0]}: {errors[i][1]}")
+    emb, y, groups = emb[ok], y[ok], groups[ok]
+    paths = [p for p, keep in zip(photos.paths, ok) if keep]
+    outliers = class_outliers(emb, y)
+    for i in outliers:
+        cfg.log(f"left out {paths[i]}: unlike the other photos labelled {classes[y[i]]} (not trained on; review it)")
+    keep = np.setdiff1d(np.arange(len(y)), outliers)
+    emb, y, groups = emb[keep], y[keep], groups[keep]
+    fitted = fit(emb, y, groups, len(classes), cfg.method, cfg.seed)
+    features, bb = backbone_features(cfg.backbone, 224)
+    model = build_model(features, fitted)
+    seconds = time.perf_counter() - t0
+    oof = fitted.cv.pop("oof_logits")
+    if oof is not None:
+        cal = calibrate(oof.astype(np.float64), y, classes, cfg.target_precision)
+    else:
+        cal = calibrate(np.zeros((0, len(classes))), np.zeros(0, int), classes, cfg.target_precision)
+    smallest = min(Counter(y.tolist()).values())
+    if smallest < MIN_PER_CLASS:
+        cfg.log(f"warning: a class has only {smallest} photo(s) (< {MIN_PER_CLASS}); cross-validation, the temperature "
+                "and the open-set threshold " + ("rest on very few photos" if oof is not None else "could not be fitted"))
+    counts = Counter(classes[k] for k in y)
+    card = ModelCard(
+        name=Path(out).name, classes=classes, preprocess=IMAGENET_224.to_dict(),
+        arch=f"fewshot_{fitted.method}_{cfg.backbone}", backbone=cfg.backbone, weights_origin=bb.weights_origin,
+        training_data={"source": str(data), "photos": int(len(y)), "per_class": dict(counts), "skipped": len(photos.skipped),
+                       "left_out_as_outliers": [str(paths[i]) for i in outliers],
+                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
+                       "sha256": sorted(set(photos.sha256))},
+        metrics={"validation": brief(cal["validation"])} if oof is not None else {},
+        temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
+        recommended_threshold=cal["recommended_threshold"],
+        training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
+                  "machine": machine(), "parameters": int(model.count_params()), "calibration":
+                  cal["calibration"] + (" (out-of-fold scores)" if oof is not None else ""), "seed": cfg.seed},
+        open_set=open_set_card(fitted),
+    )
+    save_model(model, card, out, force=cfg.force)
+    acc = fitted.cv["accuracy"].get(fitted.method)
+    cfg.log(f"few-shot {fitted.method} on {len(y)} photos in {len(classes)} classes: cross-validated accuracy "
+            + (f"{acc:.3f}" if acc is not None else "n/a") + f", T={cal['temperature']:.2f}, {seconds:.0f}s; saved to {out}")
+    return card
+
+
 def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:
-    """Transfer-learn a shop classifier from labelled photos; save model + card to ``out``."""
+    """Train a shop classifier from labelled photos (few-shot by default, or fine-tuning); save model + card."""
     import keras
 
     photos = collect(data, quiet=cfg.quiet)
@@ -159,8 +216,11 @@ def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[M
     groups = np.array(photos.groups)
     train_idx, val_idx = stratified_split(y, groups, cfg.val_split, cfg.seed)
     counts = Counter(photos.labels)
-    cfg.log(f"{len(y)} photos in {len(classes)} classes ({', '.join(f'{c} {counts[c]}' for c in classes)}); "
-            f"{len(train_idx)} train / {len(val_idx)} validation")
+    cfg.log(f"{len(y)} photos in {len(classes)} classes ({', '.join(f'{c} {counts[c]}' for c in classes)})"
+            + ("" if cfg.method != "finetune" else f"; {len(train_idx)} train / {len(val_idx)} validation"))
+
+    if cfg.method != "finetune":
+        return train_fewshot(data, out, cfg, photos, classes, y, groups), photos
 
     keras.utils.set_random_seed(cfg.seed)
     mixed = has_gpu()

@@ -51,6 +51,7 @@ class ModelCard:
     library_versions: dict = field(default_factory=dict)
     created_at: str = ""
     card_version: str = CARD_VERSION
+    open_set: dict | None = None  # few-shot models: unit class means and the similarity below which a photo is declined
 
     def preprocessing(self) -> Preprocess:
         return Preprocess.from_dict(self.preprocess)
@@ -220,6 +221,13 @@ def validate_card(card: ModelCard, path: Path) -> None:
     for name in ("training_data", "metrics", "training", "library_versions"):
         if not isinstance(getattr(card, name), dict):
             raise bad(name, "must be an object")
+    if card.open_set is not None:
+        cents, t = card.open_set.get("centroids") if isinstance(card.open_set, dict) else None, None
+        if isinstance(card.open_set, dict):
+            t = _number(card.open_set.get("min_similarity"))
+        if (not isinstance(cents, list) or len(cents) != len(card.classes) or t is None or not -1 <= t <= 1
+                or not all(isinstance(c, list) and c and len(c) == len(cents[0]) for c in cents)):
+            raise bad("open_set", "must hold one centroid per class and a min_similarity in -1..1")
 
 
 def load_model(folder: str | Path):

@@ -141,7 +141,8 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
         categories=list(card.classes),
         temperature=float(card.temperature),
         precision=precision,
-        info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold},
+        info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold,
+              "open_set": card.open_set},
     )
 
 

@@ -138,7 +138,17 @@ def rows_to_review(run: RunFile, threshold: float | None = None) -> tuple[list[d
     recorded = run.meta.get("review_threshold")
     t = threshold if threshold is not None else float(recorded if recorded is not None else DEFAULT_REVIEW_THRESHOLD)
     picked = []
-    for r in run.table.to_pylist():
+    rows = run.table.to_pylist()
+    if "needs_review" in run.table.column_names:  # the run decided; --threshold can only add low-confidence rows
+        for r in rows:
+            if r["needs_review"]:
+                picked.append({**r, "reason": r["review_reason"]})
+            elif (threshold is not None and r["status"] == "labelled" and r.get("label_source") != "human"
+                  and r["confidence"] is not None and r["confidence"] < t):
+                picked.append({**r, "reason": f"low_confidence: {r['confidence']:.2f} < {t}"})
+        picked.sort(key=lambda r: (r["confidence"] if r["confidence"] is not None else -1.0, r["row"]))
+        return picked, t
+    for r in rows:  # files written before needs_review existed
         if r["status"] == "junk":
             reason = r["junk_reason"]
         elif r["status"] != "labelled":
@@ -476,12 +486,14 @@ def apply_corrections(rows: list[dict[str, Any]], corrections: dict[str, dict[st
             continue
         label = c["corrected_label"]
         note = f" ({c['note']})" if c["note"] else ""
-        if label == "junk":
-            r.update(status="junk", junk_reason=f"human: marked junk by {c['reviewer']}{note}", label_source="human")
+        if label == "junk":  # a person's verdict: no model label survives it
+            r.update(status="junk", junk_reason=f"human: marked junk by {c['reviewer']}{note}", label_source="human",
+                     label=None, confidence=None, topk_labels=None, topk_scores=None)
         elif label == "duplicate":
             r.update(status="duplicate", duplicate_kind="human", label_source="human")
         else:
             r.update(status="labelled", label=label, confidence=1.0, label_source="human", junk_reason=None)
+        r.update(needs_review=False, review_reason=None)
         applied += 1
     return applied
 

@@ -37,7 +37,7 @@ from pipeline.models.classifier import Classifier
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import JunkConfig, quality_reason, semantic_reason
+from pipeline.stages.junk import JunkConfig, hint_outliers, open_set_reason, quality_reason, semantic_reason
 from pipeline.stages.nearpairs import NearPairs
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -127,6 +127,12 @@ class Context:
     corrections: dict[str, dict[str, Any]]
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
 
+    @property
+    def review_threshold(self) -> float:
+        """Confidence under which a labelled row needs a person: the option, the card's, else the default."""
+        return float(_first_set(self.cfg.review_threshold, self.classifier.info.get("recommended_threshold"),
+                                DEFAULT_REVIEW_THRESHOLD))
+
 
 @dataclass
 class Plan:
@@ -171,6 +177,8 @@ def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]]
     """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
     rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, ctx,
                     processed_at)
+    for r in rows:  # errors, duplicates and seen rows: nothing for a person to decide on this row
+        r.setdefault("needs_review", False)
     if ctx.corrections:
         apply_corrections(rows, ctx.corrections)
     inherit_duplicates(rows, ctx)
@@ -315,6 +323,9 @@ def assemble(
     labels, scores = top_k(preds.probs, cats, cfg.top_k)
     groups = tax.groups if tax else []
 
+    by_row_rec = {r.row: r for r in records}
+    outliers = hint_outliers(preds.embeddings, [by_row_rec[row].category_hint for row in classified], cfg.junk)
+    open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
     for rec in records:
         hint_cat = classifier.hint_category(rec.category_hint)
@@ -359,10 +370,31 @@ def assemble(
         reason = quality_junk.get(rec.row) or semantic_reason(
             label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
             preds.group_mass[i], groups, hint_cat, cfg.junk,
-        )
+        ) or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk)
+        review_note = None
+        if not reason and i in outliers:
+            if hint_cat is not None and label != hint_cat:  # the model disagrees with the folder too
+                reason = outliers[i]
+            else:  # the model agrees with the folder: a person decides
+                review_note = outliers[i]
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
+        row.update(review_flag(row, review_note, ctx.review_threshold))
         rows.append(row)
     return rows
+
+
+def review_flag(row: dict[str, Any], note: str | None, threshold: float) -> dict[str, Any]:
+    """``needs_review`` and ``review_reason`` of a classified row: the same decision the review sheet uses."""
+    if row["status"] == "junk":
+        return {"needs_review": True, "review_reason": "junk: " + str(row["junk_reason"]).split(":", 1)[0]}
+    if row.get("hint_category") and row["label"] != row["hint_category"]:
+        return {"needs_review": True,
+                "review_reason": f"hint_mismatch: filed as {row['hint_category']}, model says {row['label']}"}
+    if note:
+        return {"needs_review": True, "review_reason": note}
+    if row["confidence"] is not None and row["confidence"] < threshold:
+        return {"needs_review": True, "review_reason": f"low_confidence: {row['confidence']:.2f} < {threshold}"}
+    return {"needs_review": False, "review_reason": None}
 
 
 def inherit_duplicates(rows: list[dict[str, Any]], ctx: Context) -> None:

@@ -96,6 +96,7 @@ class ClassifierActor:
             "imagenet_top": np.array([t or "" for t in p.imagenet_top]),
             "error": np.array([e[0] if e else "" for e in p.errors]),
             "error_detail": np.array([e[1] if e else "" for e in p.errors]),
+            "embedding": list(p.embeddings),
         }
 
 
@@ -210,6 +211,8 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
         group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
         imagenet_top=[r["imagenet_top"] or None for r in results],
         errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
+        embeddings=np.array([r["embedding"] for r in results], np.float32).reshape(len(results), -1)
+        if results else np.zeros((0, 0), np.float32),
     )
     rows = finish_chunk(records, scans, plan, preds, ctx, datetime.now(timezone.utc))
     meta = run_meta(source, batch, classifier, cfg, run_id, started)

@@ -30,10 +30,11 @@ class Predictions:
     group_mass: np.ndarray  # (N, G) mass per not-product group
     imagenet_top: list[str | None]  # top ImageNet class with its probability, for reviewers
     errors: list[tuple[str, str] | None]  # decode failures met at classification time
+    embeddings: np.ndarray  # (N, D) features the logits layer reads (rows of failed decodes are zero)
 
 
 def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
-    """The compiled per-batch function: uint8 pixels → tempered softmax.
+    """The compiled per-batch function: uint8 pixels → (tempered softmax, embedding).
 
     Built once per classifier and kept on it: a new ``tf.function`` per chunk
     would trace again every chunk (and TensorFlow warns about retracing in
@@ -43,14 +44,20 @@ def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
         return classifier.steps[jit_compile]
     import tensorflow as tf
 
+    import keras
+
     shape = classifier.preprocess.shape
     model = classifier.model
     temperature = float(classifier.temperature)
+    # The features the last (logits) layer reads are the photo's embedding: returned from the same
+    # compiled call, so open-set checks, folder outliers and near-duplicate confirmation cost nothing extra.
+    both = keras.Model(model.inputs, [model.outputs[0], model.layers[-1].input])
 
     @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8)], jit_compile=jit_compile)
     def step(pixels):
-        logits = model(tf.cast(pixels, tf.float32), training=False)
-        return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+        logits, features = both(tf.cast(pixels, tf.float32), training=False)
+        probs = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
+        return probs, tf.cast(tf.reshape(features, [tf.shape(features)[0], -1]), tf.float32)
 
     classifier.steps[jit_compile] = step
     return step
@@ -106,27 +113,33 @@ def predict(
     n_out = 1000 if classifier.taxonomy is not None else len(classifier.categories)
     raw = np.zeros((n, n_out), np.float32)
     errors: list[tuple[str, str] | None] = [None] * n
+    embeddings = np.zeros((n, 0), np.float32)
     if n:
         step = make_step(classifier, jit_compile)
         for idx, pixels, errs in dataset(paths, classifier.preprocess, batch_size, max_pixels):
-            out = step(pixels).numpy()
-            idx = idx.numpy()
+            out, feats = step(pixels)
+            out, feats, idx = out.numpy(), feats.numpy(), idx.numpy()
+            if embeddings.shape[1] != feats.shape[1]:
+                embeddings = np.zeros((n, feats.shape[1]), np.float32)
             raw[idx] = out
+            embeddings[idx] = feats
             for i, e in zip(idx, errs.numpy()):
                 if e:
                     code, _, detail = e.decode("utf-8", "replace").partition("\t")
                     errors[i] = (code, detail)
                     raw[i] = 0.0
+                    embeddings[i] = 0.0
             if progress:
                 progress(len(idx))
-    return _fold(classifier, raw, errors)
+    return _fold(classifier, raw, errors, embeddings)
 
 
-def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] | None]) -> Predictions:
+def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] | None],
+          embeddings: np.ndarray) -> Predictions:
     tax = classifier.taxonomy
     n = raw.shape[0]
     if tax is None:
-        return Predictions(raw, np.ones(n, np.float32), np.zeros((n, 0), np.float32), [None] * n, errors)
+        return Predictions(raw, np.ones(n, np.float32), np.zeros((n, 0), np.float32), [None] * n, errors, embeddings)
     probs, product_mass, group_mass = tax.aggregate(raw)
     names = imagenet_classes()
     top = raw.argmax(axis=1) if n else np.zeros(0, int)
@@ -138,7 +151,7 @@ def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] 
             probs[i] = 0.0
             product_mass[i] = 0.0
             group_mass[i] = 0.0
-    return Predictions(probs, product_mass, group_mass, imagenet_top, errors)
+    return Predictions(probs, product_mass, group_mass, imagenet_top, errors, embeddings)
 
 
 def top_k(probs: np.ndarray, categories: Sequence[str], k: int) -> tuple[list[list[str]], list[list[float]]]:

@@ -29,6 +29,9 @@ class JunkConfig:
     mismatch_confidence: float = 0.85  # a confident contradiction of the hint...
     weak_evidence: float = 0.6  # ...or a contradiction with this little product evidence...
     hint_floor: float = 0.05  # ...while the hint's own category gets less than this
+    outlier_similarity: float = 0.10  # CL2N cosine to the other photos of its hint below which a photo is an outlier
+    outlier_min_group: int = 5  # a hint needs this many photos tonight before one can be unlike the rest
+    outlier_coherent: float = 0.30  # ...and its photos must agree this much (median similarity) to judge one
 
 
 @dataclass(frozen=True)
@@ -84,4 +87,69 @@ def semantic_reason(
                 f"hint_mismatch: filed as {hint_category} ({p_hint:.2f}) "
                 f"but looks like {label} ({confidence:.2f})"
             )
+    return None
+
+
+def _cl2n(x: np.ndarray) -> np.ndarray:
+    z = x - x.mean(axis=0)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
+
+
+def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConfig) -> dict[int, str]:
+    """Photos unlike the other photos filed under the same hint: ``{index: 'hint_outlier: ...'}``.
+
+    The remote in the TV folder: no model class needs to cover it. Embeddings
+    are centred on tonight's photos and scaled to unit length; each photo is
+    compared with the mean of the *other* photos of its hint. Only hints with
+    ``outlier_min_group`` photos whose median similarity shows they agree
+    (``outlier_coherent``) are judged; smaller or mixed folders fall back to
+    the model's evidence.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[1] == 0 or len(hints) < cfg.outlier_min_group:
+        return {}
+    z = _cl2n(embeddings.astype(np.float64))
+    out: dict[int, str] = {}
+    for hint in {h for h in hints if h}:
+        idx = np.array([i for i, h in enumerate(hints) if h == hint])
+        if len(idx) < cfg.outlier_min_group:
+            continue
+        total = z[idx].sum(axis=0)
+        others = (total[None, :] - z[idx]) / (len(idx) - 1)
+        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-8)
+        sim = np.einsum("ij,ij->i", z[idx], others)
+        if float(np.median(sim)) < cfg.outlier_coherent:
+            continue
+        for i, s in zip(idx, sim):
+            if s < cfg.outlier_similarity:
+                out[int(i)] = (f"hint_outlier: unlike the other {len(idx) - 1} photos filed as {hint} "
+                               f"(similarity {s:.2f} < {cfg.outlier_similarity})")
+    return out
+
+
+def open_set_reason(embedding: np.ndarray, open_set: dict | None, categories: list[str], label: str | None,
+                    hint_category: str | None, cfg: JunkConfig) -> str | None:
+    """A trained few-shot model's own evidence against a photo, or None.
+
+    ``unknown``: the photo is far from every class the model knows (below the
+    card's ``min_similarity``). ``hint_mismatch``: it is filed under a class it
+    is unlike (similarity below ``outlier_similarity``) while the model's
+    nearest class is another one: the cat in the shoe folder, which a
+    softmax would otherwise call confidently whichever class it is least
+    unlike. ``embedding`` is what the logits layer reads (centred, unit length).
+    """
+    if not open_set or embedding.size == 0:
+        return None
+    cents = np.asarray(open_set["centroids"], dtype=np.float32)
+    if cents.shape[1] != embedding.shape[0]:
+        return None
+    sims = cents @ embedding
+    best = int(sims.argmax())
+    if sims[best] < float(open_set["min_similarity"]):
+        return (f"unknown: nearest class {categories[best]} at similarity {sims[best]:.2f} "
+                f"< {float(open_set['min_similarity']):.2f}")
+    if hint_category in categories and label != hint_category:
+        s_hint = float(sims[categories.index(hint_category)])
+        if s_hint < cfg.outlier_similarity:
+            return (f"hint_mismatch: filed as {hint_category} but unlike its photos (similarity {s_hint:.2f}); "
+                    f"nearest class {categories[best]} ({sims[best]:.2f})")
     return None

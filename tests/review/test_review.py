@@ -186,3 +186,15 @@ def test_review_usage_errors(tmp_path):
     assert r.exit_code == 2 and "not a readable labelcat Parquet" in r.output
     r = invoke("review", "export", tmp_path / "x.parquet", "--out", tmp_path / "r.txt")
     assert r.exit_code == 2 and ".xlsx or .csv" in r.output
+
+
+def test_the_sheet_holds_exactly_the_rows_the_parquet_flags(hostile_run):
+    """needs_review in the Parquet and the review export make one decision, so the inventory system and the
+    reviewers see the same rows."""
+    tmp, out = hostile_run
+    path = tmp / "r.csv"
+    assert invoke("review", "export", out, "--out", path).exit_code == 0
+    flagged = {r["row"] for r in pq.read_table(out).to_pylist() if r["needs_review"]}
+    lines = list(csv.reader(open(path, encoding="utf-8-sig")))
+    exported = {int(cells[lines[0].index("row")]) for cells in lines[1:]}
+    assert exported == flagged and flagged

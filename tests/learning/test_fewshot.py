@@ -1,0 +1,103 @@
+"""Few-shot shop models on real photos (Saleor products, scikit-image non-products): decisions a shop can trust."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLE
+from pipeline.cli import cli
+from pipeline.learning.fewshot import class_outliers, fit, leave_one_out_similarity
+from pipeline.models.card import read_card
+from pipeline.stages.junk import JunkConfig, hint_outliers
+
+#: Real product photos per class in sample_catalog (near copies and misfiled photos excluded).
+PRODUCTS = {
+    "hoodies": ["cl_bogo01_1", "cl_bogo02_1", "cl_bogo03_1", "cl_bogo04_1"],
+    "juices": ["fd_juice_01", "fd_juice_02", "fd_juice_03", "fd_juice_05", "fd_juice_06"],
+    "polos": ["cl_polo01", "cl_polo02", "cl_polo03-woman", "cl_polo04-woman"],
+    "sneakers": ["sneakers_01_1", "sneakers_01_3", "sneakers_02_2", "sneakers_02_3"],
+    "t-shirts": ["cl_boot01_1", "cl_boot03_1", "cl_boot06_1", "cl_boot07_1"],
+}
+
+
+@pytest.fixture(scope="module")
+def few_shot(tmp_path_factory):
+    """Three photos a class for training (plus the misfiled cat and astronaut), the rest held out."""
+    base = tmp_path_factory.mktemp("fewshot")
+    for cls, stems in PRODUCTS.items():
+        (base / "train" / cls).mkdir(parents=True)
+        (base / "test" / cls).mkdir(parents=True)
+        for i, stem in enumerate(stems):
+            shutil.copy(SAMPLE / "images" / cls / f"{stem}.jpg", base / ("train" if i < 3 else "test") / cls)
+    shutil.copy(SAMPLE / "images" / "t-shirts" / "astronaut.jpg", base / "train" / "t-shirts")  # junk in the folder
+    r = CliRunner().invoke(cli, ["train", str(base / "train"), "--out", str(base / "model")])
+    assert r.exit_code == 0, r.output
+    return base, r.output
+
+
+@pytest.mark.slow
+def test_few_shot_training_learns_the_shops_own_classes(few_shot):
+    base, output = few_shot
+    card = read_card(base / "model")
+    assert card.arch.startswith("fewshot_") and card.training["method"] in ("centroid", "logreg")
+    assert "astronaut.jpg" in output and "left out" in output  # the folder's junk is not trained on
+    assert card.training["seconds"] < 60 and card.open_set and len(card.open_set["centroids"]) == 5
+    r = CliRunner().invoke(cli, ["evaluate", str(base / "model"), str(base / "test"), "--report", str(base / "rep"), "-q"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    m = json.loads((base / "rep" / "report.json").read_text())
+    assert m["n"] == 6 and m["accuracy"] >= 5 / 6  # a constant rule would get at most 2 of 6
+
+
+@pytest.mark.slow
+def test_a_trained_model_declines_what_does_not_belong(few_shot, tmp_path):
+    base, _ = few_shot
+    night = tmp_path / "night"
+    for cls in ("hoodies", "t-shirts"):
+        (night / cls).mkdir(parents=True)
+    shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo04_1.jpg", night / "hoodies")
+    shutil.copy(SAMPLE / "images" / "cushions" / "cat.jpg", night / "hoodies")  # a cat in the hoodie folder
+    shutil.copy(SAMPLE / "images" / "juices" / "espresso.jpg", night / "t-shirts")  # coffee among t-shirts
+    shutil.copy(SAMPLE / "images" / "t-shirts" / "cl_boot07_1.jpg", night / "t-shirts")
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(base / "model"), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas().set_index("path")
+    name = {p.rsplit("/", 1)[1]: p for p in t.index}
+    for junk in ("cat.jpg", "espresso.jpg"):
+        assert t.loc[name[junk], "status"] == "junk", t.loc[name[junk]].to_dict()
+        assert t.loc[name[junk], "junk_reason"].startswith(("unknown", "hint_mismatch"))
+        assert bool(t.loc[name[junk], "needs_review"])
+    for product, cls in (("cl_bogo04_1.jpg", "hoodies"), ("cl_boot07_1.jpg", "t-shirts")):
+        assert t.loc[name[product], "status"] == "labelled" and t.loc[name[product], "label"] == cls
+
+
+def test_fit_prefers_the_rule_that_cross_validates_and_finds_outliers():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 64)) * 3
+    x = np.concatenate([centres[k] + rng.normal(size=(6, 64)) for k in range(3)])
+    y = np.repeat(np.arange(3), 6)
+    x[5] = -centres[0] * 2  # a photo filed under class 0 that is unlike the rest of it
+    assert list(class_outliers(x, y)) == [5]
+    sim = leave_one_out_similarity(x, y)
+    assert sim[5] < 0 < np.delete(sim, 5).min()
+    keep = np.delete(np.arange(18), 5)
+    fitted = fit(x[keep], y[keep], np.arange(17), 3)
+    assert fitted.cv["accuracy"][fitted.method] == 1.0 and fitted.min_similarity is not None
+    z = (x[keep] - fitted.mean) / np.linalg.norm(x[keep] - fitted.mean, axis=1, keepdims=True)
+    assert ((z @ fitted.weights + fitted.bias).argmax(axis=1) == y[keep]).all()
+
+
+def test_hint_outliers_need_a_coherent_folder():
+    rng = np.random.default_rng(1)
+    tv = rng.normal(size=64) * 4
+    emb = np.concatenate([tv + rng.normal(size=(6, 64)), -tv[None, :] + rng.normal(size=(1, 64)),
+                          rng.normal(size=(5, 64)) * 4])  # six TVs, a remote, five unrelated 'misc' photos
+    hints = ["tv"] * 7 + ["misc"] * 5
+    out = hint_outliers(emb, hints, JunkConfig())
+    assert list(out) == [6] and out[6].startswith("hint_outlier: unlike the other 6 photos filed as tv")
+    assert hint_outliers(emb[:4], hints[:4], JunkConfig()) == {}  # too few to judge
