@@ -40,6 +40,8 @@ def pick(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20, 50])
+    ap.add_argument("--method", default="finetune", choices=["auto", "centroid", "logreg", "finetune"],
+                    help="labelcat train --method (the README table is finetune)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "curve")
     args = ap.parse_args()
     x_tr, y_tr = fm.load("train")
@@ -56,7 +58,8 @@ def main() -> None:
             write_photos(x_tr[idx], y_tr[idx], data)
         model = args.out / f"model_{n}"
         t = time.perf_counter()
-        subprocess.run(["labelcat", "train", str(data), "--out", str(model), "--quiet"], check=True)
+        subprocess.run(["labelcat", "train", str(data), "--out", str(model), "--method", args.method, "--quiet", "--force"],
+                       check=True)
         secs = time.perf_counter() - t
         report = args.out / f"report_{n}"
         subprocess.run(["labelcat", "evaluate", str(model), str(test_dir), "--report", str(report), "--quiet"], check=True)

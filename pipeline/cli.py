@@ -310,7 +310,8 @@ def train(data: str, out: Path, arch: str | None, backbone: str, method: str, ep
           fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
           target_precision: float, init_from: Path | None, force: bool, quiet: bool) -> None:
     """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
-    or `fashion-mnist` (with --arch) for the studies' models.
+    a review corrections store (the photos people labelled), or `fashion-mnist` (with --arch) for the
+    studies' models.
 
     Photos go through the same ingest, decode and dedupe as `labelcat run`; broken files are reported
     and skipped, near duplicates never straddle the train/validation split. The model is calibrated
@@ -388,7 +389,15 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     except (IngestError, DatasetMissing, CardError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     folder = report_dir or Path("reports") / Path(model).name
-    write_report(metrics, folder, f"labelcat evaluate {model} on {data}")
+    overlap = metrics.get("training_overlap")
+    title = f"labelcat evaluate {model} on {data}"
+    if overlap and not overlap["is_test_score"]:
+        title += f" (NOT a test score: {overlap['share']:.0%} of these photos were trained on)"
+    write_report(metrics, folder, title)
+    if overlap and overlap["photos"]:
+        click.echo(f"labelcat: warning: {overlap['photos']} of the evaluated photos ({overlap['share']:.0%}) were in "
+                   "the model's training data" + ("; this is not a test score" if not overlap["is_test_score"] else ""),
+                   err=True)
     if not quiet:
         rt = metrics["recommended_threshold"]
         click.echo(f"{model} on {data}: {summary_line(metrics)}")

@@ -121,6 +121,21 @@ def summary_line(m: dict[str, Any]) -> str:
     return (f"accuracy {m['accuracy']:.4f}, macro F1 {m['macro']['f1']:.4f}, ECE {m['ece']:.4f} on {m['n']} photos")
 
 
+#: Above this share of photos the model trained on, an evaluation is no test score.
+MAX_TEST_OVERLAP = 0.2
+
+
+def training_overlap(card_path: str | None, sha256: list[str]) -> dict[str, Any] | None:
+    """How many of the evaluated photos the model was trained on (by the card's per-photo sha256 list)."""
+    if not card_path or not sha256:
+        return None
+    trained = set(json.loads(Path(card_path).read_text()).get("training_data", {}).get("sha256", []))
+    if not trained:
+        return None
+    shared = sum(s in trained for s in sha256)
+    return {"photos": shared, "share": shared / len(sha256), "is_test_score": shared / len(sha256) <= MAX_TEST_OVERLAP}
+
+
 def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, batch_size: int = 64,
                    quiet: bool = True) -> dict[str, Any]:
     """Metrics of a model (registered name or folder) on ``fashion-mnist`` (its test set) or labelled photos."""
@@ -156,7 +171,10 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
         preds = predict(clf, keep, batch_size=batch_size)
         ok = [i for i, e in enumerate(preds.errors) if e is None]
         probs, y = preds.probs[ok], np.array(y_list, dtype=int)[ok]
+        overlap = training_overlap(clf.info.get("card"), photos.sha256)
     metrics = classification_metrics(y, probs, clf.categories)
+    if data != "fashion-mnist":
+        metrics["training_overlap"] = overlap
     metrics.update(model=str(model_ref), model_version=clf.version, data=str(data), skipped=skipped,
                    target_precision=target_precision,
                    recommended_threshold=recommend_threshold(metrics["coverage"], target_precision))

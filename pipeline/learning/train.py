@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.models.card import ModelCard, fingerprint, save_model
 from pipeline.models.preprocess import IMAGENET_224, Preprocess
-from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_pixels
+from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.stages.dedupe import Candidate, find_duplicates
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.stages.ingest import IngestError, ingest
@@ -89,23 +89,18 @@ def collect(data: str | Path, workers: int = 0, quiet: bool = True) -> LabelledP
 
 
 def photo_dataset(paths: list[Path], labels: np.ndarray, preprocess: Preprocess, batch: int, shuffle: bool, seed: int):
-    """tf.data: (path index, label) → parallel Pillow decode → shuffle → batch → prefetch."""
+    """Training input: the classify stage's photo loader over shuffled indices, with labels; the
+    validation split (not shuffled) is decoded once and cached."""
     import tensorflow as tf
 
-    shape = preprocess.shape
+    from pipeline.stages.classify import decode_indices
 
-    def load(i):
-        return load_pixels(preprocess, paths[int(i)])
-
-    def tf_load(i, y):
-        x = tf.numpy_function(load, [i], tf.uint8, stateful=False)
-        x.set_shape(shape)
-        return tf.cast(x, tf.float32), y
-
-    d = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), labels.astype(np.int32)))
+    targets = tf.constant(labels.astype(np.int32))
+    indices = tf.data.Dataset.range(len(paths))
     if shuffle:
-        d = d.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    d = d.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+        indices = indices.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    d = decode_indices(indices, paths, preprocess).map(lambda i, pixels, err: (tf.cast(pixels, tf.float32),
+                                                                                tf.gather(targets, i)))
     if not shuffle:
         d = d.cache()
     return d.batch(batch).prefetch(tf.data.AUTOTUNE)
@@ -267,7 +262,8 @@ def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[M
         backbone=cfg.backbone, weights_origin=bb.weights_origin,
         training_data={"source": str(data), "photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx)),
                        "per_class": dict(counts), "skipped": len(photos.skipped),
-                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels)))},
+                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
+                       "sha256": sorted(set(photos.sha256))},
         metrics={"validation": brief(cal["validation"])},
         temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
         recommended_threshold=cal["recommended_threshold"],

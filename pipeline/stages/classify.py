@@ -63,18 +63,15 @@ def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
     return step
 
 
-def dataset(
-    paths: Sequence[Path],
-    preprocess: Preprocess,
-    batch_size: int,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    parallel: int | None = None,
-):
-    """``tf.data``: indices → parallel Pillow decode/resize → batch → prefetch.
+def decode_indices(indices, paths: Sequence[Path], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   parallel: int | None = None):
+    """``tf.data``: a dataset of indices into ``paths`` → (index, pixels, error) by parallel Pillow decode.
 
-    The file list stays a Python list and only indices enter the graph, so file
-    names that are not valid UTF-8 survive untouched. A decode failure yields a
-    black image and an error string instead of stopping the pipeline.
+    The one photo loader: classification batches it in order, training shuffles
+    the indices first. The file list stays a Python list and only indices enter
+    the graph, so file names that are not valid UTF-8 survive untouched. A
+    decode failure yields a black image and an error string instead of
+    stopping the pipeline.
     """
     import tensorflow as tf
 
@@ -95,8 +92,20 @@ def dataset(
         err.set_shape(())
         return i, pixels, err
 
-    ds = tf.data.Dataset.range(len(paths))
-    ds = ds.map(tf_load, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+    return indices.map(tf_load, num_parallel_calls=parallel or tf.data.AUTOTUNE, deterministic=True)
+
+
+def dataset(
+    paths: Sequence[Path],
+    preprocess: Preprocess,
+    batch_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    parallel: int | None = None,
+):
+    """Classification's input: every photo in order → (indices, pixels, errors) batches, prefetched."""
+    import tensorflow as tf
+
+    ds = decode_indices(tf.data.Dataset.range(len(paths)), paths, preprocess, max_pixels, parallel)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

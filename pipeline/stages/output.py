@@ -82,7 +82,8 @@ class Summary:
         """Plain-text summary for the terminal and the cron mail."""
         lines = [f"labelcat run {self.run_id}: {self.rows} rows in {self.seconds:.1f}s "
                  f"({self.images_per_second:.1f} rows/s, {self.classified} classified on {self.device})"]
-        lines.append("  status: " + ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in STATUSES)
+        shown = [s for s in STATUSES if s != "seen" or self.by_status.get(s)]  # seen only exists with --store
+        lines.append("  status: " + ", ".join(f"{s} {self.by_status.get(s, 0)}" for s in shown)
                      + (f" ({self.human_labels} labelled by people)" if self.human_labels else ""))
         if self.by_label:
             lines.append("  labels: " + ", ".join(f"{k} {v}" for k, v in self.by_label.items()))

@@ -101,3 +101,12 @@ def test_hint_outliers_need_a_coherent_folder():
     out = hint_outliers(emb, hints, JunkConfig())
     assert list(out) == [6] and out[6].startswith("hint_outlier: unlike the other 6 photos filed as tv")
     assert hint_outliers(emb[:4], hints[:4], JunkConfig()) == {}  # too few to judge
+
+
+@pytest.mark.slow
+def test_evaluating_on_training_photos_is_not_called_a_test_score(few_shot):
+    base, _ = few_shot
+    r = CliRunner().invoke(cli, ["evaluate", str(base / "model"), str(base / "train"), "--report", str(base / "rep2")])
+    assert r.exit_code == 0, r.output
+    assert "were in the model's training data; this is not a test score" in r.output
+    assert "NOT a test score" in (base / "rep2" / "report.md").read_text()

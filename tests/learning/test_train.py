@@ -99,10 +99,10 @@ def test_safe_mode_refuses_a_model_file_with_a_lambda(tmp_path):
 
 @pytest.fixture(scope="module")
 def shop_model(tmp_path_factory):
-    """A real (short) transfer-learning run on sample_catalog's category folders."""
+    """A real (short) fine-tuning run on sample_catalog's category folders (few-shot is the default)."""
     out = tmp_path_factory.mktemp("models") / "shop"
-    result = CliRunner().invoke(cli, ["train", str(SAMPLE / "images"), "--out", str(out), "--epochs", "2",
-                                      "--fine-tune-epochs", "1", "--batch-size", "8"])
+    result = CliRunner().invoke(cli, ["train", str(SAMPLE / "images"), "--out", str(out), "--method", "finetune",
+                                      "--epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     return out, result.output
 

@@ -1,0 +1,153 @@
+"""Decisions on real photos: zero-shot accuracy, few-shot learning curves, junk recall and products lost.
+
+Data, all from registry packages (no network beyond PyPI):
+- every product photo of the ``saleor==2.10.1`` wheel (47 photos, 9 categories), split once by name into
+  a *development* part (the photos ``sample_catalog/`` is built from, on which thresholds such as
+  ``fewshot.OUTLIER_SIMILARITY`` were set) and a *test* part (the 13 Saleor photos sample_catalog leaves
+  out, never looked at while tuning);
+- scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...).
+
+One pass of EfficientNet-Lite0 through the classify stage gives every photo's zero-shot label and its
+embedding; the few-shot rules then run on the embeddings (the same functions ``labelcat train`` uses).
+Usage: ``python bench/decisions.py [--splits 200]``; prints the README tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "sample_catalog"))
+
+from build import PLACEHOLDERS, fetch_saleor  # noqa: E402
+
+from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, _centroid_fit, fit, normalise  # noqa: E402
+from pipeline.models.classifier import load_classifier  # noqa: E402
+from pipeline.stages.classify import predict  # noqa: E402
+
+FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
+          "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
+NON_PRODUCTS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera", "immunohistochemistry", "hubble_deep_field",
+                "colorwheel", "logo", "retina", "brick", "grass", "moon")
+
+
+def saleor_photos(workdir: Path) -> list[tuple[Path, str, str]]:
+    """(png path, category folder, dev|test) for every Saleor product photo."""
+    import csv
+
+    fetch_saleor(workdir)
+    in_catalogue = {Path(r["path"]).stem for r in csv.DictReader(open(ROOT / "sample_catalog" / "manifest.csv"))}
+    out = []
+    for png in sorted((workdir / PLACEHOLDERS).glob("saleordemoproduct_*.png")):
+        stem = png.stem.removeprefix("saleordemoproduct_")
+        folder = next(f for prefix, f in FOLDER.items() if stem.startswith(prefix))
+        out.append((png, folder, "dev" if stem in in_catalogue else "test"))
+    return out
+
+
+def skimage_photos(workdir: Path) -> list[Path]:
+    from skimage import data
+
+    paths = []
+    for name in NON_PRODUCTS:
+        img = getattr(data, name)()
+        arr = np.asarray(img)
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        path = workdir / f"{name}.png"
+        Image.fromarray(arr).convert("RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0) -> dict[tuple[int, str], float]:
+    """Mean held-out accuracy over random splits with k photos a class (classes with more than k photos)."""
+    rng = np.random.default_rng(seed)
+    out: dict[tuple[int, str], list[float]] = {}
+    for k in ks:
+        classes = [c for c in np.unique(y) if (y == c).sum() > k]
+        for _ in range(splits):
+            train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+            test = np.array([i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)])
+            yk = np.searchsorted(classes, y)
+            mean = emb[train].mean(axis=0)
+            zt, zs = normalise(emb[train], mean), normalise(emb[test], mean)
+            raw_t = emb[train] / np.linalg.norm(emb[train], axis=1, keepdims=True)
+            raw_s = emb[test] / np.linalg.norm(emb[test], axis=1, keepdims=True)
+            rules = {"raw cosine centroid": _centroid_fit(raw_t, yk[train], len(classes))[0],
+                     "CL2N centroid": _centroid_fit(zt, yk[train], len(classes))[0]}
+            for name, w in rules.items():
+                zz = raw_s if name.startswith("raw") else zs
+                out.setdefault((k, name), []).append(float(((zz @ w).argmax(axis=1) == yk[test]).mean()))
+            f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
+            pred = (normalise(emb[test], f.mean) @ f.weights + f.bias).argmax(axis=1)
+            out.setdefault((k, f"labelcat auto ({'/'.join(['centroid', 'logreg'])} by CV)"), []).append(
+                float((pred == yk[test]).mean()))
+    return {key: float(np.mean(v)) for key, v in out.items()}
+
+
+def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, splits: int, seed: int = 1) -> tuple[float, float]:
+    """(junk recall, products lost) of a few-shot model's own evidence, with each non-product filed in a random
+    folder and each held-out product in its own: the rule ``open_set_reason`` applies at night."""
+    rng = np.random.default_rng(seed)
+    caught, lost, n_junk, n_prod = 0, 0, 0, 0
+    classes = [c for c in np.unique(y) if (y == c).sum() > k]
+    for _ in range(splits):
+        train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+        yk = np.searchsorted(classes, y)
+        f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
+        threshold = f.min_similarity if f.min_similarity is not None else -1.0
+
+        def junked(e: np.ndarray, hint: int) -> bool:
+            z = normalise(e[None, :], f.mean)[0]
+            sims = f.centroids @ z
+            label = int((z @ f.weights + f.bias).argmax())
+            return bool(sims.max() < threshold or (label != hint and sims[hint] < OUTLIER_SIMILARITY))
+
+        test = [i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)]
+        lost += sum(junked(emb[i], int(yk[i])) for i in test)
+        n_prod += len(test)
+        caught += sum(junked(e, int(rng.integers(len(classes)))) for e in junk_emb)
+        n_junk += len(junk_emb)
+    return caught / n_junk, lost / n_prod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--splits", type=int, default=200)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="labelcat-decisions-"))
+    photos = saleor_photos(work)
+    junk = skimage_photos(work)
+    clf = load_classifier("efficientnet_lite0", precision="float32")
+    preds = predict(clf, [p for p, _, _ in photos] + junk)
+    n = len(photos)
+    emb, junk_emb = preds.embeddings[:n], preds.embeddings[n:]
+    folders = sorted({f for _, f, _ in photos})
+    y = np.array([folders.index(f) for _, f, _ in photos])
+    part = np.array([s for _, _, s in photos])
+    print(f"{n} Saleor product photos ({(part == 'dev').sum()} dev, {(part == 'test').sum()} test), "
+          f"{len(folders)} categories; {len(junk)} scikit-image non-products")
+    print("\nZero-shot (ImageNet Lite0 + taxonomy): label == the folder's category")
+    for name in ("dev", "test"):
+        idx = np.flatnonzero(part == name)
+        right = sum(clf.categories[int(preds.probs[i].argmax())] == clf.hint_category(photos[i][1]) for i in idx)
+        print(f"  {name}: {right}/{len(idx)} = {right / len(idx):.1%}")
+    print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
+    curve = few_shot_curve(emb, y, [1, 2, 3], args.splits)
+    for (k, rule), acc in sorted(curve.items()):
+        print(f"  k={k}  {rule:40s} {acc:.1%}")
+    print("\nJunk from the few-shot model's own evidence (3 photos a class; non-products filed in random folders)")
+    recall, lost = junk_rates(emb, y, junk_emb, 3, max(20, args.splits // 10))
+    print(f"  junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
+
+
+if __name__ == "__main__":
+    main()
