@@ -281,7 +281,7 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 
 
 @cli.command()
-@click.argument("data", metavar="DATA")
+@click.argument("data", metavar="DATA...", nargs=-1, required=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Model folder to write (model.keras + card.json), e.g. models/my-shop.")
 @click.option("--arch", default=None, help="Fashion-MNIST architecture (`labelcat models list`); default fmnist_best.")
@@ -306,11 +306,12 @@ def _echo(quiet: bool) -> Callable[[str], None]:
               help="Fashion-MNIST: continue training this model folder (same --arch and --seed, so the same split).")
 @click.option("--force", is_flag=True, help="Replace an existing model folder at --out (atomically, once training succeeded).")
 @quiet_option
-def train(data: str, out: Path, arch: str | None, backbone: str, method: str, epochs: int | None, fine_tune_epochs: int,
+def train(data: tuple[str, ...], out: Path, arch: str | None, backbone: str, method: str, epochs: int | None, fine_tune_epochs: int,
           fine_tune_blocks: int, batch_size: int | None, learning_rate: float | None, val_split: float, seed: int,
           target_precision: float, init_from: Path | None, force: bool, quiet: bool) -> None:
-    """Train a model into --out: DATA is a folder of class subfolders, a manifest with a label column,
-    a review corrections store (the photos people labelled), or `fashion-mnist` (with --arch) for the
+    """Train a model into --out from one or more DATA: folders of class subfolders, manifests with a label
+    column, review corrections stores (the photos people labelled; their junk verdicts and corrected
+    labels also override the folders' and manifests' labels), or `fashion-mnist` (with --arch) for the
     studies' models.
 
     Photos go through the same ingest, decode and dedupe as `labelcat run`; broken files are reported
@@ -327,8 +328,11 @@ def train(data: str, out: Path, arch: str | None, backbone: str, method: str, ep
 
     from pipeline.models.card import CardError, check_model_destination
 
+    if "fashion-mnist" in data and len(data) > 1:
+        raise click.UsageError("`fashion-mnist` trains alone; give it as the only DATA")
     try:  # before hours of training, not after
-        check_model_destination(out, force, protect=Path(data) if data != "fashion-mnist" else None)
+        for source in data:
+            check_model_destination(out, force, protect=Path(source) if source != "fashion-mnist" else None)
     except CardError as exc:
         raise click.UsageError(str(exc)) from None
     has_gpu()  # imports TensorFlow with its start-up log muted
@@ -338,7 +342,7 @@ def train(data: str, out: Path, arch: str | None, backbone: str, method: str, ep
                       backbone=backbone, target_precision=target_precision, init_from=init_from, quiet=quiet,
                       log=_echo(quiet))
     try:
-        if data == "fashion-mnist":
+        if data == ("fashion-mnist",):
             name = arch or "fmnist_best"
             if name not in ARCHS:
                 raise click.UsageError(f"unknown architecture {name!r} (known: {', '.join(ARCHS.list())})")
@@ -346,9 +350,11 @@ def train(data: str, out: Path, arch: str | None, backbone: str, method: str, ep
         else:
             if arch or init_from:
                 raise click.UsageError("--arch and --init-from apply to `labelcat train fashion-mnist`")
-            if not Path(data).exists():
-                raise click.UsageError(f"DATA {data!r} does not exist (a folder, a manifest or `fashion-mnist`)")
-            train_images(data, out, cfg)
+            for source in data:
+                if not Path(source).exists():
+                    raise click.UsageError(f"DATA {source!r} does not exist (a folder, a manifest, a corrections "
+                                           "store or `fashion-mnist`)")
+            train_images(list(data), out, cfg)
     except (IngestError, DatasetMissing) as exc:
         raise click.UsageError(str(exc)) from None
     except RuntimeError as exc:  # e.g. MobileNetV2 weights file missing

@@ -47,37 +47,86 @@ class LabelledPhotos:
     skipped: list[tuple[str, str]]  # (path, reason)
 
 
-def collect(data: str | Path, workers: int = 0, quiet: bool = True) -> LabelledPhotos:
-    """Labelled photos from a class-folder tree, a manifest with a ``label`` column, or a
-    review corrections store (the photos people labelled).
-
-    Runs the same scan as ``labelcat run``: unreadable, broken and blank files
-    are skipped with their reason; near duplicates share a group id.
-    """
+def _labelled_records(source: str | Path) -> tuple[list, dict[int, str]]:
+    """Records of one source and each one's label (folder name, manifest ``label`` column, or a person's)."""
     from pipeline.review.sheet import corrections_batch, corrections_store_exists
 
-    batch = corrections_batch(data) if corrections_store_exists(data) else ingest(data)
+    batch = corrections_batch(source) if corrections_store_exists(source) else ingest(source)
     records = list(batch.records)  # training sets are small enough to hold
     if batch.source in ("manifest", "corrections"):
         label_col = batch.column("label")
         if label_col is None:
-            raise IngestError(f"manifest {str(data)!r} needs a 'label' column to train on")
-        labels = {r.row: (r.extra.get(label_col) or "").strip() for r in records}
-    else:
-        labels = {r.row: (r.category_hint or "").strip() for r in records}
+            raise IngestError(f"manifest {str(source)!r} needs a 'label' column to train on")
+        return records, {r.row: (r.extra.get(label_col) or "").strip() for r in records}
+    return records, {r.row: (r.category_hint or "").strip() for r in records}
+
+
+def source_text(data: str | Path | list) -> str:
+    """The training sources as the card and messages name them."""
+    return ", ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+
+
+def collect(data: str | Path | list, workers: int = 0, quiet: bool = True) -> LabelledPhotos:
+    """Labelled photos from one or several sources: class-folder trees, manifests with a ``label``
+    column, and review corrections stores (the photos people labelled).
+
+    Runs the same scan as ``labelcat run``: unreadable, broken and blank files
+    are skipped with their reason; near duplicates share a group id. People's
+    verdicts in any corrections store given win over folder and manifest
+    labels, matched by content (sha256): a photo marked junk or duplicate is
+    left out, a corrected label replaces the folder's, spelled as the folders
+    spell it (any case). A correction whose label no folder uses while folders
+    are given is refused with a line, and the photo keeps its folder label.
+    """
+    from pipeline.review.sheet import SPECIAL_LABELS, corrections_store_exists, load_corrections
+
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    verdicts: dict[str, dict] = {}
+    records, labels, from_store = [], {}, set()
+    for source in sources:
+        if corrections_store_exists(source):
+            verdicts.update(load_corrections(source))
+        recs, labs = _labelled_records(source)
+        for rec in recs:  # rows renumbered across sources
+            old = rec.row
+            rec.row = len(records)
+            labels[rec.row] = labs[old]
+            if corrections_store_exists(source):
+                from_store.add(rec.row)
+            records.append(rec)
+    vocabulary = {labels[r]: labels[r] for r in labels if r not in from_store and labels[r]}
+    canonical = {k.lower(): k for k in vocabulary}
     scans = scan_records(records, DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES, workers, quiet)
     skipped: list[tuple[str, str]] = []
-    kept = []
+    kept, seen_sha = [], set()
     for rec in records:
         s = scans[rec.row]
         if not isinstance(s, Scan):
             skipped.append((rec.path, f"{s[0]}: {s[1]}"))
-        elif not labels[rec.row]:
+            continue
+        verdict = verdicts.get(s.sha256)
+        if verdict is not None and verdict["corrected_label"] in SPECIAL_LABELS:
+            skipped.append((rec.path, f"a reviewer marked it {verdict['corrected_label']}"))
+            continue
+        if verdict is not None:
+            said = verdict["corrected_label"]
+            if not canonical or said.lower() in canonical:
+                labels[rec.row] = canonical.get(said.lower(), said)
+            elif rec.row not in from_store:
+                skipped.append((rec.path, f"correction {said!r} is not one of the folders' labels "
+                                          f"({', '.join(sorted(vocabulary))}); kept its folder label"))
+            else:
+                skipped.append((rec.path, f"correction {said!r} is not one of the folders' labels"))
+                continue
+        if s.sha256 in seen_sha:
+            continue  # the same photo from two sources
+        if not labels[rec.row]:
             skipped.append((rec.path, "no label"))
         elif reason := quality_reason(s.quality, s.width, s.height, JunkConfig()):
             skipped.append((rec.path, reason))
         else:
             kept.append((rec, s))
+            seen_sha.add(s.sha256)
     dups = find_duplicates([Candidate(r.row, s.sha256, s.width * s.height, s.hashes) for r, s in kept])
     return LabelledPhotos(
         paths=[r.resolved for r, _ in kept],
@@ -178,7 +227,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     card = ModelCard(
         name=Path(out).name, classes=classes, preprocess=IMAGENET_224.to_dict(),
         arch=f"fewshot_{fitted.method}_{cfg.backbone}", backbone=cfg.backbone, weights_origin=bb.weights_origin,
-        training_data={"source": str(data), "photos": int(len(y)), "per_class": dict(counts), "skipped": len(photos.skipped),
+        training_data={"source": source_text(data), "photos": int(len(y)), "per_class": dict(counts), "skipped": len(photos.skipped),
                        "left_out_as_outliers": [str(paths[i]) for i in outliers],
                        "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
                        "sha256": sorted(set(photos.sha256))},
@@ -197,7 +246,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     return card
 
 
-def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:
+def train_images(data: str | Path | list, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:
     """Train a shop classifier from labelled photos (few-shot by default, or fine-tuning); save model + card."""
     import keras
 
@@ -206,7 +255,7 @@ def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[M
         cfg.log(f"skipped {path}: {reason}")
     classes = sorted(set(photos.labels))
     if len(classes) < 2:
-        raise IngestError(f"need at least two labels to train on, found {classes or 'none'} in {str(data)!r}")
+        raise IngestError(f"need at least two labels to train on, found {classes or 'none'} in {source_text(data)}")
     y = np.array([classes.index(label) for label in photos.labels])
     groups = np.array(photos.groups)
     train_idx, val_idx = stratified_split(y, groups, cfg.val_split, cfg.seed)
@@ -260,7 +309,7 @@ def train_images(data: str | Path, out: str | Path, cfg: TrainConfig) -> tuple[M
     card = ModelCard(
         name=Path(out).name, classes=classes, preprocess=pre.to_dict(), arch=f"transfer_{cfg.backbone}_224",
         backbone=cfg.backbone, weights_origin=bb.weights_origin,
-        training_data={"source": str(data), "photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx)),
+        training_data={"source": source_text(data), "photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx)),
                        "per_class": dict(counts), "skipped": len(photos.skipped),
                        "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
                        "sha256": sorted(set(photos.sha256))},

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -393,6 +394,7 @@ def validate(path: str | Path, run: RunFile) -> list[Correction]:
         raise ReviewError([f"{path}: sheet {sheet!r} lacks column(s) {', '.join(missing)} (expected {', '.join(need)})"])
     by_row = {r["row"]: r for r in run.table.select(["row", "sku", "path", "sha256", "label"]).to_pylist()}
     valid = set(run.labels) | set(SPECIAL_LABELS)
+    canonical = {v.lower(): v for v in valid}
     problems, out, seen = [], [], set()
     for n, cells in body:
         where = f"sheet {sheet!r} row {n}"
@@ -414,7 +416,7 @@ def validate(path: str | Path, run: RunFile) -> list[Correction]:
         label = _as_text(cells.get("corrected_label"))
         if label is None:
             continue
-        label = label.strip()
+        label = canonical.get(label.strip().lower(), label.strip())  # any case in, the run's spelling stored
         if label not in valid:
             problems.append(f"{where}: corrected_label {label!r} is not a valid label (valid: {', '.join(sorted(valid))})")
             continue
@@ -477,14 +479,32 @@ def load_corrections(store: str | Path) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def apply_corrections(rows: list[dict[str, Any]], corrections: dict[str, dict[str, Any]]) -> int:
-    """Give rows a person labelled the person's label (``label_source="human"``); returns how many."""
+def apply_corrections(rows: list[dict[str, Any]], corrections: dict[str, dict[str, Any]],
+                      vocabulary: Callable[[str], str | None] | None = None,
+                      refused: Callable[[str], None] | None = None) -> int:
+    """Give rows a person labelled the person's label (``label_source="human"``); returns how many.
+
+    ``vocabulary`` maps a corrected label into the active model's label set
+    (``Classifier.hint_category``: taxonomy aliases, or the same name in any
+    case), so one output never mixes two vocabularies; a label it cannot map
+    is not applied and ``refused`` hears about it once per label.
+    """
     applied = 0
+    told: set[str] = set()
     for r in rows:
         c = corrections.get(r.get("sha256") or "")
         if c is None or r["status"] in ("error", "duplicate"):  # duplicates inherit from their kept row
             continue
         label = c["corrected_label"]
+        if label not in SPECIAL_LABELS and vocabulary is not None:
+            mapped = vocabulary(label)
+            if mapped is None:
+                if refused is not None and label not in told:
+                    refused(f"correction label {label!r} is not a label of the active model; not applied "
+                            "(retrain on the corrections, or correct again in the model's labels)")
+                    told.add(label)
+                continue
+            label = mapped
         note = f" ({c['note']})" if c["note"] else ""
         if label == "junk":  # a person's verdict: no model label survives it
             r.update(status="junk", junk_reason=f"human: marked junk by {c['reviewer']}{note}", label_source="human",

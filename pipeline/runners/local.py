@@ -180,7 +180,8 @@ def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]]
     for r in rows:  # errors, duplicates and seen rows: nothing for a person to decide on this row
         r.setdefault("needs_review", False)
     if ctx.corrections:
-        apply_corrections(rows, ctx.corrections)
+        apply_corrections(rows, ctx.corrections, ctx.classifier.hint_category,
+                          lambda msg: ctx.cfg.log({"stage": "corrections", "message": msg}))
     inherit_duplicates(rows, ctx)
     return rows
 
