@@ -468,6 +468,26 @@ def review_import(review_file: Path, run_file: Path | None, corrections: Path, r
         click.echo("no corrections in the sheet (corrected_label is empty everywhere)")
 
 
+@cli.command("export")
+@click.argument("run_file", metavar="RUN.parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "fmt", type=click.Choice(["csv", "xlsx"]), required=True, help="Spreadsheet format to write.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File to write (default: RUN with the new extension).")
+def export_cmd(run_file: Path, fmt: str, out: Path | None) -> None:
+    """Write every row of RUN.parquet as a flat CSV or xlsx: one row per photo, list columns joined
+    with ` | `, numbers as written, formula starters neutralised (pandas reads the CSV back as is)."""
+    from pipeline.review.sheet import ReviewError, export_table
+
+    out = out or run_file.with_suffix(f".{fmt}")
+    if out.suffix.lower() != f".{fmt}":
+        raise click.UsageError(f"--out must end in .{fmt}")
+    try:
+        path, n = export_table(run_file, out)
+    except ReviewError as exc:
+        raise click.UsageError("; ".join(exc.problems)) from None
+    click.echo(f"{n} rows written to {path}")
+
+
 @cli.group()
 def models() -> None:
     """Inspect the model and backbone registries."""

@@ -538,3 +538,45 @@ def corrections_batch(store: str | Path):
         records.append(Record(row=len(records), path=c["source_path"], resolved=Path(c["source_path"]),
                               sku=c["sku"], category_hint=None, extra={"label": c["corrected_label"]}))
     return Batch(records, ["label"], "corrections", {"label": "label"})
+
+
+def flat_value(v: Any) -> Any:
+    """A Parquet value as one spreadsheet cell: lists joined with `` | ``, whole floats as integers,
+    timestamps in ISO form, formula starters neutralised by the writer."""
+    if isinstance(v, (list, tuple)):
+        return " | ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return v
+
+
+def export_table(run_path: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Every row of a run as a flat CSV or xlsx (one row per photo), for people who don't read Parquet."""
+    run = read_run(run_path)
+    out = Path(out)
+    cols = run.table.column_names
+    rows = run.table.to_pylist()
+    if out.suffix.lower() == ".csv":
+        with atomic_path(out, suffix=".csv") as tmp:
+            with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow([safe_text(c) for c in cols])
+                for r in rows:
+                    w.writerow([safe_text(flat_value(r[c])) for c in cols])
+    else:
+        from openpyxl import Workbook
+
+        wb = Workbook(write_only=False)
+        ws = wb.active
+        ws.title = "labels"
+        for j, c in enumerate(cols, start=1):
+            _put(ws, 1, j, c)
+        for i, r in enumerate(rows, start=2):
+            for j, c in enumerate(cols, start=1):
+                _put(ws, i, j, flat_value(r[c]))
+        ws.freeze_panes = "A2"
+        with atomic_path(out, suffix=".xlsx") as tmp:
+            wb.save(tmp)
+    return out, len(rows)

@@ -198,3 +198,20 @@ def test_the_sheet_holds_exactly_the_rows_the_parquet_flags(hostile_run):
     lines = list(csv.reader(open(path, encoding="utf-8-sig")))
     exported = {int(cells[lines[0].index("row")]) for cells in lines[1:]}
     assert exported == flagged and flagged
+
+
+def test_export_writes_flat_spreadsheets_that_read_back(hostile_run):
+    import pandas as pd
+
+    tmp, out = hostile_run
+    for fmt in ("csv", "xlsx"):
+        r = invoke("export", out, "--to", fmt, "--out", tmp / f"all.{fmt}")
+        assert r.exit_code == 0 and "rows written" in r.output, r.output
+    df = pd.read_csv(tmp / "all.csv", encoding="utf-8-sig")
+    parquet = pq.read_table(out).to_pandas()
+    assert len(df) == len(parquet) and list(df.columns) == list(parquet.columns)
+    assert df["width"].tolist() == parquet["width"].tolist()  # 1600, not 1600.0
+    assert " | " in df["topk_labels"].dropna().iloc[0] and "[" not in df["topk_labels"].dropna().iloc[0]
+    assert all(not str(v).startswith(("=", "+", "@")) for v in df.astype(str).to_numpy().ravel())
+    x = pd.read_excel(tmp / "all.xlsx")
+    assert len(x) == len(parquet)
