@@ -79,8 +79,8 @@ dedupe_options = option_group(
                  help="Max Hamming distance (of 64 bits) for near-duplicate candidates."),
     click.option("--fine-threshold", type=click.IntRange(0, 128), default=DEFAULT_FINE_THRESHOLD, show_default=True,
                  help="Max Hamming distance (of 256 bits) to confirm a near duplicate."),
-    click.option("--color-threshold", type=click.FloatRange(0, 1), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
-                 help="Max colour-grid distance to confirm a near duplicate (keeps colour variants apart)."),
+    click.option("--color-threshold", type=click.FloatRange(0, 100), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
+                 help="Max colour distance (CIELAB units) to confirm a near duplicate (keeps colour variants apart)."),
 )
 junk_options = option_group(
     lambda min_size, not_product_threshold, mismatch_confidence: JunkConfig(

@@ -3,11 +3,15 @@
 import io
 import random
 
+import numpy as np
+from PIL import Image
+
 import pytest
 
 from conftest import SAMPLE, product_photo
 from pipeline.stages.decode import decode
-from pipeline.stages.dedupe import Candidate, DedupeConfig, MultiIndexHash, plan_blocks, compute_hashes, find_duplicates, hamming
+from pipeline.stages.dedupe import (Candidate, DedupeConfig, MultiIndexHash, color_distance, compute_hashes,
+                                     find_duplicates, hamming, is_near, plan_blocks)
 
 
 def _jpeg(img, q=85):
@@ -94,3 +98,30 @@ def test_thresholds_are_configurable():
     assert find_duplicates([_cand(0, img), _cand(1, crop)])
     strict = DedupeConfig(phash_threshold=0, fine_threshold=0, color_threshold=0.0)
     assert find_duplicates([_cand(0, img), _cand(1, crop)], strict) == {}
+
+
+def _hue_turn(img, degrees):
+    """The product (not the white backdrop) recoloured by a hue turn: a colour variant of the same article."""
+    hsv = np.asarray(img.convert("HSV")).astype(np.int16)
+    product = np.asarray(img.convert("RGB")).min(axis=-1) < 235
+    hsv[..., 0] = np.where(product, (hsv[..., 0] + round(degrees / 360 * 256)) % 256, hsv[..., 0])
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+
+@pytest.mark.parametrize("photo", ["hoodies/cl_bogo02_1.jpg", "juices/fd_juice_01.jpg", "paints/paints_03.jpg"])
+def test_colour_variants_stay_apart_and_brightness_copies_merge(photo):
+    """Real photos: a 30/60-degree hue turn of the product or a greyscale copy is another article; a photo
+    15% brighter or darker is the same one (the old max-per-cell RGB rule merged the first, split the second)."""
+    from PIL import ImageEnhance
+
+    from conftest import SAMPLE
+
+    img = Image.open(SAMPLE / "images" / photo).convert("RGB")
+    original = compute_hashes(img)
+    cfg = DedupeConfig()
+    for variant in (_hue_turn(img, 30), _hue_turn(img, 60), img.convert("L").convert("RGB")):
+        assert not is_near(original, compute_hashes(variant), cfg) or \
+            hamming(original.phash, compute_hashes(variant).phash) > cfg.phash_threshold
+    for copy in (ImageEnhance.Brightness(img).enhance(0.85), ImageEnhance.Brightness(img).enhance(1.15)):
+        h = compute_hashes(copy)
+        assert color_distance(original.color, h.color) <= cfg.color_threshold
