@@ -191,6 +191,24 @@ def unfreeze_top(features, blocks: int) -> list[str]:
     return opened
 
 
+def _shop_card(out: str | Path, data: str | Path | list, classes: list[str], photos: LabelledPhotos, cfg: TrainConfig,
+               bb, model, cal: dict, arch: str, data_extra: dict, training: dict, open_set: dict | None = None,
+               validated: bool = True) -> ModelCard:
+    """The card of a shop model (few-shot or fine-tuned): what it learned from, how well, how to trust it."""
+    return ModelCard(
+        name=Path(out).name, classes=classes, preprocess=IMAGENET_224.to_dict(), arch=arch, backbone=cfg.backbone,
+        weights_origin=bb.weights_origin,
+        training_data={"source": source_text(data), "per_class": dict(Counter(photos.labels)), **data_extra,
+                       "skipped": len(photos.skipped), "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
+                       "sha256": sorted(set(photos.sha256))},
+        metrics={"validation": brief(cal["validation"])} if validated else {},
+        temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
+        recommended_threshold=cal["recommended_threshold"],
+        training={**training, "machine": machine(), "parameters": int(model.count_params()), "seed": cfg.seed},
+        open_set=open_set,
+    )
+
+
 def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: LabelledPhotos, classes: list[str],
                   y: np.ndarray, groups: np.ndarray) -> ModelCard:
     """The default: a linear rule on frozen embeddings (``fewshot``), cross-validated, calibrated, open-set."""
@@ -224,21 +242,12 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
         cfg.log(f"warning: a class has only {smallest} photo(s) (< {MIN_PER_CLASS}); cross-validation, the temperature "
                 "and the open-set threshold " + ("rest on very few photos" if oof is not None else "could not be fitted"))
     counts = Counter(classes[k] for k in y)
-    card = ModelCard(
-        name=Path(out).name, classes=classes, preprocess=IMAGENET_224.to_dict(),
-        arch=f"fewshot_{fitted.method}_{cfg.backbone}", backbone=cfg.backbone, weights_origin=bb.weights_origin,
-        training_data={"source": source_text(data), "photos": int(len(y)), "per_class": dict(counts), "skipped": len(photos.skipped),
-                       "left_out_as_outliers": [str(paths[i]) for i in outliers],
-                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
-                       "sha256": sorted(set(photos.sha256))},
-        metrics={"validation": brief(cal["validation"])} if oof is not None else {},
-        temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
-        recommended_threshold=cal["recommended_threshold"],
-        training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
-                  "machine": machine(), "parameters": int(model.count_params()), "calibration":
-                  cal["calibration"] + (" (out-of-fold scores)" if oof is not None else ""), "seed": cfg.seed},
-        open_set=open_set_card(fitted),
-    )
+    card = _shop_card(out, data, classes, photos, cfg, bb, model, cal, arch=f"fewshot_{fitted.method}_{cfg.backbone}",
+                      data_extra={"photos": int(len(y)), "per_class": dict(counts),
+                                  "left_out_as_outliers": [str(paths[i]) for i in outliers]},
+                      training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
+                                "calibration": cal["calibration"] + (" (out-of-fold scores)" if oof is not None else "")},
+                      open_set=open_set_card(fitted), validated=oof is not None)
     save_model(model, card, out, force=cfg.force)
     acc = fitted.cv["accuracy"].get(fitted.method)
     cfg.log(f"few-shot {fitted.method} on {len(y)} photos in {len(classes)} classes: cross-validated accuracy "
@@ -306,20 +315,10 @@ def train_images(data: str | Path | list, out: str | Path, cfg: TrainConfig) -> 
     else:
         val_logits = np.zeros((0, len(classes)))
     cal = calibrate(val_logits, y[val_idx], classes, cfg.target_precision)
-    card = ModelCard(
-        name=Path(out).name, classes=classes, preprocess=pre.to_dict(), arch=f"transfer_{cfg.backbone}_224",
-        backbone=cfg.backbone, weights_origin=bb.weights_origin,
-        training_data={"source": source_text(data), "photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx)),
-                       "per_class": dict(counts), "skipped": len(photos.skipped),
-                       "fingerprint": fingerprint(list(zip(photos.sha256, photos.labels))),
-                       "sha256": sorted(set(photos.sha256))},
-        metrics={"validation": brief(cal["validation"])},
-        temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
-        recommended_threshold=cal["recommended_threshold"],
-        training={"phases": phases, "seconds": round(seconds, 1), "machine": machine(), "batch_size": batch,
-                  "parameters": int(model.count_params()), "calibration": cal["calibration"],
-                  "mixed_precision": mixed, "seed": cfg.seed},
-    )
+    card = _shop_card(out, data, classes, photos, cfg, bb, model, cal, arch=f"transfer_{cfg.backbone}_224",
+                      data_extra={"photos": len(y), "train": int(len(train_idx)), "validation": int(len(val_idx))},
+                      training={"phases": phases, "seconds": round(seconds, 1), "batch_size": batch,
+                                "calibration": cal["calibration"], "mixed_precision": mixed})
     save_model(model, card, out, force=cfg.force)
     acc = cal["validation"]["accuracy"] if len(val_idx) else float("nan")
     cfg.log(f"validation accuracy {acc:.3f} on {len(val_idx)} photos, T={cal['temperature']:.2f}, "
