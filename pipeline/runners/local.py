@@ -190,7 +190,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     """One chunk through every stage: (output rows, index records of its kept photos)."""
     cfg, clf = ctx.cfg, ctx.classifier
     t = time.perf_counter()
-    scans = scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet)
+    scans = scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=clf.preprocess)
     cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
     plan = plan_chunk(scans, ctx)
 
@@ -198,7 +198,10 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     by_row = {r.row: r for r in records}
     with tqdm(total=len(plan.to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
         preds = predict(clf, [by_row[row].resolved for row in plan.to_classify], batch_size=cfg.batch_size,
-                        max_pixels=cfg.max_pixels, progress=bar.update)
+                        max_pixels=cfg.max_pixels, progress=bar.update,
+                        ready=[plan.good[row].pixels for row in plan.to_classify])
+    for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
+        scan.pixels = None
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
 
     rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)

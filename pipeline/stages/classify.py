@@ -64,14 +64,15 @@ def make_step(classifier: Classifier, jit_compile: bool = False) -> Callable:
 
 
 def decode_indices(indices, paths: Sequence[Path], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   parallel: int | None = None):
+                   parallel: int | None = None, ready: Sequence[np.ndarray | None] | None = None):
     """``tf.data``: a dataset of indices into ``paths`` → (index, pixels, error) by parallel Pillow decode.
 
     The one photo loader: classification batches it in order, training shuffles
     the indices first. The file list stays a Python list and only indices enter
     the graph, so file names that are not valid UTF-8 survive untouched. A
     decode failure yields a black image and an error string instead of
-    stopping the pipeline.
+    stopping the pipeline. ``ready[i]``, when given, is photo i's input already
+    cut from the scan's decode: it is used as is, so the photo is not decoded twice.
     """
     import tensorflow as tf
 
@@ -79,6 +80,8 @@ def decode_indices(indices, paths: Sequence[Path], preprocess: Preprocess, max_p
     blank = np.zeros(shape, np.uint8)
 
     def load(i: np.ndarray) -> tuple[np.ndarray, bytes]:
+        if ready is not None and ready[int(i)] is not None:
+            return ready[int(i)], b""
         try:
             return dec.load_pixels(preprocess, paths[int(i)], max_pixels), b""
         except DecodeError as exc:
@@ -101,11 +104,12 @@ def dataset(
     batch_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     parallel: int | None = None,
+    ready: Sequence[np.ndarray | None] | None = None,
 ):
     """Classification's input: every photo in order → (indices, pixels, errors) batches, prefetched."""
     import tensorflow as tf
 
-    ds = decode_indices(tf.data.Dataset.range(len(paths)), paths, preprocess, max_pixels, parallel)
+    ds = decode_indices(tf.data.Dataset.range(len(paths)), paths, preprocess, max_pixels, parallel, ready)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -116,8 +120,13 @@ def predict(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int], None] | None = None,
     jit_compile: bool = False,
+    ready: Sequence[np.ndarray | None] | None = None,
 ) -> Predictions:
-    """Run the classifier over ``paths``; returns per-path probabilities and errors."""
+    """Run the classifier over ``paths``; returns per-path probabilities and errors.
+
+    ``ready``: model inputs the scan already cut from its decode (``None`` where
+    it did not), so those photos skip the second read and decode.
+    """
     n = len(paths)
     n_out = 1000 if classifier.taxonomy is not None else len(classifier.categories)
     raw = np.zeros((n, n_out), np.float32)
@@ -125,7 +134,7 @@ def predict(
     embeddings = np.zeros((n, 0), np.float32)
     if n:
         step = make_step(classifier, jit_compile)
-        for idx, pixels, errs in dataset(paths, classifier.preprocess, batch_size, max_pixels):
+        for idx, pixels, errs in dataset(paths, classifier.preprocess, batch_size, max_pixels, ready=ready):
             out, feats = step(pixels)
             out, feats, idx = out.numpy(), feats.numpy(), idx.numpy()
             if embeddings.shape[1] != feats.shape[1]:

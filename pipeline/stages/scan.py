@@ -14,7 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
+
+from pipeline.models.preprocess import Preprocess
 
 from pipeline.ops.device import cpu_count
 from pipeline.stages import decode as dec
@@ -36,24 +39,35 @@ class Scan:
     height: int
     hashes: Hashes
     quality: Quality
+    pixels: np.ndarray | None = None  # the model's input, cut from the same decode (``model_input``)
 
 
-def scan_file(path: Path, max_pixels: int, max_bytes: int) -> Scan:
-    """Read, hash and measure one photo; raises ``DecodeError`` with a reason."""
+def shares_scan_decode(model_input: Preprocess | None) -> bool:
+    """Whether the model's input can be cut from the scan's decode: the ImageNet convention decodes at the
+    same reduced scale (short side 256), so the photo is read and decoded once for hashes and model."""
+    return model_input is not None and model_input.name == "center_crop" and model_input.resize_short == SCAN_SIDE
+
+
+def scan_file(path: Path, max_pixels: int, max_bytes: int, model_input: Preprocess | None = None) -> Scan:
+    """Read, hash and measure one photo (and cut its model input when it shares the decode);
+    raises ``DecodeError`` with a reason."""
     data = dec.read_bytes(path, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
     img = dec.open_image(data, max_pixels)
     width, height = dec.upright_size(img)
     rgb = dec.decode_opened(img, min_side=SCAN_SIDE)
-    return Scan(digest, width, height, compute_hashes(rgb), quality_stats(rgb))
+    pixels = dec.center_crop_resize(rgb, model_input.size, model_input.resize_short) \
+        if model_input is not None and shares_scan_decode(model_input) else None
+    return Scan(digest, width, height, compute_hashes(rgb), quality_stats(rgb), pixels)
 
 
-def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError | None = None) -> Scan | ScanError:
+def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError | None = None,
+             model_input: Preprocess | None = None) -> Scan | ScanError:
     """``scan_file`` with every failure mapped to ``(code, detail)``; ``known_error`` (from ingest) wins."""
     if known_error is not None:
         return known_error
     try:
-        return scan_file(path, max_pixels, max_bytes)
+        return scan_file(path, max_pixels, max_bytes, model_input)
     except dec.DecodeError as exc:
         return exc.code, exc.detail
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one photo must not stop the night
@@ -61,13 +75,13 @@ def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError
 
 
 def scan_records(records: list[Record], max_pixels: int, max_bytes: int, workers: int = 0,
-                 quiet: bool = True) -> dict[int, Scan | ScanError]:
+                 quiet: bool = True, model_input: Preprocess | None = None) -> dict[int, Scan | ScanError]:
     """Scan every record on a thread pool (Pillow and hashlib release the GIL); keyed by row."""
     todo = [r for r in records if r.error is None]
     out: dict[int, Scan | ScanError] = {r.row: r.error for r in records if r.error is not None}
 
     def one(rec: Record) -> tuple[int, Scan | ScanError]:
-        return rec.row, scan_one(rec.resolved, max_pixels, max_bytes)
+        return rec.row, scan_one(rec.resolved, max_pixels, max_bytes, model_input=model_input)
 
     with ThreadPoolExecutor(max_workers=workers or cpu_count()) as pool:
         for row, result in tqdm(pool.map(one, todo), total=len(todo), desc="scan", unit="img",
