@@ -237,10 +237,6 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
         cal = calibrate(oof.astype(np.float64), y, classes, cfg.target_precision)
     else:
         cal = calibrate(np.zeros((0, len(classes))), np.zeros(0, int), classes, cfg.target_precision)
-    smallest = min(Counter(y.tolist()).values())
-    if smallest < MIN_PER_CLASS:
-        cfg.log(f"warning: a class has only {smallest} photo(s) (< {MIN_PER_CLASS}); cross-validation, the temperature "
-                "and the open-set threshold " + ("rest on very few photos" if oof is not None else "could not be fitted"))
     counts = Counter(classes[k] for k in y)
     card = _shop_card(out, data, classes, photos, cfg, bb, model, cal, arch=f"fewshot_{fitted.method}_{cfg.backbone}",
                       data_extra={"photos": int(len(y)), "per_class": dict(counts),
@@ -272,6 +268,11 @@ def train_images(data: str | Path | list, out: str | Path, cfg: TrainConfig) -> 
     cfg.log(f"{len(y)} photos in {len(classes)} classes ({', '.join(f'{c} {counts[c]}' for c in classes)})"
             + ("" if cfg.method != "finetune" else f"; {len(train_idx)} train / {len(val_idx)} validation"))
 
+    small = sorted(c for c in classes if counts[c] < MIN_PER_CLASS)
+    if small:
+        cfg.log(f"warning: {', '.join(small)} ha{'s' if len(small) == 1 else 've'} fewer than {MIN_PER_CLASS} photos: "
+                "the card's validation, temperature and review threshold rest on very few photos (with one photo a "
+                "class they cannot be fitted at all: T = 1, no open-set threshold, the card says so)")
     if cfg.method != "finetune":
         return train_fewshot(data, out, cfg, photos, classes, y, groups), photos
 

@@ -110,3 +110,16 @@ def test_evaluating_on_training_photos_is_not_called_a_test_score(few_shot):
     assert r.exit_code == 0, r.output
     assert "were in the model's training data; this is not a test score" in r.output
     assert "NOT a test score" in (base / "rep2" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_single_photo_class_is_warned_about_and_the_card_says_what_it_lacks(tmp_path):
+    for cls, stems in (("hoodies", ["cl_bogo01_1", "cl_bogo02_1", "cl_bogo03_1"]), ("polos", ["cl_polo01"])):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(SAMPLE / "images" / cls / f"{stem}.jpg", tmp_path / "data" / cls)
+    r = CliRunner().invoke(cli, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "warning: polos has fewer than 3 photos" in r.output
+    card = read_card(tmp_path / "m")
+    assert card.open_set is None and card.temperature == 1.0 and "not fitted" in card.training["calibration"]
