@@ -20,9 +20,15 @@ from pipeline.models.preprocess import IMAGENET_224
 from pipeline.models.classifier import MODELS, Classifier
 from pipeline.ops.device import has_gpu
 from pipeline.models.taxonomy import Taxonomy, load_taxonomy
+from pipeline.stages.dedupe import Candidate, Hashes
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_catalog"
+#: How each EXIF orientation (1-8) stores an upright image: the transposes applied to the upright pixels.
+EXIF_TRANSFORMS = {
+    1: [], 2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
+    5: [Image.TRANSPOSE], 6: [Image.ROTATE_90], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_270],
+}
 
 
 def build_tiny_model():
@@ -83,3 +89,42 @@ def tiny_classifier() -> Classifier:
 @pytest.fixture(scope="session")
 def real_classifier() -> Classifier:
     return MODELS.get("efficientnet_lite0")()
+
+
+# ------------------------------------------------------------ synthetic hashes (pair search tests)
+
+
+def _flip(rng, h: int, bits: int, k: int) -> int:
+    for b in rng.choice(bits, k, replace=False):
+        h ^= 1 << int(b)
+    return h
+
+
+def _random_hash(rng, bits: int) -> int:
+    return int.from_bytes(rng.bytes(bits // 8), "big")
+
+
+def clustered_candidates(n: int, seed: int) -> list[Candidate]:
+    """Originals plus noisy copies (pHash, fine hash and colour near the original's, some
+    rotated, some byte-identical), with areas that make the kept-first order matter."""
+    rng = np.random.default_rng(seed)
+    originals: list[Hashes] = []
+    cands = []
+    for i in range(n):
+        if originals and rng.random() < 0.5:
+            b = originals[int(rng.integers(len(originals)))]
+            if rng.random() < 0.2:  # the original's pixels turned a quarter
+                p, f = b.rotated[0]
+                h = Hashes(p, f, ((b.phash, b.fine),) * 3, np.rot90(b.color, 3).copy())
+            else:
+                h = Hashes(_flip(rng, b.phash, 64, int(rng.integers(0, 14))), _flip(rng, b.fine, 256, int(rng.integers(0, 50))),
+                           tuple((_flip(rng, p, 64, int(rng.integers(0, 14))), f) for p, f in b.rotated),
+                           (b.color + rng.normal(0, 0.02, (4, 4, 3))).astype(np.float32))  # re-encode-sized colour noise
+        else:
+            h = Hashes(_random_hash(rng, 64), _random_hash(rng, 256),
+                       tuple((_random_hash(rng, 64), _random_hash(rng, 256)) for _ in range(3)),
+                       rng.random((4, 4, 3)).astype(np.float32))
+            originals.append(h)
+        sha = "same-bytes" if rng.random() < 0.1 else f"sha{i}"
+        cands.append(Candidate(3 * i + 1, sha, int(rng.integers(1, 5)) * 100, h))
+    return cands

@@ -103,3 +103,14 @@ def test_only_runners_know_the_stage_order():
     for mod, deps in _imports().items():
         if _layer(mod) == "stages":
             assert not any(_layer(t) in ("runners", "cli") for t, _ in deps), mod
+
+
+def test_no_test_imports_another_test_module():
+    tests = REPO / "tests"
+    bad = []
+    for path in tests.rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            bad += [f"{path.name} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert not bad, bad

@@ -15,8 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, product_photo
-from test_decode import _TRANSFORMS as TRANSFORMS
+from conftest import EXIF_TRANSFORMS as TRANSFORMS, REPO, product_photo
 from pipeline.cli import cli
 
 

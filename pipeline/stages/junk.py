@@ -29,6 +29,8 @@ class JunkConfig:
     mismatch_confidence: float = 0.85  # a confident contradiction of the hint...
     weak_evidence: float = 0.6  # ...or a contradiction with this little product evidence...
     hint_floor: float = 0.05  # ...while the hint's own category gets less than this
+    ruled_out: float = 0.01  # ...or the hint's category gets less than this...
+    ruled_out_winner: float = 0.5  # ...while another category gets at least this
     outlier_similarity: float = 0.10  # CL2N cosine to the other photos of its hint below which a photo is an outlier
     outlier_min_group: int = 5  # a hint needs this many photos tonight before one can be unlike the rest
     outlier_coherent: float = 0.30  # ...and its photos must agree this much (median similarity) to judge one
@@ -76,13 +78,18 @@ def semantic_reason(
     """Why the model says this photo does not belong, or None."""
     if group_mass.size:
         g = int(group_mass.argmax())
-        if group_mass[g] >= cfg.not_product:
+        # Only when the photo is more not-product than product: a hard disc that also looks a little like a
+        # circuit board, or a road bike a little like a vehicle, is a product of its category (aliases win).
+        if group_mass[g] >= cfg.not_product and group_mass[g] >= product_mass:
             return f"not_product: looks like {groups[g].replace('_', ' ')} ({group_mass[g]:.2f})"
     if group_mass.size and product_mass < cfg.min_product_evidence:
         return f"no_product: product evidence {product_mass:.2f} < {cfg.min_product_evidence}"
     if hint_category and label != hint_category:
         p_hint = float(probs[categories.index(hint_category)])
-        if p_hint < cfg.hint_floor and (confidence >= cfg.mismatch_confidence or product_mass < cfg.weak_evidence):
+        # A contradiction counts by both sides: a confident winner, weak product evidence, or a hinted
+        # category the model all but rules out (an apple filed as footwear: footwear 0.00, food 0.70).
+        if p_hint < cfg.hint_floor and (confidence >= cfg.mismatch_confidence or product_mass < cfg.weak_evidence
+                                        or (p_hint < cfg.ruled_out and confidence >= cfg.ruled_out_winner)):
             return (
                 f"hint_mismatch: filed as {hint_category} ({p_hint:.2f}) "
                 f"but looks like {label} ({confidence:.2f})"

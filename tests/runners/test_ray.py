@@ -125,7 +125,7 @@ def test_pool_is_sized_to_leave_cpus_for_reads():
 
 def test_pair_search_on_ray_actors_makes_the_local_decisions():
     """Enough photos for several shards, so the actor pool really runs; same groups as the local index."""
-    from test_nearpairs import clustered_candidates
+    from conftest import clustered_candidates
 
     from pipeline.stages.dedupe import DedupeConfig, find_duplicates
     from pipeline.runners.ray import ray_pair_index

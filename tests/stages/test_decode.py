@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import EXIF_TRANSFORMS
 from pipeline.stages.decode import DecodeError, decode, load_for_model, read_bytes, upright_size, open_image
 
 
@@ -65,18 +66,12 @@ def test_animated_gif_uses_first_frame():
 
 
 # A 2x1 image "left red, right blue"; each EXIF orientation stores it differently.
-_TRANSFORMS = {
-    1: [], 2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
-    5: [Image.TRANSPOSE], 6: [Image.ROTATE_90], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_270],
-}
-
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_all_eight_exif_orientations_come_out_upright(orientation):
     upright = Image.new("RGB", (64, 32), (255, 0, 0))
     upright.paste((0, 0, 255), (32, 0, 64, 32))
     stored = upright
-    for op in _TRANSFORMS[orientation]:
+    for op in EXIF_TRANSFORMS[orientation]:
         stored = stored.transpose(op)
     exif = Image.Exif()
     exif[0x0112] = orientation

@@ -36,3 +36,31 @@ def test_semantic_checks():
     assert _semantic(851, "tv") is None  # a television in the TV folder
     assert _semantic(770, None) is None  # no hint, clear product
     assert _semantic(984, None).startswith("not_product: looks like scene")
+
+
+def _semantic_mix(weights: dict[int, float], hint):
+    tax = load_taxonomy()
+    raw = np.full((1, 1000), 1e-6, np.float32)
+    for i, w in weights.items():
+        raw[0, i] = w
+    raw /= raw.sum()
+    probs, product, groups = tax.aggregate(raw)
+    j = int(probs[0].argmax())
+    return semantic_reason(tax.categories[j], float(probs[0, j]), probs[0], tax.categories, float(product[0]),
+                           groups[0], tax.groups, tax.resolve_hint(hint), CFG)
+
+
+def test_a_product_that_partly_looks_like_a_not_product_group_is_not_junk():
+    # a hard disc (a computers product, not the circuit-board group any more) and a tandem bike (sports)
+    assert _semantic_mix({592: 0.85, 506: 0.15}, None) is None
+    assert _semantic_mix({444: 0.7, 671: 0.3}, "bikes") is None
+    # a product with some not-product evidence stays a product while the product evidence is larger
+    assert _semantic_mix({592: 0.55, 761: 0.45}, None) is None  # hard disc 0.55 beside remote-control 0.45
+    # the remote in the TV folder is still junk: more remote than anything
+    assert _semantic_mix({761: 0.6, 851: 0.4}, "tv").startswith("not_product: looks like remote control")
+
+
+def test_a_hint_the_model_rules_out_is_a_mismatch_even_at_moderate_confidence():
+    # an orange filed as footwear: food 0.62, accessories 0.38, footwear ~0 (the winner is no more than moderately sure)
+    assert _semantic_mix({950: 0.62, 837: 0.38}, "footwear").startswith("hint_mismatch: filed as footwear (0.00)")
+    assert _semantic_mix({950: 0.62, 837: 0.38}, "accessories") is None  # its hint keeps real evidence

@@ -5,46 +5,10 @@ import io
 import numpy as np
 import pytest
 
-from conftest import SAMPLE, product_photo
+from conftest import SAMPLE, clustered_candidates, product_photo
 from pipeline.stages.decode import decode
-from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes, compute_hashes, find_duplicates, hamming
+from pipeline.stages.dedupe import Candidate, DedupeConfig, compute_hashes, find_duplicates, hamming
 from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
-
-
-def _flip(rng, h: int, bits: int, k: int) -> int:
-    for b in rng.choice(bits, k, replace=False):
-        h ^= 1 << int(b)
-    return h
-
-
-def _random_hash(rng, bits: int) -> int:
-    return int.from_bytes(rng.bytes(bits // 8), "big")
-
-
-def clustered_candidates(n: int, seed: int) -> list[Candidate]:
-    """Originals plus noisy copies (pHash, fine hash and colour near the original's, some
-    rotated, some byte-identical), with areas that make the kept-first order matter."""
-    rng = np.random.default_rng(seed)
-    originals: list[Hashes] = []
-    cands = []
-    for i in range(n):
-        if originals and rng.random() < 0.5:
-            b = originals[int(rng.integers(len(originals)))]
-            if rng.random() < 0.2:  # the original's pixels turned a quarter
-                p, f = b.rotated[0]
-                h = Hashes(p, f, ((b.phash, b.fine),) * 3, np.rot90(b.color, 3).copy())
-            else:
-                h = Hashes(_flip(rng, b.phash, 64, int(rng.integers(0, 14))), _flip(rng, b.fine, 256, int(rng.integers(0, 50))),
-                           tuple((_flip(rng, p, 64, int(rng.integers(0, 14))), f) for p, f in b.rotated),
-                           (b.color + rng.normal(0, 0.02, (4, 4, 3))).astype(np.float32))  # re-encode-sized colour noise
-        else:
-            h = Hashes(_random_hash(rng, 64), _random_hash(rng, 256),
-                       tuple((_random_hash(rng, 64), _random_hash(rng, 256)) for _ in range(3)),
-                       rng.random((4, 4, 3)).astype(np.float32))
-            originals.append(h)
-        sha = "same-bytes" if rng.random() < 0.1 else f"sha{i}"
-        cands.append(Candidate(3 * i + 1, sha, int(rng.integers(1, 5)) * 100, h))
-    return cands
 
 
 @pytest.mark.parametrize("blocks", [3, 4, 6, 11])
