@@ -182,8 +182,6 @@ def run(
     for what, path in (("--summary-json", summary_json), ("--out", out)):
         if path is not None:
             _check_writable(what, path)
-    if runner == "ray" and store is not None:
-        raise click.UsageError("--store works with the local runner only (yet)")
     if ray_address and runner != "ray":
         raise click.UsageError("--ray-address needs --runner ray")
     if runner == "ray":

@@ -116,6 +116,35 @@ def input_fingerprint(source: Path) -> str:
 
 
 @dataclass
+class Engine:
+    """Where one chunk's photos are scanned and classified: the only thing that differs between runners.
+
+    Everything else (the order of the stages, dedupe against earlier chunks and
+    nights, corrections, the store, the output) is ``run``'s, so the local and
+    the Ray runner make the same decisions by construction.
+    """
+
+    name: str
+    scan: Callable[[list[Record], RunConfig, Classifier], dict[int, Scan | tuple[str, str]]]
+    classify: Callable[[list[Path], list, Classifier, RunConfig, Callable[[int], Any]], Any]
+    pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None  # whole-input runs only
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
+    device: str = ""
+
+
+def local_engine() -> Engine:
+    """This process: a thread pool scans (one decode per photo), the tf.data loop classifies."""
+
+    def scan(records: list[Record], cfg: RunConfig, clf: Classifier) -> dict[int, Scan | tuple[str, str]]:
+        return scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=clf.preprocess)
+
+    def classify(paths: list[Path], ready: list, clf: Classifier, cfg: RunConfig, progress: Callable[[int], Any]):
+        return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready)
+
+    return Engine("local", scan, classify)
+
+
+@dataclass
 class Context:
     """State that outlives one chunk: the dedupe index, kept photos' labels, history."""
 
@@ -126,6 +155,7 @@ class Context:
     history: History
     corrections: dict[str, dict[str, Any]]
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
+    engine: Engine = field(default_factory=local_engine)
 
     @property
     def review_threshold(self) -> float:
@@ -190,16 +220,15 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     """One chunk through every stage: (output rows, index records of its kept photos)."""
     cfg, clf = ctx.cfg, ctx.classifier
     t = time.perf_counter()
-    scans = scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=clf.preprocess)
+    scans = ctx.engine.scan(records, cfg, clf)
     cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
-    plan = plan_chunk(scans, ctx)
+    plan = plan_chunk(scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
 
     t = time.perf_counter()
     by_row = {r.row: r for r in records}
     with tqdm(total=len(plan.to_classify), desc="classify", unit="img", disable=cfg.quiet or None, leave=False) as bar:
-        preds = predict(clf, [by_row[row].resolved for row in plan.to_classify], batch_size=cfg.batch_size,
-                        max_pixels=cfg.max_pixels, progress=bar.update,
-                        ready=[plan.good[row].pixels for row in plan.to_classify])
+        preds = ctx.engine.classify([by_row[row].resolved for row in plan.to_classify],
+                                    [plan.good[row].pixels for row in plan.to_classify], clf, cfg, bar.update)
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
@@ -215,7 +244,8 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     return rows, index_records
 
 
-def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig) -> Summary:
+def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig,
+        engine: Engine | None = None) -> Summary:
     """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
 
     Raises ``IngestError`` for unusable input (before anything is written) and
@@ -243,8 +273,11 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
             if rec["in_dedupe"]:
                 index.add(key, rec["sha256"], Hashes.from_fields(rec))
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
-        ctx = Context(classifier, cfg, run_id, index, history, corrections)
+        engine = engine or local_engine()
+        ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine)
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
+        if engine.info:
+            meta["runner"] = engine.info
         counter = SummaryCounter()
         with contextlib.ExitStack() as stack:
             writer = None
@@ -283,7 +316,8 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
             cfg.log({"stage": "publish", "path": str(store.publish())})
     summary = counter.summary(
         run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
-        model=classifier.name, model_version=classifier.version, device="GPU" if has_gpu() else "CPU",
+        model=classifier.name, model_version=classifier.version,
+        device=engine.device or ("GPU" if has_gpu() else "CPU"),
     )
     cfg.log({"stage": "done", **summary.as_dict()})
     return summary

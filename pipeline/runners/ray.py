@@ -4,13 +4,18 @@ Why this shape: nothing here re-implements a stage. Ray Data only decides
 *where* the stage functions run: the scan (read, sha256, decode, hashes,
 quality) is ``map_batches`` over stateless tasks; classification is a
 callable class in an actor pool, so each actor loads the model once and runs
-the same ``tf.data`` loop (``infer.predict``) on its batches, with a GPU per
+the same ``tf.data`` loop (``stages.classify.predict``) on its batches, with a GPU per
 actor when the cluster has them; assembling rows, junk rules and the Parquet
 writer are the local runner's. Near duplicates: the hashes go into the
 object store as flat arrays once, an actor pool searches ranges of photos
 against all of them (``nearpairs.PairSearch``, multi-index hashing, never all
 pairs) and returns only the verified pairs; the driver's kept-first walk over
 those pairs is ``find_duplicates`` itself (README, "Runners").
+
+With ``--store`` the night is the local runner's loop (``run``) with this
+module's ``Engine``: chunks, the store's index for photos seen and kept on
+earlier nights, commits into staging, the lock, resume and publish are the
+same code, so both runners make the same decisions by construction.
 
 Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
 that takes every CPU starves the read tasks and hangs silently, so the pool
@@ -20,28 +25,24 @@ costs a few seconds, so the local runner stays the default.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import time
+import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes
 from pipeline.models.classifier import load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
+from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
-from pipeline.stages.ingest import ingest
+from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
 from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
-from pipeline.stages.output import SummaryCounter, to_table, write_parquet
-from pipeline.review.sheet import load_corrections
-from pipeline.runners.local import Context, RunConfig, finish_chunk, new_run_id, plan_chunk, run_meta
 from pipeline.stages.scan import Scan, scan_one
-from pipeline.ops.store import History
 
 SCAN_BATCH = 16
 
@@ -148,17 +149,11 @@ def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
     return actors, max(1.0, (cluster_cpus - 1) / actors) if cluster_cpus > 2 else 1.0
 
 
-def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | None, precision: str,
-            cfg: RunConfig, address: str | None = None):
-    """Run the pipeline on Ray Data; same rows and schema as ``run.run`` (no --store)."""
+def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, address: str | None = None) -> Engine:
+    """The Ray runner's engine: scans as Ray Data tasks, classification on an actor pool, and (for a
+    whole-input run) the distributed pair search; ``run`` does the rest, store included."""
     import ray
 
-    t0 = time.perf_counter()
-    started = datetime.now(timezone.utc)
-    source = Path(source)
-    batch = ingest(source, allow_outside=cfg.allow_outside)
-    records = list(batch.records)
-    classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
     model = str(Path(ref).resolve()) if isinstance(ref, Path) else ref
     taxonomy = str(Path(taxonomy).resolve()) if taxonomy else None
@@ -172,55 +167,63 @@ def run_ray(source: str | Path, out: str | Path, model: str, taxonomy: str | Non
     logging.getLogger("ray.data").setLevel(logging.ERROR if cfg.quiet else logging.WARNING)
     resources = ray.cluster_resources()
     actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
-    run_id = new_run_id(started)
 
-    items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
-             for r in records]
-    scanned = (ray.data.from_items(items)
-               .map_batches(_scan_batch, batch_size=SCAN_BATCH, fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes},
-                            num_cpus=1)
-               .take_all())
-    scans: dict[int, Scan | tuple[str, str]] = {}
-    for s in scanned:
-        if not s["ok"]:
-            scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
-            continue
-        scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
-                                    Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
+    def scan(records: list, cfg: RunConfig, clf) -> dict[int, Scan | tuple[str, str]]:
+        items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
+                 for r in records]
+        scanned = (ray.data.from_items(items)
+                   .map_batches(_scan_batch, batch_size=SCAN_BATCH,
+                                fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}, num_cpus=1)
+                   .take_all()) if items else []
+        scans: dict[int, Scan | tuple[str, str]] = {}
+        for s in scanned:
+            if not s["ok"]:
+                scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
+                continue
+            scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
+                                        Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
+        return scans
 
-    ctx = Context(classifier, cfg, run_id, DedupeIndex(cfg.dedupe), History(),
-                  load_corrections(cfg.corrections) if cfg.corrections else {})
-    plan = plan_chunk(scans, ctx, ray_pair_index(resources.get("CPU", 1)))  # the whole input is one chunk here
-    to_classify = plan.to_classify
-    by_row = {r.row: r for r in records}
-    results: list[dict[str, Any]] = []
-    if to_classify:
-        results = (ray.data.from_items([{"row": row, "resolved": os.fsencode(by_row[row].resolved)} for row in to_classify])
-                   .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8),
-                                compute=ray.data.ActorPoolStrategy(size=actors),
-                                num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
-                                fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
-                                                       "precision": classifier.precision, "batch_size": cfg.batch_size,
-                                                       "max_pixels": cfg.max_pixels})
-                   .take_all())
-    results.sort(key=lambda r: int(r["row"]))
-    n_groups = len(classifier.taxonomy.groups) if classifier.taxonomy else 0
-    preds = Predictions(
-        probs=np.array([r["probs"] for r in results], np.float32).reshape(len(results), len(classifier.categories)),
-        product_mass=np.array([r["product_mass"] for r in results], np.float32),
-        group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
-        imagenet_top=[r["imagenet_top"] or None for r in results],
-        errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
-        embeddings=np.array([r["embedding"] for r in results], np.float32).reshape(len(results), -1)
-        if results else np.zeros((0, 0), np.float32),
-    )
-    rows = finish_chunk(records, scans, plan, preds, ctx, datetime.now(timezone.utc))
-    meta = run_meta(source, batch, classifier, cfg, run_id, started)
-    meta["runner"] = {"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
-                      "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}}
-    write_parquet(to_table(rows, batch.extra_columns, meta), out)
-    counter = SummaryCounter()
-    counter.update(rows)
-    return counter.summary(run_id=run_id, out=str(out), seconds=time.perf_counter() - t0, model=classifier.name,
-                           model_version=classifier.version,
-                           device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
+    def classify(paths: list[Path], ready: list, clf, cfg: RunConfig, progress) -> Predictions:
+        results: list[dict[str, Any]] = []
+        if paths:
+            results = (ray.data.from_items([{"row": i, "resolved": os.fsencode(p)} for i, p in enumerate(paths)])
+                       .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8),
+                                    compute=ray.data.ActorPoolStrategy(size=actors),
+                                    num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
+                                    fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
+                                                           "precision": clf.precision, "batch_size": cfg.batch_size,
+                                                           "max_pixels": cfg.max_pixels})
+                       .take_all())
+        results.sort(key=lambda r: int(r["row"]))
+        progress(len(results))
+        n_groups = len(clf.taxonomy.groups) if clf.taxonomy else 0
+        return Predictions(
+            probs=np.array([r["probs"] for r in results], np.float32).reshape(len(results), len(clf.categories)),
+            product_mass=np.array([r["product_mass"] for r in results], np.float32),
+            group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
+            imagenet_top=[r["imagenet_top"] or None for r in results],
+            errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
+            embeddings=np.array([r["embedding"] for r in results], np.float32).reshape(len(results), -1)
+            if results else np.zeros((0, 0), np.float32),
+        )
+
+    return Engine(
+        "ray", scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)),
+        info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
+              "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
+        device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
+
+
+def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: str | None, precision: str,
+            cfg: RunConfig, address: str | None = None):
+    """Run the pipeline with the Ray engine; same rows, schema, store and exit codes as the local runner.
+
+    Without ``--store`` the whole input is one chunk, so near pairs are found by
+    the distributed pair search; with a store, chunks are matched against every
+    earlier chunk and night through the store's index, as locally.
+    """
+    classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
+    if cfg.store is None:
+        cfg = dataclasses.replace(cfg, chunk_size=sys.maxsize)
+    return run(source, out, classifier, cfg, ray_engine(model, taxonomy, classifier, cfg, address))

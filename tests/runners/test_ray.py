@@ -106,10 +106,40 @@ def test_ray_runner_on_a_real_local_cluster(tmp_path, local_cluster):
     assert '"address": "127.0.0.1:' in pq.read_schema(out).metadata[b"labelcat.run"].decode()
 
 
+@pytest.mark.slow
+def test_two_nights_with_a_store_make_the_local_runners_rows(tmp_path):
+    """--runner ray --store: chunks, the store's index, seen photos and near duplicates across nights, the same
+    rows as the local runner night after night (night 2 adds photos, one of them a copy of a night-1 photo)."""
+    import shutil
+
+    night1 = tmp_path / "uploads"
+    for cls in ("hoodies", "juices"):
+        shutil.copytree(SAMPLE / "images" / cls, night1 / cls)
+    stores = {"local": tmp_path / "store-local", "ray": tmp_path / "store-ray"}
+    outs = {}
+    try:
+        for night in (1, 2):
+            if night == 2:
+                shutil.copytree(SAMPLE / "images" / "polos", night1 / "polos")
+                shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo01_1.jpg", night1 / "polos" / "again.jpg")
+            for runner, store in stores.items():
+                out = tmp_path / f"{runner}-{night}.parquet"
+                args = ["run", str(night1), "--out", str(out), "-q", "--store", str(store), "--chunk-size", "5"]
+                r = CliRunner().invoke(cli, args + (["--runner", "ray"] if runner == "ray" else []))
+                assert r.exit_code == 0, r.output
+                outs[(runner, night)] = out
+    finally:
+        ray.shutdown()
+    for night in (1, 2):
+        _same_rows(outs[("local", night)], outs[("ray", night)])
+    second = pq.read_table(outs[("ray", 2)]).to_pandas()
+    assert (second.status == "seen").sum() >= 10 and "duplicate" in set(second.status)
+    for store in stores.values():
+        assert len(list((store / "labels").glob("run_date=*/*"))) == 2
+
+
 def test_ray_usage_errors(tmp_path):
     (tmp_path / "m.csv").write_text("path\nx.jpg\n")
-    r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "--runner", "ray", "--store", str(tmp_path / "s")])
-    assert r.exit_code == 2 and "local runner only" in r.output
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.csv"), "--ray-address", "127.0.0.1:1"])
     assert r.exit_code == 2 and "needs --runner ray" in r.output
 
