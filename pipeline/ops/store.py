@@ -47,11 +47,12 @@ from pipeline.contract import BY_NAME, LABEL_FIELDS
 from pipeline.ops.fsutil import atomic_path
 
 #: Index fields that only the store keeps (dedupe state), beside the contract's indexed and label fields.
-STORE_ONLY = {"in_dedupe": pa.bool_(), "rotated": pa.list_(pa.string()), "color": pa.list_(pa.float32())}
+STORE_ONLY = {"in_dedupe": pa.bool_(), "rotated": pa.list_(pa.string()), "color": pa.list_(pa.float32()),
+              "file": pa.string()}  # an error row's file identity: path, size, mtime (parts of older versions: null)
 #: Field order of index parts written by earlier versions; new fields go at the end.
 INDEX_ORDER = ("run_id", "row", "sha256", "in_dedupe", "phash", "phash256", "rotated", "color", "status", "label",
                "confidence", "topk_labels", "topk_scores", "label_source", "junk_reason", "model_version",
-               "product_evidence", "imagenet_top")
+               "product_evidence", "imagenet_top", "error", "error_detail", "file")
 INDEX_SCHEMA = pa.schema([(n, STORE_ONLY[n] if n in STORE_ONLY else BY_NAME[n].type) for n in INDEX_ORDER])
 
 
@@ -93,11 +94,13 @@ STORE_ENTRIES = frozenset({MARKER, "lock", "labels", "index", "staging"})
 
 
 def index_record(run_id: str, row: dict[str, Any], hash_fields: dict[str, Any], in_dedupe: bool,
-                 model_version: str) -> dict[str, Any]:
-    """What the store remembers of a kept photo: its hashes (as ``Hashes.to_fields`` gives them) and its label."""
+                 model_version: str, file: str | None = None) -> dict[str, Any]:
+    """What the store remembers of a photo: its hashes (as ``Hashes.to_fields`` gives them, for photos that
+    could be read), its status and label, and for unusable files their identity (``file``) and error."""
     return {
-        "run_id": run_id, "row": row["row"], "sha256": row["sha256"], "in_dedupe": in_dedupe,
-        **hash_fields, "status": row["status"],
+        "run_id": run_id, "row": row["row"], "sha256": row.get("sha256"), "in_dedupe": in_dedupe,
+        **hash_fields, "status": row["status"], "error": row.get("error"), "error_detail": row.get("error_detail"),
+        "file": file,
         "model_version": model_version, "junk_reason": row.get("junk_reason"),
         **{k: row.get(k) for k in LABEL_FIELDS},
     }
@@ -109,6 +112,7 @@ class History:
 
     entries: dict[int, dict[str, Any]] = field(default_factory=dict)  # key -> index record
     by_sha: dict[str, int] = field(default_factory=dict)
+    by_file: dict[str, int] = field(default_factory=dict)  # unusable files, by path, size and mtime
     by_ref: dict[tuple[str, int], int] = field(default_factory=dict)  # (run id, row) -> key
     next_key: int = -1  # earlier nights get negative keys; this run's rows are >= 0
 
@@ -117,7 +121,10 @@ class History:
         if key is None:
             key, self.next_key = self.next_key, self.next_key - 1
         self.entries[key] = rec
-        self.by_sha.setdefault(rec["sha256"], key)
+        if rec.get("sha256"):
+            self.by_sha.setdefault(rec["sha256"], key)
+        if rec.get("file"):
+            self.by_file.setdefault(rec["file"], key)
         self.by_ref[(rec["run_id"], rec["row"])] = key
         return key
 

@@ -175,7 +175,16 @@ class Plan:
     to_classify: list[int]
 
 
-def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context,
+def file_identity(rec: Record) -> str:
+    """An unusable file's identity across nights (it has no content hash): path, size and mtime."""
+    try:
+        st = os.stat(rec.resolved)
+        return f"{os.fsdecode(rec.resolved)}\t{st.st_size}\t{st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return f"{os.fsdecode(rec.resolved)}\t-\t-"
+
+
+def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], ctx: Context,
                pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None) -> Plan:
     """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified.
 
@@ -191,8 +200,14 @@ def plan_chunk(scans: dict[int, Scan | tuple[str, str]], ctx: Context,
     seen: dict[int, int] = {}
     for row, s in good.items():
         key = ctx.history.by_sha.get(s.sha256)
-        if key is not None and key < 0:  # labelled on an earlier night (same model version under --relabel)
+        if key is not None and key < 0:  # a row of an earlier night, whatever its status (same model under --relabel)
             seen[row] = key
+    if ctx.history.by_file:
+        for rec in records:
+            if not isinstance(scans[rec.row], Scan):  # the same unusable file as on an earlier night: not a new error
+                key = ctx.history.by_file.get(file_identity(rec))
+                if key is not None and key < 0:
+                    seen[rec.row] = key
     candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
     duplicates = find_duplicates(candidates, cfg.dedupe, pair_index(candidates, cfg.dedupe) if pair_index else ctx.index)
@@ -222,7 +237,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     t = time.perf_counter()
     scans = ctx.engine.scan(records, cfg, clf)
     cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
-    plan = plan_chunk(scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
+    plan = plan_chunk(records, scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
 
     t = time.perf_counter()
     by_row = {r.row: r for r in records}
@@ -235,12 +250,19 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
 
     rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
     index_records = []
-    for r in rows:
-        if r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None:
+    by_row = {r.row: r for r in records}
+    for r in rows:  # every row of tonight is remembered, so later nights call it seen whatever its status
+        s = plan.good.get(r["row"])
+        kept = r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None
+        if kept:
             ctx.kept_labels[r["row"]] = {k: r.get(k) for k in LABEL_FIELDS}
-            s = plan.good.get(r["row"])
-            if s is not None:
-                index_records.append(index_record(ctx.run_id, r, s.hashes.to_fields(), r["row"] not in plan.quality_junk, clf.version))
+        if r["status"] == "seen":
+            continue
+        if s is not None:
+            index_records.append(index_record(ctx.run_id, r, s.hashes.to_fields(),
+                                              kept and r["row"] not in plan.quality_junk, clf.version))
+        elif r["status"] == "error":
+            index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
     return rows, index_records
 
 
@@ -294,7 +316,8 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                         history.add(rec, key=rec["row"])
                         if rec["in_dedupe"]:
                             index.add(rec["row"], rec["sha256"], Hashes.from_fields(rec))
-                        ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
+                        if rec["status"] in ("labelled", "junk"):
+                            ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
                 else:
                     rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc))
@@ -375,6 +398,9 @@ def assemble(
         scan = scans[rec.row]
         if not isinstance(scan, Scan):
             row.update(status="error", error=scan[0], error_detail=scan[1])
+            if rec.row in seen:  # the same broken file as on an earlier night: reported, not a new error
+                earlier = ctx.history.entries[seen[rec.row]]
+                row.update(status="seen", seen_in=f"{earlier['run_id']}#{earlier['row']}")
             rows.append(row)
             continue
         row.update(sha256=scan.sha256, phash=scan.hashes.phash_hex, phash256=scan.hashes.fine_hex,

@@ -222,3 +222,30 @@ def test_an_unwritable_store_fails_clearly_and_keeps_what_was_published(tmp_path
     assert events[-1]["stage"] == "failed" and "Read-only" in events[-1]["error"]
     pd.testing.assert_frame_equal(dataset(store), before)
     assert not (tmp_path / "b.parquet").exists()
+
+
+def test_seen_means_every_row_of_an_earlier_night(tmp_path, card_model):
+    """Old broken files and old duplicates are seen on the next night: not new errors, not classified again."""
+    shop = tmp_path / "uploads"
+    make_shop(shop, 4)
+    Image.open(shop / "p001.jpg").save(shop / "p001_copy.png")  # a near duplicate
+    (shop / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    store = tmp_path / "store"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n1.parquet", "-q")
+    assert r.exit_code == 0, r.output
+    n1 = pd.read_parquet(tmp_path / "n1.parquet").set_index("path")
+    assert {"duplicate", "error"} <= set(n1.status)
+    make_shop(shop, 2, start=4)  # two new photos tonight
+    log = tmp_path / "log.jsonl"
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n2.parquet", "-q",
+                "--fail-on-row-errors", "--log-file", log)
+    assert r.exit_code == 0, r.output  # the broken file is an old error, not a new one
+    n2 = pd.read_parquet(tmp_path / "n2.parquet").set_index("path")
+    old = [p for p in n2.index if p in n1.index]
+    assert set(n2.loc[old, "status"]) == {"seen"}
+    broken = next(p for p in n2.index if p.endswith("broken.jpg"))
+    assert n2.loc[broken, "error"] == n1.loc[broken, "error"] and n2.loc[broken, "seen_in"]
+    classified = [json.loads(line) for line in log.read_text().splitlines() if '"stage": "classify"' in line]
+    assert sum(e["rows"] for e in classified) == 2  # only tonight's new photos
+    r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n3.parquet", "-q", "--skip-seen")
+    assert r.exit_code == 0 and len(pd.read_parquet(tmp_path / "n3.parquet")) == 0  # nothing new on night 3
