@@ -2,8 +2,8 @@
 
 Why this shape: nothing here re-implements a stage. Ray Data only decides
 *where* the stage functions run: the scan (read, sha256, decode, hashes,
-quality) is ``map_batches`` over stateless tasks; classification is a
-callable class in an actor pool, so each actor loads the model once and runs
+quality) is ``map_batches`` over stateless tasks; classification runs on
+plain actors started once per run, so each actor loads the model once and runs
 the same ``tf.data`` loop (``stages.classify.predict``) on its batches, with a GPU per
 actor when the cluster has them; assembling rows, junk rules and the Parquet
 writer are the local runner's. Near duplicates: the hashes go into the
@@ -81,24 +81,35 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
 
 
 class ClassifierActor:
-    """Ray actor: loads the model once, then runs ``infer.predict`` on each batch of paths."""
+    """Ray actor: loads the model once, then runs ``stages.classify.predict`` on each batch of paths.
+
+    A plain actor (started once per run and kept for every chunk), not a Ray
+    Data actor pool: those restartable actors log an error-level
+    ``core_worker.cc`` line for constructor arguments in the object store on
+    every run (ray-project/ray#57733), and would load the model again per chunk.
+    """
 
     def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
         self.classifier = load_classifier(model, taxonomy, precision)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [Path(os.fsdecode(bytes(p))) for p in batch["resolved"]]
-        p = predict(self.classifier, paths, batch_size=self.batch_size, max_pixels=self.max_pixels)
-        return {
-            "row": batch["row"], "probs": list(p.probs), "product_mass": p.product_mass,
-            "group_mass": list(p.group_mass) if p.group_mass.size else [np.zeros(0, np.float32)] * len(paths),
-            "imagenet_top": np.array([t or "" for t in p.imagenet_top]),
-            "error": np.array([e[0] if e else "" for e in p.errors]),
-            "error_detail": np.array([e[1] if e else "" for e in p.errors]),
-            "embedding": list(p.embeddings),
-        }
+    def classify(self, paths: list[bytes]) -> Predictions:
+        return predict(self.classifier, [Path(os.fsdecode(p)) for p in paths], batch_size=self.batch_size,
+                       max_pixels=self.max_pixels)
+
+
+def concat_predictions(parts: list[Predictions], n_categories: int, n_groups: int) -> Predictions:
+    """Predictions of consecutive batches as one, in order."""
+    if not parts:
+        z = np.zeros((0, 0), np.float32)
+        return Predictions(np.zeros((0, n_categories), np.float32), np.zeros(0, np.float32),
+                           np.zeros((0, n_groups), np.float32), [], [], z)
+    return Predictions(
+        probs=np.concatenate([p.probs for p in parts]), product_mass=np.concatenate([p.product_mass for p in parts]),
+        group_mass=np.concatenate([p.group_mass for p in parts]),
+        imagenet_top=[t for p in parts for t in p.imagenet_top], errors=[e for p in parts for e in p.errors],
+        embeddings=np.concatenate([p.embeddings for p in parts]))
 
 
 class PairSearchActor:
@@ -184,29 +195,22 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
                                         Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
         return scans
 
+    pool: list = []  # the classifier actors, started on the first chunk that needs them, kept for the run
+
     def classify(paths: list[Path], ready: list, clf, cfg: RunConfig, progress) -> Predictions:
-        results: list[dict[str, Any]] = []
-        if paths:
-            results = (ray.data.from_items([{"row": i, "resolved": os.fsencode(p)} for i, p in enumerate(paths)])
-                       .map_batches(ClassifierActor, batch_size=max(cfg.batch_size, 8),
-                                    compute=ray.data.ActorPoolStrategy(size=actors),
-                                    num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0,
-                                    fn_constructor_kwargs={"model": model, "taxonomy": taxonomy,
-                                                           "precision": clf.precision, "batch_size": cfg.batch_size,
-                                                           "max_pixels": cfg.max_pixels})
-                       .take_all())
-        results.sort(key=lambda r: int(r["row"]))
-        progress(len(results))
-        n_groups = len(clf.taxonomy.groups) if clf.taxonomy else 0
-        return Predictions(
-            probs=np.array([r["probs"] for r in results], np.float32).reshape(len(results), len(clf.categories)),
-            product_mass=np.array([r["product_mass"] for r in results], np.float32),
-            group_mass=np.array([r["group_mass"] for r in results], np.float32).reshape(len(results), n_groups),
-            imagenet_top=[r["imagenet_top"] or None for r in results],
-            errors=[(str(r["error"]), str(r["error_detail"])) if r["error"] else None for r in results],
-            embeddings=np.array([r["embedding"] for r in results], np.float32).reshape(len(results), -1)
-            if results else np.zeros((0, 0), np.float32),
-        )
+        from ray.util import ActorPool
+
+        if paths and not pool:
+            remote = ray.remote(num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0)(ClassifierActor)
+            pool.extend(remote.remote(model, taxonomy, clf.precision, cfg.batch_size, cfg.max_pixels)
+                        for _ in range(actors))
+        step = max(cfg.batch_size, 8) * 4
+        batches = [[os.fsencode(p) for p in paths[i:i + step]] for i in range(0, len(paths), step)]
+        parts = []
+        for part in ActorPool(pool).map(lambda actor, b: actor.classify.remote(b), batches) if batches else []:
+            parts.append(part)
+            progress(len(part.errors))
+        return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
         "ray", scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)),
