@@ -506,6 +506,7 @@ def apply_corrections(rows: list[dict[str, Any]], corrections: dict[str, dict[st
                 continue
             label = mapped
         note = f" ({c['note']})" if c["note"] else ""
+        seen = r["status"] == "seen"  # a row of an earlier night stays seen (--skip-seen): it only takes the verdict
         if label == "junk":  # a person's verdict: no model label survives it
             r.update(status="junk", junk_reason=f"human: marked junk by {c['reviewer']}{note}", label_source="human",
                      label=None, confidence=None, topk_labels=None, topk_scores=None)
@@ -513,6 +514,8 @@ def apply_corrections(rows: list[dict[str, Any]], corrections: dict[str, dict[st
             r.update(status="duplicate", duplicate_kind="human", label_source="human")
         else:
             r.update(status="labelled", label=label, confidence=1.0, label_source="human", junk_reason=None)
+        if seen:
+            r["status"] = "seen"
         r.update(needs_review=False, review_reason=None)
         applied += 1
     return applied
