@@ -85,16 +85,18 @@ def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
+def file_stat(rec: Record) -> tuple[str, int, int] | None:
+    """(path, size, mtime_ns) of a record's file, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(rec.resolved)
+    except (OSError, ValueError):
+        return None
+    return os.fsdecode(rec.resolved), st.st_size, st.st_mtime_ns
+
+
 def file_stats(records: list[Record]) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of each file a chunk read, for the store to check on resume."""
-    out = []
-    for rec in records:
-        try:
-            st = os.stat(rec.resolved)
-        except (OSError, ValueError):
-            continue
-        out.append((os.fsdecode(rec.resolved), st.st_size, st.st_mtime_ns))
-    return out
+    return [st for rec in records if (st := file_stat(rec)) is not None]
 
 
 def input_fingerprint(source: Path) -> str:
@@ -124,7 +126,6 @@ class Engine:
     the Ray runner make the same decisions by construction.
     """
 
-    name: str
     scan: Callable[[list[Record], RunConfig, Classifier], dict[int, Scan | tuple[str, str]]]
     classify: Callable[[list[Path], list, Classifier, RunConfig, Callable[[int], Any]], Any]
     pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None  # whole-input runs only
@@ -141,7 +142,7 @@ def local_engine() -> Engine:
     def classify(paths: list[Path], ready: list, clf: Classifier, cfg: RunConfig, progress: Callable[[int], Any]):
         return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready)
 
-    return Engine("local", scan, classify)
+    return Engine(scan, classify)
 
 
 @dataclass
@@ -177,11 +178,8 @@ class Plan:
 
 def file_identity(rec: Record) -> str:
     """An unusable file's identity across nights (it has no content hash): path, size and mtime."""
-    try:
-        st = os.stat(rec.resolved)
-        return f"{os.fsdecode(rec.resolved)}\t{st.st_size}\t{st.st_mtime_ns}"
-    except (OSError, ValueError):
-        return f"{os.fsdecode(rec.resolved)}\t-\t-"
+    st = file_stat(rec)
+    return "\t".join(map(str, st)) if st is not None else f"{os.fsdecode(rec.resolved)}\t-\t-"
 
 
 def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], ctx: Context,
@@ -250,7 +248,6 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
 
     rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
     index_records = []
-    by_row = {r.row: r for r in records}
     for r in rows:  # every row of tonight is remembered, so later nights call it seen whatever its status
         s = plan.good.get(r["row"])
         kept = r["status"] in ("labelled", "junk") and r.get("duplicate_of") is None
@@ -264,6 +261,12 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
         elif r["status"] == "error":
             index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
     return rows, index_records
+
+
+def _match_later(index: DedupeIndex, key: int, rec: dict[str, Any]) -> None:
+    """Put a remembered photo that later photos may duplicate (``in_dedupe``) into the match index."""
+    if rec["in_dedupe"]:
+        index.add(key, rec["sha256"], Hashes.from_fields(rec))
 
 
 def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig,
@@ -292,8 +295,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
         index = DedupeIndex(cfg.dedupe)
         history = store.load_history(classifier.version if cfg.relabel else None) if store else History()
         for key, rec in history.entries.items():
-            if rec["in_dedupe"]:
-                index.add(key, rec["sha256"], Hashes.from_fields(rec))
+            _match_later(index, key, rec)
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
         engine = engine or local_engine()
         ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine)
@@ -313,9 +315,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                 elif n in done:
                     table, index_records = store.read_chunk(n)
                     for rec in index_records:  # this run's committed photos, under their row keys
-                        history.add(rec, key=rec["row"])
-                        if rec["in_dedupe"]:
-                            index.add(rec["row"], rec["sha256"], Hashes.from_fields(rec))
+                        _match_later(index, history.add(rec, key=rec["row"]), rec)
                         if rec["status"] in ("labelled", "junk"):
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
