@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "sample_catalog"))
 
 from build import PLACEHOLDERS, fetch_saleor  # noqa: E402
 
-from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, _centroid_fit, fit, normalise  # noqa: E402
+from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, centroid_rule, fit  # noqa: E402
+from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
 
@@ -81,8 +82,8 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
             zt, zs = normalise(emb[train], mean), normalise(emb[test], mean)
             raw_t = emb[train] / np.linalg.norm(emb[train], axis=1, keepdims=True)
             raw_s = emb[test] / np.linalg.norm(emb[test], axis=1, keepdims=True)
-            rules = {"raw cosine centroid": _centroid_fit(raw_t, yk[train], len(classes))[0],
-                     "CL2N centroid": _centroid_fit(zt, yk[train], len(classes))[0]}
+            rules = {"raw cosine centroid": centroid_rule(raw_t, yk[train], len(classes))[0],
+                     "CL2N centroid": centroid_rule(zt, yk[train], len(classes))[0]}
             for name, w in rules.items():
                 zz = raw_s if name.startswith("raw") else zs
                 out.setdefault((k, name), []).append(float(((zz @ w).argmax(axis=1) == yk[test]).mean()))

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.models.embeddings import leave_one_out_similarity, normalise
+
 METHODS = ("centroid", "logreg")
 LOGIT_SCALE = 16.0  # cosine similarities (-1..1) as logits; the fitted temperature refines it
 OPEN_SET_MARGIN = 0.05  # below the lowest out-of-fold similarity a class's own photos reached
@@ -51,21 +53,6 @@ class FewShotFit:
     min_similarity: float | None  # open-set threshold, None if it could not be measured
 
 
-def leave_one_out_similarity(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Each photo's cosine similarity (CL2N) to the mean of the *other* photos of its class (nan if alone)."""
-    z = normalise(x, x.mean(axis=0))
-    out = np.full(len(y), np.nan)
-    for cls in np.unique(y):
-        idx = np.flatnonzero(y == cls)
-        if len(idx) < 2:
-            continue
-        total = z[idx].sum(axis=0)
-        others = (total[None, :] - z[idx]) / (len(idx) - 1)
-        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-8)
-        out[idx] = np.einsum("ij,ij->i", z[idx], others)
-    return out
-
-
 def class_outliers(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Indices of photos unlike the rest of their class (classes of ``MIN_CLASS_FOR_OUTLIERS``+ photos)."""
     sim = leave_one_out_similarity(x, y)
@@ -74,21 +61,17 @@ def class_outliers(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.flatnonzero(big & (sim < OUTLIER_SIMILARITY))
 
 
-def normalise(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Centre on the shop's mean and scale to unit length (CL2N)."""
-    z = x - mean
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
-
-
-def _centroid_fit(z: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def centroid_rule(z: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     c = np.stack([z[y == k].mean(axis=0) for k in range(n)])
     c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-8)
     return c.T * LOGIT_SCALE, np.zeros(n, np.float32), c
 
 
-def _logreg_fit(z: np.ndarray, y: np.ndarray, n: int, l2: float = 1e-3, steps: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax regression by full-batch gradient descent with momentum (seconds for hundreds of photos)."""
-    w = _centroid_fit(z, y, n)[0].astype(np.float64)  # start from the centroid rule
+def _logreg_fit(z: np.ndarray, y: np.ndarray, n: int, w0: np.ndarray, l2: float = 1e-3,
+                steps: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax regression by full-batch gradient descent with momentum (seconds for hundreds of photos),
+    started from the centroid rule's weights ``w0``."""
+    w = w0.astype(np.float64)
     b = np.zeros(n)
     onehot = np.eye(n)[y]
     vw, vb = np.zeros_like(w), np.zeros_like(b)
@@ -121,9 +104,9 @@ def _folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[np.ndar
 
 
 def _weights(method: str, z: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    w, b, c = _centroid_fit(z, y, n)
+    w, b, c = centroid_rule(z, y, n)
     if method == "logreg":
-        w, b = _logreg_fit(z, y, n)
+        w, b = _logreg_fit(z, y, n, w)
     return w, b, c
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.models.embeddings import leave_one_out_similarity
+
 
 @dataclass(frozen=True)
 class JunkConfig:
@@ -97,11 +99,6 @@ def semantic_reason(
     return None
 
 
-def _cl2n(x: np.ndarray) -> np.ndarray:
-    z = x - x.mean(axis=0)
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
-
-
 def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConfig) -> dict[int, str]:
     """Photos unlike the other photos filed under the same hint: ``{index: 'hint_outlier: ...'}``.
 
@@ -114,16 +111,15 @@ def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConf
     """
     if embeddings.ndim != 2 or embeddings.shape[1] == 0 or len(hints) < cfg.outlier_min_group:
         return {}
-    z = _cl2n(embeddings.astype(np.float64))
+    names = sorted({h for h in hints if h})
+    groups = np.array([names.index(h) if h else -1 for h in hints])
+    similarity = leave_one_out_similarity(embeddings.astype(np.float64), groups)  # centred on all tonight's photos
     out: dict[int, str] = {}
-    for hint in {h for h in hints if h}:
-        idx = np.array([i for i, h in enumerate(hints) if h == hint])
+    for g, hint in enumerate(names):
+        idx = np.flatnonzero(groups == g)
         if len(idx) < cfg.outlier_min_group:
             continue
-        total = z[idx].sum(axis=0)
-        others = (total[None, :] - z[idx]) / (len(idx) - 1)
-        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-8)
-        sim = np.einsum("ij,ij->i", z[idx], others)
+        sim = similarity[idx]
         if float(np.median(sim)) < cfg.outlier_coherent:
             continue
         for i, s in zip(idx, sim):

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE
 from pipeline.cli import cli
-from pipeline.learning.fewshot import class_outliers, fit, leave_one_out_similarity
+from pipeline.learning.fewshot import class_outliers, fit
+from pipeline.models.embeddings import leave_one_out_similarity
 from pipeline.models.card import read_card
 from pipeline.stages.junk import JunkConfig, hint_outliers
 
