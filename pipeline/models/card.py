@@ -222,9 +222,8 @@ def validate_card(card: ModelCard, path: Path) -> None:
         if not isinstance(getattr(card, name), dict):
             raise bad(name, "must be an object")
     if card.open_set is not None:
-        cents, t = card.open_set.get("centroids") if isinstance(card.open_set, dict) else None, None
-        if isinstance(card.open_set, dict):
-            t = _number(card.open_set.get("min_similarity"))
+        entry = card.open_set if isinstance(card.open_set, dict) else {}
+        cents, t = entry.get("centroids"), _number(entry.get("min_similarity"))
         if (not isinstance(cents, list) or len(cents) != len(card.classes) or t is None or not -1 <= t <= 1
                 or not all(isinstance(c, list) and c and len(c) == len(cents[0]) for c in cents)):
             raise bad("open_set", "must hold one centroid per class and a min_similarity in -1..1")

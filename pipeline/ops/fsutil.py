@@ -10,6 +10,7 @@ that on POSIX filesystems.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -71,7 +72,7 @@ def sweep_temporaries(dest: Path) -> int:
     process is gone are touched: never another file, never a live writer's.
     """
     removed = 0
-    for tmp in dest.parent.glob(f".{glob_escape(dest.name)}.*.tmp*"):
+    for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp*"):
         pid_text = tmp.name[len(dest.name) + 2:].split(".", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
@@ -79,13 +80,6 @@ def sweep_temporaries(dest: Path) -> int:
             tmp.unlink()
             removed += 1
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob metacharacters taken literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 def _alive(pid: int) -> bool:

@@ -221,14 +221,7 @@ def _export_csv(run: RunFile, rows: list[dict[str, Any]], out: Path) -> None:
             w.writerow([safe_text(c) for c in cols])
             for r in rows:
                 cells = {**_cells(r, run), "run_file": run_file}
-                w.writerow([safe_text(_csv_value(cells.get(c))) for c in cols])
-
-
-def _csv_value(v: Any) -> Any:
-    """Numbers as a person wrote them (``1600``, not ``1600.0``)."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
+                w.writerow([safe_text(flat_value(cells.get(c))) for c in cols])
 
 
 def _put(ws, row: int, col: int, value: Any):

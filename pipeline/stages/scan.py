@@ -57,7 +57,7 @@ def scan_file(path: Path, max_pixels: int, max_bytes: int, model_input: Preproce
     width, height = dec.upright_size(img)
     rgb = dec.decode_opened(img, min_side=SCAN_SIDE)
     pixels = dec.center_crop_resize(rgb, model_input.size, model_input.resize_short) \
-        if model_input is not None and shares_scan_decode(model_input) else None
+        if shares_scan_decode(model_input) else None
     return Scan(digest, width, height, compute_hashes(rgb), quality_stats(rgb), pixels)
 
 
