@@ -179,11 +179,15 @@ def open_set_card(fitted: FewShotFit) -> dict[str, Any] | None:
                     f"(the lowest out-of-fold similarity of a training photo to its own class, minus {OPEN_SET_MARGIN})"}
 
 
-def paths_embeddings(paths: list[Path], backbone: str = "efficientnet_lite0", batch_size: int = 32) -> tuple[np.ndarray, list]:
-    """Pooled backbone features of each photo through the classify stage (the same decode and compiled step)."""
-    from pipeline.models.classifier import MODELS
+def paths_embeddings(paths: list[Path], backbone, batch_size: int = 32) -> tuple[np.ndarray, list]:
+    """Pooled features of each photo through the classify stage (the same decode and compiled step), from the
+    loaded ``Backbone`` whose frozen trunk the few-shot model is then built on (loaded once for both)."""
+    from pipeline.models.classifier import Classifier
+    from pipeline.models.preprocess import IMAGENET_224
     from pipeline.stages.classify import predict
 
-    clf = MODELS.get(backbone)(precision="float32")
+    n_out = int(backbone.model.outputs[0].shape[-1])
+    clf = Classifier(name=backbone.name, version=backbone.weights_sha256, model=backbone.model, preprocess=IMAGENET_224,
+                     categories=[str(i) for i in range(n_out)])
     preds = predict(clf, paths, batch_size=batch_size)
     return preds.embeddings, preds.errors

@@ -216,7 +216,8 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     from pipeline.models.backbones import backbone_features
 
     t0 = time.perf_counter()
-    emb, errors = paths_embeddings(photos.paths, cfg.backbone)
+    features, bb = backbone_features(cfg.backbone, 224)
+    emb, errors = paths_embeddings(photos.paths, bb)
     ok = np.array([e is None for e in errors])
     if not ok.all():
         for i in np.flatnonzero(~ok):
@@ -229,7 +230,6 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     keep = np.setdiff1d(np.arange(len(y)), outliers)
     emb, y, groups = emb[keep], y[keep], groups[keep]
     fitted = fit(emb, y, groups, len(classes), cfg.method, cfg.seed)
-    features, bb = backbone_features(cfg.backbone, 224)
     model = build_model(features, fitted)
     seconds = time.perf_counter() - t0
     oof = fitted.cv.pop("oof_logits")
