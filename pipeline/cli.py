@@ -210,9 +210,7 @@ def run(
         except StoreError as exc:
             raise click.UsageError(str(exc)) from None
         except StoreLocked as exc:
-            log({"stage": "locked", "message": str(exc)})
-            click.echo(f"labelcat: {exc}; not starting a second run", err=True)
-            sys.exit(3)
+            _locked(exc, log)
     classifier = _load_classifier(model, taxonomy, precision)
     try:
         if runner == "ray":
@@ -224,9 +222,7 @@ def run(
     except (IngestError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
     except StoreLocked as exc:
-        log({"stage": "locked", "message": str(exc)})
-        click.echo(f"labelcat: {exc}; not starting a second run", err=True)
-        sys.exit(3)
+        _locked(exc, log)
     except Exception as exc:  # noqa: BLE001 - cron needs one line and a non-zero status, not a traceback
         if os.environ.get("LABELCAT_DEBUG"):
             raise
@@ -245,6 +241,13 @@ def run(
         click.echo(summary.render())
     if fail_on_row_errors and summary.by_status.get("error"):
         sys.exit(4)
+
+
+def _locked(exc: Exception, log: Callable[[dict], None]) -> None:
+    """Another run holds the store: one line, one log event, exit 3 (cron's next night will try again)."""
+    log({"stage": "locked", "message": str(exc)})
+    click.echo(f"labelcat: {exc}; not starting a second run", err=True)
+    sys.exit(3)
 
 
 def _check_writable(what: str, path: Path) -> None:
