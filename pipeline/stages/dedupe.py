@@ -107,9 +107,10 @@ def hamming(a: int, b: int) -> int:
 
 
 CHROMATIC = 8.0  # CIELAB chroma from which a cell has a hue worth comparing
+CHROMA_LOSS_SCALE = 20.0  # colour_distance units per share of chroma lost (all of it: 20)
 
 
-def _lab(rgb: np.ndarray) -> np.ndarray:
+def lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB in 0..1 (..., 3) → CIELAB (D65)."""
     rgb = np.clip(rgb, 0.0, 1.0)
     lin = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
@@ -119,32 +120,46 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
+def _masked_median(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median over the last two axes of ``values`` where ``mask`` holds (0 where it never does)."""
+    flat = (*values.shape[:-2], values.shape[-2] * values.shape[-1])
+    ranked = np.sort(np.where(mask, values, np.inf).reshape(flat), axis=-1)  # masked cells first, ascending
+    n = mask.reshape(flat).sum(axis=-1)
+    lo = np.take_along_axis(ranked, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(ranked, np.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, (np.where(np.isinf(lo), 0, lo) + np.where(np.isinf(hi), 0, hi)) / 2, 0.0)
+
+
 def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """How differently two colour grids (..., 4, 4, 3) are coloured, in CIELAB units.
 
-    The larger of: the median, over the cells where either grid has colour
-    (chroma >= 8), of the distance in the a*b* plane (hue and saturation: a
-    product recoloured by a hue turn, or a greyscale copy, moves every coloured
-    cell); and half the median lightness difference over all cells (black vs
-    white articles). Medians, not maxima, so a watermark or logo over a few
-    cells, or a 15% brightness change, does not hide a copy. Measured on
-    sample_catalog: copies (JPEG q35, half size, 4/8% crops, watermarks,
-    brightness ±15%) score at most 9.2; greyscale copies 30+; hue turns of
-    coloured products 12-100 (a few busy-pattern products 3.6-8.7, README).
-    One pair gives a scalar; stacked pairs (the batch pair search) one each.
+    The largest of four medians, so that a watermark or logo over a few
+    cells, or a 15% brightness change, does not hide a copy:
+    - over the cells where either grid has colour (chroma >= 8), the distance
+      in the a*b* plane (a strong hue turn or a greyscale copy moves every
+      coloured cell), and the share of chroma lost, times 20 (a greyscale
+      copy of a pale article loses all of its little colour: 20; copies lose
+      at most a third: 6.4);
+    - over the cells where both have colour, the turn of the hue angle in
+      degrees: a pale or dark article turned by 30 degrees moves little in
+      a*b* (its chroma is small) but its hue turns all the same, while
+      re-encoding and brightness leave hue angles alone;
+    - half the lightness difference over all cells (black vs white articles).
+    Measured (``bench/near_duplicates.py``, development part): copies of
+    every kind score at most 7.6 (hue turns at most 6 degrees); visible hue
+    turns at least 13. One pair gives a scalar; stacked pairs (the batch pair
+    search) one each.
     """
-    la, lb = _lab(np.asarray(a, np.float64)), _lab(np.asarray(b, np.float64))
-    chroma = np.maximum(np.hypot(la[..., 1], la[..., 2]), np.hypot(lb[..., 1], lb[..., 2]))
+    la, lb = lab(np.asarray(a, np.float64)), lab(np.asarray(b, np.float64))
+    ca, cb = np.hypot(la[..., 1], la[..., 2]), np.hypot(lb[..., 1], lb[..., 2])
     dab = np.hypot(la[..., 1] - lb[..., 1], la[..., 2] - lb[..., 2])
-    coloured = chroma >= CHROMATIC
-    flat = (*dab.shape[:-2], dab.shape[-2] * dab.shape[-1])
-    ranked = np.sort(np.where(coloured, dab, np.inf).reshape(flat), axis=-1)  # coloured cells first, ascending
-    n = coloured.reshape(flat).sum(axis=-1)
-    lo = np.take_along_axis(ranked, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
-    hi = np.take_along_axis(ranked, np.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
-    median_ab = np.where(n > 0, (np.where(np.isinf(lo), 0, lo) + np.where(np.isinf(hi), 0, hi)) / 2, 0.0)
-    median_l = np.median(np.abs(la[..., 0] - lb[..., 0]).reshape(flat), axis=-1)
-    return np.maximum(median_ab, median_l / 2.0)
+    turn = np.degrees(np.abs(np.angle(np.exp(1j * (np.arctan2(la[..., 2], la[..., 1]) - np.arctan2(lb[..., 2], lb[..., 1]))))))
+    coloured = np.maximum(ca, cb) >= CHROMATIC
+    median_ab = _masked_median(dab, coloured)
+    median_loss = _masked_median(np.abs(ca - cb) / np.maximum(np.maximum(ca, cb), 1e-9), coloured) * CHROMA_LOSS_SCALE
+    median_turn = _masked_median(turn, np.minimum(ca, cb) >= CHROMATIC)
+    median_l = _masked_median(np.abs(la[..., 0] - lb[..., 0]), np.ones(la.shape[:-1], bool))
+    return np.maximum.reduce([median_ab, median_loss, median_turn, median_l / 2.0])
 
 
 def _within(bits: int, radius: int) -> int:
