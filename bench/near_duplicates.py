@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import sys
 import tempfile
 import time
@@ -38,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
-from build import flatten  # noqa: E402
-from decisions import saleor_photos, skimage_photos  # noqa: E402
+from build import flatten
+from decisions import saleor_photos, skimage_photos
 
-from pipeline.stages.dedupe import Candidate, find_duplicates  # noqa: E402
-from pipeline.stages.scan import scan_file  # noqa: E402
+from pipeline.stages.dedupe import Candidate, find_duplicates
+from pipeline.stages.scan import scan_file
 
 MAX_PIXELS, MAX_BYTES = 50_000_000, 50_000_000
 
@@ -263,7 +262,7 @@ def main() -> None:
     for kind in COPIES:
         print(f"| {kind} | " + " | ".join(f"{s[0][kind][0]}/{s[0][kind][1]}" for s in scored.values()) + " |")
     total = {name: sum(f for f, _ in s[0].values()) for name, s in scored.items()}
-    print(f"| **all copies** | " + " | ".join(f"**{total[k]}/{n * len(COPIES)} ({total[k] / (n * len(COPIES)):.1%})**"
+    print("| **all copies** | " + " | ".join(f"**{total[k]}/{n * len(COPIES)} ({total[k] / (n * len(COPIES)):.1%})**"
                                            for k in scored) + " |")
     print("| false pairs (variant with its original) | " + " | ".join(f"{s[1]} ({s[2]})" for s in scored.values()) + " |")
     print()
