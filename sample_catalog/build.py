@@ -143,8 +143,11 @@ def build() -> None:
     add("sneakers", "blank.jpg", "SN-032-GRY", "sneakers", "placeholder upload", "59.00", "junk: blank")
     save_jpeg(originals["wine-red"].resize((40, 40), Image.LANCZOS), IMAGES / "wine/wine-red_icon.jpg")
     add("wine", "wine-red_icon.jpg", "WI-080-RED", "wine", "House red (icon)", "11.00", "junk: too small")
-    # A mirrored view, so it is a product in the wrong folder rather than a duplicate.
-    save_jpeg(originals["sneakers_01_3"].transpose(Image.FLIP_LEFT_RIGHT), IMAGES / "hoodies/sneakers_misfiled.jpg")
+    # A close-up of a sneaker (its front two thirds, mirrored), so it is a product in the wrong folder rather
+    # than a copy: a plain mirror image of a catalogue photo is found as a near duplicate.
+    o = originals["sneakers_01_3"]
+    closeup = o.crop((0, 0, int(o.width * 0.64), o.height)).transpose(Image.FLIP_LEFT_RIGHT)
+    save_jpeg(closeup, IMAGES / "hoodies/sneakers_misfiled.jpg")
     add("hoodies", "sneakers_misfiled.jpg", "HD-002-YEL", "hoodies", "Yellow hoodie (wrong photo)", "49.00", "junk: product in the wrong folder")
     coffee = Image.fromarray(skdata.coffee()).convert("RGB")
     coffee.thumbnail((SIDE, SIDE), Image.LANCZOS)

@@ -39,7 +39,7 @@ from pipeline.models.classifier import load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
 from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
-from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes
+from pipeline.stages.dedupe import VIEW_NAMES, Candidate, DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
 from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
 from pipeline.stages.scan import Scan, scan_one
@@ -61,7 +61,7 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
             out["error_detail"].append(result[1])
             for k in ("sha256", "phash", "phash256"):
                 out[k].append("")
-            out["rotated"].append([""] * 3)
+            out["rotated"].append([""] * (len(VIEW_NAMES) - 1))
             out["color"].append([0.0] * 48)
             for k in ("width", "height", "pixel_std", "aspect_ratio"):
                 out[k].append(0)

@@ -10,9 +10,10 @@ from the product trimmed off its plain backdrop (``trim_background``), so a
 crop that removes backdrop changes nothing and a small product's colour is not
 diluted by white.
 
-Rotations: EXIF-rotated copies are hashed upright (decode applies EXIF);
-copies whose *pixels* were rotated by 90/180/270 degrees are caught by also
-querying the index with the pHash of each rotation.
+Rotations and mirrors: EXIF-rotated copies are hashed upright (decode applies
+EXIF); copies whose *pixels* were rotated by 90/180/270 degrees, or mirrored
+left to right (a shop flipping a photo so the product faces the page), are
+caught by also querying the index with the hashes of each such view.
 
 Scaling: near-duplicate search uses multi-index hashing (Norouzi et al.):
 the 64-bit pHash is cut into ``m`` blocks; two hashes within Hamming distance
@@ -50,7 +51,9 @@ class Hashes:
     ``phash`` (64 bits, 8x8 DCT) is what the index searches; ``fine`` (256
     bits, 16x16 DCT) is the second opinion that tells apart same-design,
     same-colour products (carrot vs orange juice bottles) that agree at 8x8.
-    ``rotated`` holds both hashes of the 90/180/270 degree rotations.
+    ``rotated`` holds both hashes of the other views a copy may take: the
+    90/180/270 degree rotations, then the left-right mirror (``VIEW_NAMES``;
+    photos indexed before mirrors were checked have only the rotations).
     """
 
     phash: int
@@ -92,12 +95,21 @@ def _phash_pair(gray64: np.ndarray) -> tuple[int, int]:
     return coarse, fine
 
 
+VIEW_NAMES = ("upright", "rotated 90", "rotated 180", "rotated 270", "mirrored")
+
+
+def view_of(grid: np.ndarray, view: int, channels: bool = True) -> np.ndarray:
+    """A (..., H, W, C) grid, or an (H, W) one with ``channels=False``, as seen in ``VIEW_NAMES[view]``."""
+    rows, cols = (-3, -2) if channels else (-2, -1)
+    return np.flip(grid, axis=cols) if view == 4 else np.rot90(grid, view, axes=(rows, cols))
+
+
 def compute_hashes(img: Image.Image) -> Hashes:
-    """Both pHashes, their rotations and the colour grid of the trimmed product."""
+    """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product."""
     img = trim_background(img)
     gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
     phash, fine = _phash_pair(gray64)
-    rotated = tuple(_phash_pair(np.rot90(gray64, k).copy()) for k in (1, 2, 3))
+    rotated = tuple(_phash_pair(np.ascontiguousarray(view_of(gray64, k, channels=False))) for k in range(1, len(VIEW_NAMES)))
     color = np.asarray(img.resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
     return Hashes(phash, fine, rotated, color)
 
@@ -329,8 +341,8 @@ class DedupeIndex:
         if cand.sha256 in self.by_sha:
             return self.by_sha[cand.sha256], "exact", 0
         hashes = cand.hashes
-        views = [hashes] + [Hashes(p, f, (), np.rot90(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
-        for view in views:  # upright first, then the pixel rotations
+        views = [hashes] + [Hashes(p, f, (), view_of(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
+        for view in views:  # upright first, then the pixel rotations, then the mirror
             for key, dist in self.mih.query(view.phash):
                 if is_near(view, self.kept[key], self.cfg):
                     return key, "near", dist

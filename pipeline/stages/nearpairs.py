@@ -10,7 +10,7 @@ be searched independently of the others, so a cluster splits the work by rows
 
 It does not decide who is a duplicate: it lists, for each photo, every other
 photo that passes the same rule as ``dedupe.DedupeIndex.match`` (pHash within
-the radius for any of the photo's four rotations, then the fine hash and the
+the radius for any of the photo's views (rotations, mirror), then the fine hash and the
 colour grid), in the order that method would try them. ``NearPairs`` then
 plays ``find_duplicates``' kept-first walk over those sparse lists, so both
 runners group photos identically (a test checks it).
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.stages.dedupe import HASH_BITS, Candidate, DedupeConfig, Hashes, block_widths, color_distance, plan_blocks
+from pipeline.stages.dedupe import (HASH_BITS, VIEW_NAMES, Candidate, DedupeConfig, Hashes, block_widths, color_distance,
+                                    plan_blocks, view_of)
 
-VIEWS = 4  # upright + pixel rotations by 90, 180, 270 degrees
+VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
 MAX_BLOCK_BITS = 24  # a block's offset table has 2**bits entries
 
@@ -39,9 +40,10 @@ def _words(h: int) -> list[int]:
 class HashArrays:
     """The hashes of N photos as flat arrays (what a worker needs to search them).
 
-    ``views[i, k]`` is the 64-bit pHash of photo i rotated by k quarter turns
-    (k = 0 upright), ``fine[i, k]`` its 256-bit hash as four words; ``has_view``
-    marks views a photo has (all four for photos hashed by this version).
+    ``views[i, k]`` is the 64-bit pHash of photo i in view k (``VIEW_NAMES``:
+    0 upright, 1-3 quarter turns, 4 mirrored), ``fine[i, k]`` its 256-bit hash
+    as four words; ``has_view`` marks views a photo has (photos indexed by an
+    older version have no mirror).
     """
 
     rows: np.ndarray  # int64 [N], the run's row numbers
@@ -147,7 +149,7 @@ class PairSearch:
                 keep = photo != other
                 photo, other = photo[keep], other[keep]
                 fine_d = np.bitwise_count(a.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
-                turned = np.rot90(a.color[photo], view, axes=(1, 2))  # the view's colour, as in DedupeIndex.match
+                turned = view_of(a.color[photo], view)  # the view's colour, as in DedupeIndex.match
                 color_d = color_distance(turned, a.color[other])
                 ok = (fine_d <= cfg.fine_threshold) & (color_d <= cfg.color_threshold)
                 out["photo"].append(photo[ok])
@@ -162,7 +164,7 @@ class NearPairs:
 
     ``match`` returns the first *kept* photo among the candidate's verified
     pairs in ``DedupeIndex.match``'s order (upright view first, then each
-    rotation; nearest first, then lowest row), after the exact-copy check, so
+    rotation, then the mirror; nearest first, then lowest row), after the exact-copy check, so
     ``find_duplicates`` makes the same decisions with either index.
     """
 

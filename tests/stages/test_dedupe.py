@@ -92,6 +92,38 @@ def test_real_colour_variants_in_sample_catalog_are_kept_apart():
     assert find_duplicates(cands) == {}
 
 
+@pytest.mark.parametrize("photo", ["sneakers/sneakers_01_3", "hoodies/cl_bogo04_1", "juices/fd_juice_02"])
+def test_mirrored_copies_of_real_photos_are_found(photo):
+    """A shop flips a photo so the product faces the page: the mirror is queried as one more view."""
+    img = decode((SAMPLE / "images" / f"{photo}.jpg").read_bytes())
+    mirrored = _jpeg(img.transpose(Image.FLIP_LEFT_RIGHT), q=80)
+    matches = find_duplicates([_cand(0, img), _cand(1, mirrored)])
+    assert list(matches) == [1] and matches[1].kept == 0
+
+
+@pytest.mark.parametrize("photo,turn", [("cushions/cuschion01", 30), ("paints/paints_01", 60), ("wine/wine-white", 60)])
+def test_pale_articles_turned_in_hue_are_other_articles(photo, turn):
+    """Pale or dark articles move little in a*b* when their hue turns (the a*b* median alone merged these
+    three, 3.7-10.0 apart); the turn of the hue angle keeps them apart, while the same photo 15% brighter
+    or darker (hue angles unchanged) still merges."""
+    from PIL import ImageEnhance
+
+    img = Image.open(SAMPLE / "images" / f"{photo}.jpg").convert("RGB")
+    original, cfg = compute_hashes(img), DedupeConfig()
+    assert color_distance(original.color, compute_hashes(_hue_turn(img, turn)).color) > cfg.color_threshold
+    for factor in (0.85, 1.15):
+        copy = compute_hashes(ImageEnhance.Brightness(img).enhance(factor))
+        assert color_distance(original.color, copy.color) <= cfg.color_threshold
+
+
+def test_greyscale_copy_of_a_lightly_coloured_article_is_another_article():
+    """The carrot-juice bottle's colour sits in few cells (a*b* median 9.2, under the threshold); a greyscale
+    copy loses all of it, which the chroma-loss term sees."""
+    img = Image.open(SAMPLE / "images" / "juices/fd_juice_02.jpg").convert("RGB")
+    grey = img.convert("L").convert("RGB")
+    assert color_distance(compute_hashes(img).color, compute_hashes(grey).color) > DedupeConfig().color_threshold
+
+
 def test_thresholds_are_configurable():
     img = product_photo(seed=6)
     crop = _jpeg(img.crop((30, 30, 370, 370)))
