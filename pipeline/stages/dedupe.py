@@ -87,31 +87,64 @@ def _bits_to_int(bits: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in np.asarray(bits).flatten()), 2)
 
 
-def _phash_pair(gray64: np.ndarray) -> tuple[int, int]:
-    """(64-bit, 256-bit) pHash of a 64x64 greyscale array (imagehash's algorithm)."""
-    img64 = Image.fromarray(gray64)
-    fine = _bits_to_int(imagehash.phash(img64, hash_size=16).hash)
-    coarse = _bits_to_int(imagehash.phash(img64.resize((32, 32), Image.LANCZOS), hash_size=8).hash)
-    return coarse, fine
+def _low_dct(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` lowest frequencies of the 2-D DCT-II of a square greyscale array (pHash's)."""
+    from scipy.fftpack import dct
+
+    return dct(dct(pixels.astype(np.float64), axis=0), axis=1)[:size, :size]
+
+
+def _view_dct(low: np.ndarray, view: int) -> np.ndarray:
+    """The low DCT block of the pixels seen in ``VIEW_NAMES[view]``, from the upright block.
+
+    Why no second transform: mirroring an axis multiplies DCT-II coefficient k
+    by (-1)^k, and a transpose transposes the block, so every view's pHash
+    comes from the one DCT (exactly what imagehash computes on the turned
+    pixels, four DCTs saved per hash size).
+    """
+    sign = (-1.0) ** np.arange(low.shape[0])
+    if view == 1:  # np.rot90 once: transpose, then flip rows
+        return low.T * sign[:, None]
+    if view == 2:
+        return low * sign[:, None] * sign[None, :]
+    if view == 3:  # three quarter turns: transpose, then flip columns
+        return low.T * sign[None, :]
+    if view == 4:  # mirror: flip columns
+        return low * sign[None, :]
+    return low
+
+
+def _phash_bits(low: np.ndarray) -> int:
+    return _bits_to_int(low > np.median(low))
+
+
+def _phash_views(gray64: np.ndarray) -> list[tuple[int, int]]:
+    """(64-bit, 256-bit) pHash of each view (``VIEW_NAMES``) of a 64x64 greyscale array.
+
+    The same bits as imagehash's ``phash`` (hash_size 8 on the array resized to
+    32 px with Lanczos, and hash_size 16 on it as is), for the upright array and
+    for its rotations and mirror.
+    """
+    gray32 = np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS))
+    coarse, fine = _low_dct(gray32, 8), _low_dct(gray64, 16)
+    return [(_phash_bits(_view_dct(coarse, v)), _phash_bits(_view_dct(fine, v))) for v in range(len(VIEW_NAMES))]
 
 
 VIEW_NAMES = ("upright", "rotated 90", "rotated 180", "rotated 270", "mirrored")
 
 
-def view_of(grid: np.ndarray, view: int, channels: bool = True) -> np.ndarray:
-    """A (..., H, W, C) grid, or an (H, W) one with ``channels=False``, as seen in ``VIEW_NAMES[view]``."""
-    rows, cols = (-3, -2) if channels else (-2, -1)
-    return np.flip(grid, axis=cols) if view == 4 else np.rot90(grid, view, axes=(rows, cols))
+def view_of(grid: np.ndarray, view: int) -> np.ndarray:
+    """A (..., H, W, C) colour grid as seen in ``VIEW_NAMES[view]`` (numpy's turns and flips)."""
+    return np.flip(grid, axis=-2) if view == 4 else np.rot90(grid, view, axes=(-3, -2))
 
 
 def compute_hashes(img: Image.Image) -> Hashes:
     """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product."""
     img = trim_background(img)
     gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
-    phash, fine = _phash_pair(gray64)
-    rotated = tuple(_phash_pair(np.ascontiguousarray(view_of(gray64, k, channels=False))) for k in range(1, len(VIEW_NAMES)))
+    (phash, fine), *rotated = _phash_views(gray64)
     color = np.asarray(img.resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
-    return Hashes(phash, fine, rotated, color)
+    return Hashes(phash, fine, tuple(rotated), color)
 
 
 def hamming(a: int, b: int) -> int:
