@@ -6,7 +6,7 @@ part (the Saleor photos ``sample_catalog/`` is built from, and half of scikit-im
 looked at while tuning. From each original the script makes copies (they must merge with it) and colour
 variants (other articles to a shop: they must not), writes them all to one folder and hands the same files to
 
-- labelcat: ``scan_file`` (one decode, every hash) and ``find_duplicates`` with the default thresholds;
+- labelcat: ``ingest`` and ``scan_records`` (one decode, every hash) and ``find_duplicates`` with the default thresholds;
 - imagededup 0.3.3 PHash at its default distance 10 (CNN needs torch, not installed here);
 - cleanvision 0.3.7 ``near_duplicates`` and ``exact_duplicates`` at their defaults.
 
@@ -41,7 +41,8 @@ from build import flatten
 from decisions import saleor_photos, skimage_photos
 
 from pipeline.stages.dedupe import Candidate, find_duplicates
-from pipeline.stages.scan import scan_file
+from pipeline.stages.ingest import ingest
+from pipeline.stages.scan import scan_records
 
 MAX_PIXELS, MAX_BYTES = 50_000_000, 50_000_000
 
@@ -185,18 +186,15 @@ def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]]) -> tupl
     return {k: (found[k][0], found[k][1]) for k in COPIES}, false, variant_false
 
 
-def labelcat_pairs(folder: Path, files: list[str]) -> tuple[set[frozenset[str]], float]:
-    """Pairs from labelcat's scan + dedupe; seconds spent scanning (decode and every hash)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.ops.device import cpu_count
-
+def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], float]:
+    """Pairs from labelcat's own ingest, scan and dedupe; seconds spent scanning (decode and every hash)."""
+    records = list(ingest(folder).records)
     start = time.perf_counter()
-    with ThreadPoolExecutor(cpu_count()) as pool:
-        scans = list(pool.map(lambda f: scan_file(folder / f, MAX_PIXELS, MAX_BYTES), files))
+    scans = scan_records(records, MAX_PIXELS, MAX_BYTES)
     seconds = time.perf_counter() - start
-    cands = [Candidate(i, s.sha256, s.width * s.height, s.hashes) for i, s in enumerate(scans)]
-    return {frozenset((files[m.row], files[m.kept])) for m in find_duplicates(cands).values()}, seconds
+    name = {r.row: r.resolved.name for r in records}
+    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes) for row, s in scans.items()]
+    return {frozenset((name[m.row], name[m.kept])) for m in find_duplicates(cands).values()}, seconds
 
 
 def _imagededup_hashing():
@@ -245,8 +243,7 @@ def main() -> None:
         folder.mkdir()
         sources = originals(work, args.part)
         truth = build(folder, sources)
-        files = sorted(truth)
-        results: dict[str, tuple[set[frozenset[str]], float | None]] = {"labelcat": labelcat_pairs(folder, files)}
+        results: dict[str, tuple[set[frozenset[str]], float | None]] = {"labelcat": labelcat_pairs(folder)}
         for name, fn in (("imagededup PHash", imagededup_pairs), ("cleanvision", lambda f: (cleanvision_pairs(f), None))):
             try:
                 results[name] = fn(folder)
@@ -268,7 +265,7 @@ def main() -> None:
     print()
     for name, (_, seconds) in results.items():
         if seconds:
-            print(f"{name}: {len(files) / seconds:.0f} photos/s hashed (decode included, {len(files)} files)")
+            print(f"{name}: {len(truth) / seconds:.0f} photos/s hashed (decode included, {len(truth)} files)")
 
 
 if __name__ == "__main__":

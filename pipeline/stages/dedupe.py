@@ -32,7 +32,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-import imagehash
 import numpy as np
 from PIL import Image
 
@@ -83,6 +82,9 @@ class Hashes:
                    np.asarray(r["color"], np.float32).reshape(4, 4, 3))
 
 
+VIEW_NAMES = ("upright", "rotated 90", "rotated 180", "rotated 270", "mirrored")
+
+
 def _bits_to_int(bits: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in np.asarray(bits).flatten()), 2)
 
@@ -128,9 +130,6 @@ def _phash_views(gray64: np.ndarray) -> list[tuple[int, int]]:
     gray32 = np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS))
     coarse, fine = _low_dct(gray32, 8), _low_dct(gray64, 16)
     return [(_phash_bits(_view_dct(coarse, v)), _phash_bits(_view_dct(fine, v))) for v in range(len(VIEW_NAMES))]
-
-
-VIEW_NAMES = ("upright", "rotated 90", "rotated 180", "rotated 270", "mirrored")
 
 
 def view_of(grid: np.ndarray, view: int) -> np.ndarray:

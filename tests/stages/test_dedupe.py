@@ -124,6 +124,25 @@ def test_greyscale_copy_of_a_lightly_coloured_article_is_another_article():
     assert color_distance(compute_hashes(img).color, compute_hashes(grey).color) > DedupeConfig().color_threshold
 
 
+def test_every_views_phash_is_imagehash_on_the_turned_pixels():
+    """The views' pHashes come from one DCT (sign flips and transposes); they must be imagehash's own bits."""
+    import imagehash
+
+    from pipeline.stages.dedupe import VIEW_NAMES, _phash_views, view_of
+
+    def bits(h):
+        return int("".join("1" if b else "0" for b in h.hash.flatten()), 2)
+
+    img = Image.open(SAMPLE / "images" / "sneakers/sneakers_01_3.jpg").convert("L").resize((64, 64), Image.LANCZOS)
+    gray64 = np.asarray(img)
+    gray32 = np.asarray(img.resize((32, 32), Image.LANCZOS))
+    for view, (coarse, fine) in enumerate(_phash_views(gray64)):
+        turned64 = Image.fromarray(np.ascontiguousarray(view_of(gray64[..., None], view)[..., 0]))
+        turned32 = Image.fromarray(np.ascontiguousarray(view_of(gray32[..., None], view)[..., 0]))
+        assert fine == bits(imagehash.phash(turned64, hash_size=16)), VIEW_NAMES[view]
+        assert coarse == bits(imagehash.phash(turned32, hash_size=8)), VIEW_NAMES[view]
+
+
 def test_thresholds_are_configurable():
     img = product_photo(seed=6)
     crop = _jpeg(img.crop((30, 30, 370, 370)))
