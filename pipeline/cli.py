@@ -133,6 +133,8 @@ def cli() -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Images per model call.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Alternatives kept per row.")
+@click.option("--embeddings", is_flag=True,
+              help="Also write each classified photo's embedding (the `embedding` column, float16).")
 @limit_options
 @dedupe_options
 @junk_options
@@ -156,7 +158,7 @@ def cli() -> None:
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
-    batch_size: int, top_k: int, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, corrections: Path,
+    batch_size: int, top_k: int, embeddings: bool, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, corrections: Path,
     review_threshold: float | None, store: Path | None, chunk_size: int, relabel: bool, skip_seen: bool,
     allow_outside: bool, log_file: Path | None, fail_on_row_errors: bool, runner: str, ray_address: str | None,
     quiet: bool,
@@ -202,6 +204,7 @@ def run(
         workers=limits.workers, dedupe=dedupe, junk=junk,
         quiet=quiet, corrections=corrections, review_threshold=review_threshold, store=store,
         chunk_size=chunk_size, relabel=relabel, skip_seen=skip_seen, allow_outside=allow_outside, log=log,
+        embeddings=embeddings,
     )
     if store is not None:  # refuse a foreign or locked store before spending seconds on the model
         try:

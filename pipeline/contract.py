@@ -72,7 +72,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("height", pa.int32(), "pixels, after EXIF orientation"),
     Column("pixel_std", pa.float32(), "greyscale standard deviation (0-255); near-blank photos score low"),
     Column("aspect_ratio", pa.float32(), "long side / short side"),
-    Column("category_hint", pa.string(), "the manifest's category_hint, or the parent folder name"),
+    Column("category_hint", pa.string(), "the manifest's category_hint, or the parent folder name", indexed=True),
     Column("hint_category", pa.string(), "the shop category the hint names, if the taxonomy knows it"),
     Column("product_evidence", pa.float32(), "ImageNet probability mass on product classes (ImageNet models)", label=True),
     Column("imagenet_top", pa.string(), "top ImageNet class and its probability, for reviewers", label=True),
@@ -80,6 +80,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("model_version", pa.string(), "weights digest + taxonomy name, version and digest", indexed=True),
     Column("run_id", pa.string(), "identifier of the run that wrote the row", indexed=True),
     Column("processed_at", pa.timestamp("us", tz="UTC"), "when the run classified the batch"),
+    Column("embedding", pa.list_(pa.float16()), "with --embeddings: the pooled features the model's last layer read "
+           "(float16, the model's width); null otherwise and for rows not classified tonight"),
 )
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 #: Manifest columns are passed through just before this output column.

@@ -17,10 +17,10 @@ def normalise(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
 
 
-def leave_one_out_similarity(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each row's cosine similarity (CL2N, centred on all rows) to the mean of the *other* rows of its
-    group; nan for a row alone in its group."""
-    z = normalise(x, x.mean(axis=0))
+def leave_one_out_similarity(x: np.ndarray, groups: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
+    """Each row's cosine similarity (CL2N, centred on ``centre``, by default all rows' mean) to the mean
+    of the *other* rows of its group; nan for a row alone in its group."""
+    z = normalise(x, x.mean(axis=0) if centre is None else centre)
     out = np.full(len(groups), np.nan)
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
@@ -31,3 +31,4 @@ def leave_one_out_similarity(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
         others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-8)
         out[idx] = np.einsum("ij,ij->i", z[idx], others)
     return out
+

@@ -40,7 +40,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.contract import BY_NAME, LABEL_FIELDS
@@ -48,11 +50,14 @@ from pipeline.ops.fsutil import atomic_path
 
 #: Index fields that only the store keeps (dedupe state), beside the contract's indexed and label fields.
 STORE_ONLY = {"in_dedupe": pa.bool_(), "rotated": pa.list_(pa.string()), "color": pa.list_(pa.float32()),
-              "file": pa.string()}  # an error row's file identity: path, size, mtime (parts of older versions: null)
+              "file": pa.string(),  # an error row's file identity: path, size, mtime (parts of older versions: null)
+              # a classified photo's embedding (``quantise``); null in parts written before it was kept
+              "embedding_q8": pa.list_(pa.int8()), "embedding_scale": pa.float32()}
 #: Field order of index parts written by earlier versions; new fields go at the end.
 INDEX_ORDER = ("run_id", "row", "sha256", "in_dedupe", "phash", "phash256", "rotated", "color", "status", "label",
                "confidence", "topk_labels", "topk_scores", "label_source", "junk_reason", "model_version",
-               "product_evidence", "imagenet_top", "error", "error_detail", "file")
+               "product_evidence", "imagenet_top", "error", "error_detail", "file", "category_hint",
+               "embedding_q8", "embedding_scale")
 INDEX_SCHEMA = pa.schema([(n, STORE_ONLY[n] if n in STORE_ONLY else BY_NAME[n].type) for n in INDEX_ORDER])
 
 
@@ -96,14 +101,54 @@ STORE_ENTRIES = frozenset({MARKER, "lock", "labels", "index", "staging"})
 def index_record(run_id: str, row: dict[str, Any], hash_fields: dict[str, Any], in_dedupe: bool,
                  model_version: str, file: str | None = None) -> dict[str, Any]:
     """What the store remembers of a photo: its hashes (as ``Hashes.to_fields`` gives them, for photos that
-    could be read), its status and label, and for unusable files their identity (``file``) and error."""
+    could be read), its status, label and hint, its embedding when it was classified (``row["embedding"]``,
+    float), and for unusable files their identity (``file``) and error."""
+    embedding = row.get("embedding")
+    codes, scale = quantise(np.asarray(embedding)[None, :]) if embedding is not None else (None, None)
     return {
+        "category_hint": row.get("category_hint"),
+        "embedding_q8": codes[0] if codes is not None else None,
+        "embedding_scale": float(scale[0]) if scale is not None else None,
         "run_id": run_id, "row": row["row"], "sha256": row.get("sha256"), "in_dedupe": in_dedupe,
         **hash_fields, "status": row["status"], "error": row.get("error"), "error_detail": row.get("error_detail"),
         "file": file,
         "model_version": model_version, "junk_reason": row.get("junk_reason"),
         **{k: row.get(k) for k in LABEL_FIELDS},
     }
+
+
+def quantise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of float features → (int8 codes, one float32 scale per row): a quarter of float32's size.
+
+    Why per-row symmetric scales: what later nights compute on stored
+    embeddings (cosine similarity, means of unit vectors) needs each row's
+    direction, which 8 bits per dimension keep to about 0.9999 cosine.
+    """
+    x = np.asarray(x, np.float32)
+    scale = np.abs(x).max(axis=1) / 127.0 if x.size else np.zeros(len(x), np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def dequantise(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of ``quantise`` (to its rounding)."""
+    return np.asarray(codes, np.float32) * np.asarray(scale, np.float32)[..., None]
+
+
+def read_index(part: Path) -> list[dict[str, Any]]:
+    """An index part's records; ``embedding_q8`` as an int8 array (one Python int per dimension would
+    cost 30x the memory of the codes for a long history)."""
+    table = pq.read_table(part, schema=INDEX_SCHEMA)
+    codes = table.column("embedding_q8").combine_chunks()
+    records = table.drop_columns(["embedding_q8"]).to_pylist()
+    if codes.null_count == len(codes):
+        return [{**rec, "embedding_q8": None} for rec in records]
+    flat = pc.list_flatten(codes).to_numpy(zero_copy_only=False)
+    offsets = codes.offsets.to_numpy()
+    valid = codes.is_valid().to_numpy(zero_copy_only=False)
+    for i, rec in enumerate(records):
+        rec["embedding_q8"] = flat[offsets[i] - offsets[0]:offsets[i + 1] - offsets[0]] if valid[i] else None
+    return records
 
 
 @dataclass
@@ -189,7 +234,7 @@ class Store:
         """
         history = History()
         for part in sorted(self.index.glob("*/part-*.parquet")):
-            for rec in pq.read_table(part, schema=INDEX_SCHEMA).to_pylist():
+            for rec in read_index(part):
                 if only_version is None or rec["model_version"] == only_version:
                     history.add(rec)
         return history
@@ -277,8 +322,7 @@ class Store:
 
     def read_chunk(self, n: int) -> tuple[pa.Table, list[dict[str, Any]]]:
         rows = pq.read_table(self.staging / "labels" / f"part-{n:06d}.parquet")
-        index = pq.read_table(self.staging / "index" / f"part-{n:06d}.parquet", schema=INDEX_SCHEMA).to_pylist()
-        return rows, index
+        return rows, read_index(self.staging / "index" / f"part-{n:06d}.parquet")
 
     def published_parts(self, run_date: str, run_id: str) -> list[Path]:
         return sorted((self.labels / f"run_date={run_date}" / run_id).glob("part-*.parquet"))

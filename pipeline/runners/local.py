@@ -37,12 +37,13 @@ from pipeline.models.classifier import Classifier
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import JunkConfig, hint_outliers, open_set_reason, quality_reason, semantic_reason
+from pipeline.stages.junk import (HintReference, JunkConfig, hint_outliers, open_set_reason, quality_reason,
+                                  semantic_reason)
 from pipeline.stages.nearpairs import NearPairs
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
 from pipeline.contract import LABEL_FIELDS
-from pipeline.ops.store import History, Store, fault_point, index_record
+from pipeline.ops.store import History, Store, dequantise, fault_point, index_record
 
 DEFAULT_CHUNK = 2048
 
@@ -65,6 +66,7 @@ class RunConfig:
     store: Path | None = None  # history store: incremental, resumable, locked
     relabel: bool = False  # with a store: classify again photos an older model version labelled
     skip_seen: bool = False  # with a store: leave already-labelled photos out of the output
+    embeddings: bool = False  # write each classified photo's embedding to the output
     allow_outside: bool = False  # manifest paths may leave the manifest's folder
     log: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
 
@@ -157,6 +159,15 @@ class Context:
     corrections: dict[str, dict[str, Any]]
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
     engine: Engine = field(default_factory=local_engine)
+    hint_reference: HintReference = field(default_factory=HintReference)  # labelled photos by hint, for outliers
+
+    def remember(self, rec: dict[str, Any]) -> None:
+        """Put an index record's embedding among the reference photos for folder outliers (labelled rows
+        join their hint's; every classified row the shop's mean; this model's only: another model's
+        embeddings live in another space)."""
+        if rec.get("embedding_q8") is not None and rec.get("model_version") == self.classifier.version:
+            self.hint_reference.add(rec.get("category_hint") if rec["status"] == "labelled" else None,
+                                    dequantise(rec["embedding_q8"], rec["embedding_scale"]))
 
     @property
     def review_threshold(self) -> float:
@@ -260,6 +271,11 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
                                               kept and r["row"] not in plan.quality_junk, clf.version))
         elif r["status"] == "error":
             index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
+    for rec in index_records:  # later chunks judge their folder outliers against this chunk's photos too
+        ctx.remember(rec)
+    for r in rows:
+        if r.get("embedding") is not None:
+            r["embedding"] = r["embedding"].astype("float16") if cfg.embeddings else None
     return rows, index_records
 
 
@@ -298,7 +314,10 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
             _match_later(index, key, rec)
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
         engine = engine or local_engine()
-        ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine)
+        ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine,
+                      hint_reference=HintReference(cfg.junk.outlier_reference))
+        for rec in history.entries.values():  # in publishing order: the most recent stay
+            ctx.remember(rec)
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
         if engine.info:
             meta["runner"] = engine.info
@@ -316,6 +335,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                     table, index_records = store.read_chunk(n)
                     for rec in index_records:  # this run's committed photos, under their row keys
                         _match_later(index, history.add(rec, key=rec["row"]), rec)
+                        ctx.remember(rec)
                         if rec["status"] in ("labelled", "junk"):
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
@@ -385,7 +405,8 @@ def assemble(
     groups = tax.groups if tax else []
 
     by_row_rec = {r.row: r for r in records}
-    outliers = hint_outliers(preds.embeddings, [by_row_rec[row].category_hint for row in classified], cfg.junk)
+    hints = [by_row_rec[row].category_hint for row in classified]
+    outliers = hint_outliers(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
     for rec in records:
@@ -430,7 +451,8 @@ def assemble(
         label, confidence = labels[i][0], scores[i][0]
         row.update(label=label, confidence=confidence, topk_labels=labels[i], topk_scores=scores[i],
                    label_source="model", product_evidence=float(preds.product_mass[i]),
-                   imagenet_top=preds.imagenet_top[i])
+                   imagenet_top=preds.imagenet_top[i],
+                   embedding=preds.embeddings[i] if preds.embeddings.shape[1] else None)
         reason = quality_junk.get(rec.row) or semantic_reason(
             label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
             preds.group_mass[i], groups, hint_cat, cfg.junk,

@@ -13,7 +13,9 @@ Default thresholds were chosen on sample_catalog (see README, "Junk rules").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -34,8 +36,9 @@ class JunkConfig:
     ruled_out: float = 0.01  # ...or the hint's category gets less than this...
     ruled_out_winner: float = 0.5  # ...while another category gets at least this
     outlier_similarity: float = 0.10  # CL2N cosine to the other photos of its hint below which a photo is an outlier
-    outlier_min_group: int = 5  # a hint needs this many photos tonight before one can be unlike the rest
+    outlier_min_group: int = 5  # a hint needs this many photos (tonight's and earlier) before one can be unlike the rest
     outlier_coherent: float = 0.30  # ...and its photos must agree this much (median similarity) to judge one
+    outlier_reference: int = 200  # earlier photos kept per hint to judge tonight's against (the most recent)
 
 
 @dataclass(frozen=True)
@@ -99,21 +102,79 @@ def semantic_reason(
     return None
 
 
-def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConfig) -> dict[int, str]:
+@dataclass
+class HintReference:
+    """Photos labelled earlier (earlier chunks, and earlier nights with ``--store``), by category hint.
+
+    Why: a folder of three photos tonight is too small to call one of them
+    unlike the others, but the shop filed forty TVs under ``tv`` last week;
+    tonight's remote is judged against those too. Only the ``size`` most
+    recent embeddings per hint are kept, so memory and the per-chunk cost
+    stay bounded however long the history.
+    """
+
+    size: int = 200
+    by_hint: dict[str, deque] = field(default_factory=dict)
+    total: np.ndarray | None = None  # sum of every embedding added, hinted or not: the shop's mean photo
+    count: int = 0
+
+    def add(self, hint: str | None, embedding: np.ndarray | None) -> None:
+        if embedding is None:
+            return
+        embedding = np.asarray(embedding, np.float64)
+        if self.total is None or self.total.shape != embedding.shape:
+            self.total, self.count = np.zeros_like(embedding), 0
+        self.total += embedding
+        self.count += 1
+        if hint and self.size > 0:
+            self.by_hint.setdefault(hint, deque(maxlen=self.size)).append(embedding.astype(np.float32))
+
+    def for_hints(self, hints: list[str | None]) -> Reference:
+        """The remembered photos filed under any of ``hints``, and the sum and count of all photos."""
+        vecs: list[np.ndarray] = []
+        names: list[str] = []
+        for h in sorted({h for h in hints if h and h in self.by_hint}):
+            vecs += self.by_hint[h]
+            names += [h] * len(self.by_hint[h])
+        return Reference(np.stack(vecs) if vecs else np.zeros((0, 0), np.float32), names, self.total, self.count)
+
+
+class Reference(NamedTuple):
+    """Earlier photos for ``hint_outliers``: some hints' embeddings, and every earlier photo's sum and count
+    (so centring uses the shop's whole catalogue, not only the folders judged tonight)."""
+
+    embeddings: np.ndarray
+    hints: list[str]
+    total: np.ndarray | None = None
+    count: int = 0
+
+
+def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConfig,
+                  reference: Reference | None = None) -> dict[int, str]:
     """Photos unlike the other photos filed under the same hint: ``{index: 'hint_outlier: ...'}``.
 
     The remote in the TV folder: no model class needs to cover it. Embeddings
-    are centred on tonight's photos and scaled to unit length; each photo is
-    compared with the mean of the *other* photos of its hint. Only hints with
-    ``outlier_min_group`` photos whose median similarity shows they agree
-    (``outlier_coherent``) are judged; smaller or mixed folders fall back to
-    the model's evidence.
+    are centred on every photo known (tonight's and the ``reference``'s,
+    photos labelled earlier: see ``HintReference``) and scaled to unit length;
+    each of tonight's photos is compared with the mean of the *other* photos
+    of its hint. Only hints with ``outlier_min_group`` photos whose median
+    similarity shows they agree (``outlier_coherent``) are judged; smaller or
+    mixed folders fall back to the model's evidence.
     """
-    if embeddings.ndim != 2 or embeddings.shape[1] == 0 or len(hints) < cfg.outlier_min_group:
+    if embeddings.ndim != 2 or embeddings.shape[1] == 0:
+        return {}
+    n = len(hints)
+    x = embeddings.astype(np.float64)
+    centre = x.mean(axis=0)
+    if reference is not None and reference.count and reference.total.shape == centre.shape:
+        centre = (x.sum(axis=0) + reference.total) / (n + reference.count)
+        if len(reference.hints):
+            x, hints = np.concatenate([x, reference.embeddings]), list(hints) + list(reference.hints)
+    if len(hints) < cfg.outlier_min_group:
         return {}
     names = sorted({h for h in hints if h})
     groups = np.array([names.index(h) if h else -1 for h in hints])
-    similarity = leave_one_out_similarity(embeddings.astype(np.float64), groups)  # centred on all tonight's photos
+    similarity = leave_one_out_similarity(x, groups, centre)
     out: dict[int, str] = {}
     for g, hint in enumerate(names):
         idx = np.flatnonzero(groups == g)
@@ -122,10 +183,11 @@ def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConf
         sim = similarity[idx]
         if float(np.median(sim)) < cfg.outlier_coherent:
             continue
+        earlier = int((idx >= n).sum())
+        others = f"the other {len(idx) - 1} photos filed as {hint}" + (f", {earlier} of them earlier" if earlier else "")
         for i, s in zip(idx, sim):
-            if s < cfg.outlier_similarity:
-                out[int(i)] = (f"hint_outlier: unlike the other {len(idx) - 1} photos filed as {hint} "
-                               f"(similarity {s:.2f} < {cfg.outlier_similarity})")
+            if i < n and s < cfg.outlier_similarity:
+                out[int(i)] = f"hint_outlier: unlike {others} (similarity {s:.2f} < {cfg.outlier_similarity})"
     return out
 
 

@@ -12,7 +12,7 @@ from pipeline.cli import cli
 from pipeline.learning.fewshot import class_outliers, fit
 from pipeline.models.embeddings import leave_one_out_similarity
 from pipeline.models.card import read_card
-from pipeline.stages.junk import JunkConfig, hint_outliers
+from pipeline.stages.junk import HintReference, JunkConfig, hint_outliers
 
 #: Real product photos per class in sample_catalog (near copies and misfiled photos excluded).
 PRODUCTS = {
@@ -124,3 +124,48 @@ def test_a_single_photo_class_is_warned_about_and_the_card_says_what_it_lacks(tm
     assert "warning: polos has fewer than 3 photos" in r.output
     card = read_card(tmp_path / "m")
     assert card.open_set is None and card.temperature == 1.0 and "not fitted" in card.training["calibration"]
+
+
+@pytest.mark.slow
+def test_a_small_folder_is_judged_against_earlier_nights(tmp_path):
+    """Two photos filed as juices tonight are too few to judge alone; with --store, last night's four juices
+    (and the polos beside them, for the shop's mean photo) make the espresso stand out."""
+    images = SAMPLE / "images"
+    for night, folder, stems in (("n1", "juices", ["fd_juice_01", "fd_juice_02", "fd_juice_03", "fd_juice_05"]),
+                                 ("n1", "polos", ["cl_polo01", "cl_polo02", "cl_polo03-woman", "cl_polo04-woman"]),
+                                 ("n2", "juices", ["fd_juice_06", "espresso"])):
+        (tmp_path / night / folder).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            shutil.copy(images / ("polos" if stem.startswith("cl_") else "juices") / f"{stem}.jpg", tmp_path / night / folder)
+
+    def night(name, *extra):
+        out = tmp_path / f"{name}{len(extra)}.parquet"
+        r = CliRunner().invoke(cli, ["run", str(tmp_path / name), "--out", str(out), "-q", *map(str, extra)])
+        assert r.exit_code == 0, r.output
+        return pq.read_table(out).to_pandas().set_index("path")
+
+    alone = night("n2")
+    assert not alone.review_reason.fillna("").str.contains("hint_outlier").any()  # two photos: not judged
+    night("n1", "--store", tmp_path / "store")
+    judged = night("n2", "--store", tmp_path / "store")
+    espresso = judged.loc[str(tmp_path / "n2" / "juices" / "espresso.jpg")]
+    assert espresso.needs_review and espresso.review_reason.startswith(
+        "hint_outlier: unlike the other 5 photos filed as juices, 4 of them earlier")
+    juice = judged.loc[str(tmp_path / "n2" / "juices" / "fd_juice_06.jpg")]
+    assert "hint_outlier" not in str(juice.review_reason) and "hint_outlier" not in str(juice.junk_reason)
+
+
+def test_reference_photos_join_their_hint_and_the_centre():
+    rng = np.random.default_rng(2)
+    tv = rng.normal(size=32) * 4
+    earlier = tv + rng.normal(size=(5, 32))
+    ref = HintReference(size=3)
+    for e in earlier:
+        ref.add("tv", e)
+    ref.add(None, -tv)  # an unhinted photo still moves the shop's mean
+    got = ref.for_hints(["tv", "misc"])
+    assert got.hints == ["tv"] * 3 and np.allclose(got.embeddings, earlier[2:]) and got.count == 6
+    tonight = np.stack([tv + rng.normal(size=32), -tv + rng.normal(size=32)])  # a TV and a remote
+    assert hint_outliers(tonight, ["tv", "tv"], JunkConfig()) == {}
+    out = hint_outliers(tonight, ["tv", "tv"], JunkConfig(), got)
+    assert list(out) == [1] and "3 of them earlier" in out[1]

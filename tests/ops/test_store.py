@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -15,7 +16,7 @@ from PIL import Image
 from conftest import REPO, build_tiny_model, product_photo
 from pipeline.models.card import ModelCard, save_model
 from pipeline.cli import cli
-from pipeline.ops.store import Store
+from pipeline.ops.store import Store, dequantise, quantise
 
 COLORS = [(200, 30, 30), (20, 150, 140), (40, 40, 40), (230, 200, 40), (60, 80, 170), (120, 60, 20),
           (250, 120, 180), (30, 120, 40)]
@@ -249,3 +250,34 @@ def test_seen_means_every_row_of_an_earlier_night(tmp_path, card_model):
     assert sum(e["rows"] for e in classified) == 2  # only tonight's new photos
     r = cli_run(shop, "--store", store, "--model", card_model, "--out", tmp_path / "n3.parquet", "-q", "--skip-seen")
     assert r.exit_code == 0 and len(pd.read_parquet(tmp_path / "n3.parquet")) == 0  # nothing new on night 3
+
+
+def test_the_index_keeps_each_classified_photos_embedding_and_hint(tmp_path, card_model):
+    shop = tmp_path / "uploads" / "tops"
+    make_shop(shop, 4)
+    Image.open(shop / "p001.jpg").save(shop / "p001_copy.png")
+    store = tmp_path / "store"
+    r = cli_run(shop.parent, "--store", store, "--model", card_model, "--out", tmp_path / "n1.parquet", "--embeddings", "-q")
+    assert r.exit_code == 0, r.output
+    out = pd.read_parquet(tmp_path / "n1.parquet").set_index("row")
+    classified = out.status.isin(["labelled", "junk"])
+    assert out.embedding[classified].map(len).nunique() == 1 and out.embedding[~classified].isna().all()
+    history = Store(store).load_history()
+    kept = [rec for rec in history.entries.values() if rec["embedding_q8"] is not None]
+    assert len(kept) == classified.sum() and {rec["category_hint"] for rec in kept} == {"tops"}
+    for rec in kept:
+        stored = dequantise(rec["embedding_q8"], rec["embedding_scale"])
+        written = out.embedding[rec["row"]].astype(np.float32)
+        assert stored @ written / np.linalg.norm(stored) / np.linalg.norm(written) > 0.999
+    r = cli_run(shop.parent, "--model", card_model, "--out", tmp_path / "plain.parquet", "-q")
+    assert pd.read_parquet(tmp_path / "plain.parquet").embedding.isna().all()  # only on demand
+
+
+def test_quantised_embeddings_keep_their_direction():
+    x = np.random.default_rng(0).normal(size=(50, 1280)).astype(np.float32) * np.linspace(0.01, 5, 50)[:, None]
+    x[0] = 0.0  # a zero row survives
+    codes, scale = quantise(x)
+    assert codes.dtype == np.int8 and scale.dtype == np.float32
+    back = dequantise(codes, scale)
+    cos = (back[1:] * x[1:]).sum(axis=1) / np.linalg.norm(back[1:], axis=1) / np.linalg.norm(x[1:], axis=1)
+    assert cos.min() > 0.999 and not back[0].any()
