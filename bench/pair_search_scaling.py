@@ -27,14 +27,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.stages.dedupe import DedupeConfig, find_duplicates
-from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+from pipeline.stages.nearpairs import VIEWS, HashArrays, NearPairs, PairSearch
 
 
 def random_arrays(n: int, seed: int = 0) -> HashArrays:
     """N photos' hashes; every tenth photo is a noisy copy of the one before it."""
     rng = np.random.default_rng(seed)
-    views = rng.integers(0, 2**63, (n, 4), dtype=np.uint64) << np.uint64(1)
-    fine = rng.integers(0, 2**63, (n, 4, 4), dtype=np.uint64)
+    views = rng.integers(0, 2**63, (n, VIEWS), dtype=np.uint64) << np.uint64(1)
+    fine = rng.integers(0, 2**63, (n, VIEWS, 4), dtype=np.uint64)
     color = rng.random((n, 4, 4, 3), dtype=np.float32)
     copies = np.arange(10, n, 10)
     noise = np.uint64(0)
@@ -43,11 +43,11 @@ def random_arrays(n: int, seed: int = 0) -> HashArrays:
     views[copies] = views[copies - 1] ^ noise[:, None]
     fine[copies] = fine[copies - 1]
     color[copies] = color[copies - 1]
-    return HashArrays(np.arange(n, dtype=np.int64), views, fine, np.ones((n, 4), bool), color)
+    return HashArrays(np.arange(n, dtype=np.int64), views, fine, np.ones((n, VIEWS), bool), color)
 
 
 def scaling(sizes: list[int], sample: int) -> None:
-    print("| photos | blocks | build s | µs per photo searched (4 views) | checks per view | pairs found | memory |")
+    print("| photos | blocks | build s | µs per photo searched (5 views) | checks per view | pairs found | memory |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     per_photo, bytes_per_photo = {}, 0.0
     for n in sizes:

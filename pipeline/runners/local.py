@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.stages import decode as dec
-from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, Hashes, Match, find_duplicates
+from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.ops.fsutil import atomic_path
 from pipeline.models.classifier import Classifier
@@ -39,7 +39,7 @@ from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
 from pipeline.stages.junk import (HintReference, JunkConfig, hint_outliers, open_set_reason, quality_reason,
                                   semantic_reason)
-from pipeline.stages.nearpairs import NearPairs
+from pipeline.stages.nearpairs import BatchIndex, NearPairs
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
 from pipeline.contract import LABEL_FIELDS
@@ -154,7 +154,7 @@ class Context:
     classifier: Classifier
     cfg: RunConfig
     run_id: str
-    index: DedupeIndex
+    index: MatchIndex
     history: History
     corrections: dict[str, dict[str, Any]]
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
@@ -279,7 +279,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -
     return rows, index_records
 
 
-def _match_later(index: DedupeIndex, key: int, rec: dict[str, Any]) -> None:
+def _match_later(index: MatchIndex, key: int, rec: dict[str, Any]) -> None:
     """Put a remembered photo that later photos may duplicate (``in_dedupe``) into the match index."""
     if rec["in_dedupe"]:
         index.add(key, rec["sha256"], Hashes.from_fields(rec))
@@ -308,7 +308,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                 input_fingerprint(source), classifier.version, cfg.chunk_size, run_id, run_date,
                 lambda msg: cfg.log({"stage": "store", "message": msg}))
         published = None if done is not None else store.published_parts(run_date, run_id)
-        index = DedupeIndex(cfg.dedupe)
+        index = BatchIndex(cfg.dedupe)
         history = store.load_history(classifier.version if cfg.relabel else None) if store else History()
         for key, rec in history.entries.items():
             _match_later(index, key, rec)

@@ -346,6 +346,9 @@ class MatchIndex(Protocol):
 
     def match(self, cand: Candidate) -> tuple[int, str, int] | None: ...
 
+    def prepare(self, cands: list[Candidate]) -> None:
+        """Called with every candidate before the walk (``nearpairs.BatchIndex`` searches them in bulk)."""
+
 
 class DedupeIndex:
     """The kept photos so far (this batch, earlier chunks, earlier nights) and their hashes.
@@ -367,6 +370,9 @@ class DedupeIndex:
         self.by_sha.setdefault(sha256, key)
         self.kept[key] = hashes
         self.mih.add(key, hashes.phash)
+
+    def prepare(self, cands: list[Candidate]) -> None:
+        """Nothing to do: this index searches as the walk asks."""
 
     def match(self, cand: Candidate) -> tuple[int, str, int] | None:
         """(kept key, ``exact`` or ``near``, pHash distance) of the photo this one repeats, or None."""
@@ -396,8 +402,10 @@ def find_duplicates(
     found beforehand, in parallel.
     """
     index = index if index is not None else DedupeIndex(cfg)
+    order = sorted(items, key=lambda c: (-c.area, c.row))
+    index.prepare(order)
     matches: dict[int, Match] = {}
-    for cand in sorted(items, key=lambda c: (-c.area, c.row)):
+    for cand in order:
         found = index.match(cand)
         if found is not None:
             key, kind, dist = found

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import SAMPLE, clustered_candidates, product_photo
 from pipeline.stages.decode import decode
-from pipeline.stages.dedupe import Candidate, DedupeConfig, compute_hashes, find_duplicates, hamming
-from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, compute_hashes, find_duplicates, hamming
+from pipeline.stages.nearpairs import BatchIndex, HashArrays, NearPairs, PairSearch
 
 
 @pytest.mark.parametrize("blocks", [3, 4, 6, 11])
@@ -72,3 +72,24 @@ def test_blocks_too_wide_for_a_bucket_table_are_refused():
 def test_empty_batch():
     arrays = HashArrays.from_candidates([])
     assert find_duplicates([], index=NearPairs(arrays, PairSearch(arrays).search(0, 0))) == {}
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_chunked_index_decides_as_the_local_walk_across_chunks_and_nights(seed):
+    """Earlier nights under negative keys, then tonight in uneven chunks: every chunk searched in bulk
+    against the segments of what was kept so far gives the same matches as asking photo by photo."""
+    cands = clustered_candidates(900, seed)
+    history = [Candidate(-1 - c.row, c.sha256, c.area, c.hashes) for c in cands[:300]]  # earlier nights
+    tonight = [Candidate(c.row - 300, c.sha256, c.area, c.hashes) for c in cands[300:]]
+    walk, batch = DedupeIndex(), BatchIndex()
+    for h in history:
+        walk.add(h.row, h.sha256, h.hashes)
+        batch.add(h.row, h.sha256, h.hashes)
+    bounds = [0, 50, 51, 260, 600]
+    found = 0
+    for a, b in zip(bounds, bounds[1:]):
+        expected = find_duplicates(tonight[a:b], index=walk)
+        assert find_duplicates(tonight[a:b], index=batch) == expected
+        found += sum(m.kept < 0 for m in expected.values())
+    assert found > 20 and len(batch._segments) <= 3  # matches on earlier nights; segments were merged
+    assert find_duplicates([], index=batch) == {}
