@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,14 +215,20 @@ def run(
             raise click.UsageError(str(exc)) from None
         except StoreLocked as exc:
             _locked(exc, log)
-    classifier = _load_classifier(model, taxonomy, precision)
     try:
         if runner == "ray":
             from pipeline.runners.ray import run_ray
 
+            classifier = _load_classifier(model, taxonomy, precision)
             summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg, ray_address)
         else:
-            summary = run_pipeline(input_path, out, classifier, cfg)
+            expected = _expected_preprocess(model)
+            # TensorFlow imports and the model loads in a thread while the first chunk is scanned
+            with ThreadPoolExecutor(1, thread_name_prefix="model") as loader:
+                summary = run_pipeline(input_path, out, loader.submit(_load_classifier, model, taxonomy, precision),
+                                       cfg, preprocess=expected)
+    except click.UsageError:
+        raise
     except (IngestError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
     except StoreLocked as exc:
@@ -277,6 +284,19 @@ def _load_classifier(model: str, taxonomy: Path | None, precision: str):
     except KeyError as exc:
         raise click.UsageError(exc.args[0]) from None
     except (TaxonomyError, CardError, RuntimeError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _expected_preprocess(model: str):
+    """The model input the loading model should take, or a usage error for a model that cannot load."""
+    from pipeline.models.card import CardError
+    from pipeline.models.classifier import expected_preprocess
+
+    try:
+        return expected_preprocess(model)
+    except KeyError as exc:
+        raise click.UsageError(exc.args[0]) from None
+    except CardError as exc:
         raise click.UsageError(str(exc)) from None
 
 

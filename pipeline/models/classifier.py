@@ -127,6 +127,18 @@ def load_classifier(name: str, taxonomy_path: str | Path | None = None, precisio
     return MODELS.get(ref)(taxonomy=taxonomy, precision=resolve_precision(precision))
 
 
+def expected_preprocess(name: str) -> Preprocess:
+    """The model input ``name`` will take, known before the model loads (its card, or ImageNet's 224 px
+    for registered models): ``run`` cuts the first chunk's inputs with it while TensorFlow imports, and
+    checks it against the loaded model. Raises what ``resolve_model`` and ``read_card`` raise."""
+    ref = resolve_model(name)
+    if isinstance(ref, Path):
+        from pipeline.models.card import read_card
+
+        return read_card(ref).preprocessing()
+    return IMAGENET_224
+
+
 def _card_classifier(folder: Path, precision: str) -> Classifier:
     """A model trained by ``labelcat train``: its card says labels, pixels and temperature."""
     from pipeline.models.card import load_model

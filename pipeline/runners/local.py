@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import sys
 import os
 import time
 import uuid
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +36,7 @@ from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes, Match, Match
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.ops.fsutil import atomic_path
 from pipeline.models.classifier import Classifier
+from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
@@ -128,7 +131,7 @@ class Engine:
     the Ray runner make the same decisions by construction.
     """
 
-    scan: Callable[[list[Record], RunConfig, Classifier], dict[int, Scan | tuple[str, str]]]
+    scan: Callable[[list[Record], RunConfig, Preprocess], dict[int, Scan | tuple[str, str]]]
     classify: Callable[[list[Path], list, Classifier, RunConfig, Callable[[int], Any]], Any]
     pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None  # whole-input runs only
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
@@ -138,8 +141,8 @@ class Engine:
 def local_engine() -> Engine:
     """This process: a thread pool scans (one decode per photo), the tf.data loop classifies."""
 
-    def scan(records: list[Record], cfg: RunConfig, clf: Classifier) -> dict[int, Scan | tuple[str, str]]:
-        return scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=clf.preprocess)
+    def scan(records: list[Record], cfg: RunConfig, preprocess: Preprocess) -> dict[int, Scan | tuple[str, str]]:
+        return scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=preprocess)
 
     def classify(paths: list[Path], ready: list, clf: Classifier, cfg: RunConfig, progress: Callable[[int], Any]):
         return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready)
@@ -240,12 +243,17 @@ def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]]
     return rows
 
 
-def process_chunk(records: list[Record], ctx: Context, processed_at: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One chunk through every stage: (output rows, index records of its kept photos)."""
+def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
+                  scans: dict[int, Scan | tuple[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk through every stage: (output rows, index records of its kept photos).
+
+    ``scans``: the chunk's scans when they were taken already (the first chunk, while the model loaded).
+    """
     cfg, clf = ctx.cfg, ctx.classifier
-    t = time.perf_counter()
-    scans = ctx.engine.scan(records, cfg, clf)
-    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+    if scans is None:
+        t = time.perf_counter()
+        scans = ctx.engine.scan(records, cfg, clf.preprocess)
+        cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
     plan = plan_chunk(records, scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
 
     t = time.perf_counter()
@@ -285,9 +293,14 @@ def _match_later(index: MatchIndex, key: int, rec: dict[str, Any]) -> None:
         index.add(key, rec["sha256"], Hashes.from_fields(rec))
 
 
-def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg: RunConfig,
-        engine: Engine | None = None) -> Summary:
+def run(source: str | Path, out: str | Path | None, classifier: Classifier | Future, cfg: RunConfig,
+        engine: Engine | None = None, preprocess: Preprocess | None = None) -> Summary:
     """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
+
+    ``classifier`` may still be loading (a ``Future``, as the CLI passes it):
+    then the first chunk is scanned with ``preprocess`` (the model input the
+    loading model is expected to take) while TensorFlow imports and the weights
+    load, and the scan is kept if the model takes that input.
 
     Raises ``IngestError`` for unusable input (before anything is written) and
     ``StoreLocked`` when another run holds the store; any other exception
@@ -299,7 +312,22 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
     source = Path(source)
     batch = ingest(source, allow_outside=cfg.allow_outside)
     store = Store(cfg.store) if cfg.store else None
+    engine = engine or local_engine()
     with store.lock() if store else contextlib.nullcontext():
+        chunks: Iterator[list[Record]] = chunked(batch.records, cfg.chunk_size)
+        early: dict[int, Scan | tuple[str, str]] | None = None
+        if isinstance(classifier, Future):
+            first = next(chunks, None)
+            if first is not None:
+                chunks = itertools.chain([first], chunks)
+                if preprocess is not None:
+                    t = time.perf_counter()
+                    early = engine.scan(first, cfg, preprocess)
+                    cfg.log({"stage": "scan", "rows": len(first), "seconds": round(time.perf_counter() - t, 3),
+                             "while": "the model loads"})
+            classifier = classifier.result()
+            if preprocess != classifier.preprocess:
+                early = None
         run_id = new_run_id(started)
         run_date = f"{started:%Y-%m-%d}"
         done: set[int] | None = set()
@@ -313,7 +341,6 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
         for key, rec in history.entries.items():
             _match_later(index, key, rec)
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
-        engine = engine or local_engine()
         ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine,
                       hint_reference=HintReference(cfg.junk.outlier_reference))
         for rec in history.entries.values():  # in publishing order: the most recent stay
@@ -328,7 +355,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                 tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
                 writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
                                                               compression="zstd"))
-            for n, records in enumerate(chunked(batch.records, cfg.chunk_size)):
+            for n, records in enumerate(chunks):
                 if published is not None:  # the work was done before a kill mid-publish
                     table = pq.read_table(published[n])
                 elif n in done:
@@ -340,7 +367,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier, cfg:
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
                 else:
-                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc))
+                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc), early if n == 0 else None)
                     table = to_table(rows, batch.extra_columns, meta)
                     if store:
                         store.commit_chunk(n, table, index_records, file_stats(records))

@@ -179,7 +179,7 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
     resources = ray.cluster_resources()
     actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
 
-    def scan(records: list, cfg: RunConfig, clf) -> dict[int, Scan | tuple[str, str]]:
+    def scan(records: list, cfg: RunConfig, preprocess) -> dict[int, Scan | tuple[str, str]]:
         items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
                  for r in records]
         scanned = (ray.data.from_items(items)
