@@ -168,9 +168,10 @@ class Context:
         """Put an index record's embedding among the reference photos for folder outliers (labelled rows
         join their hint's; every classified row the shop's mean; this model's only: another model's
         embeddings live in another space)."""
-        if rec.get("embedding_q8") is not None and rec.get("model_version") == self.classifier.version:
+        codes = rec.get("embedding_q8")
+        if codes is not None and rec.get("model_version") == self.classifier.version:
             self.hint_reference.add(rec.get("category_hint") if rec["status"] == "labelled" else None,
-                                    dequantise(rec["embedding_q8"], rec["embedding_scale"]))
+                                    dequantise(codes, rec["embedding_scale"]))
 
     @property
     def review_threshold(self) -> float:
@@ -345,6 +346,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                       hint_reference=HintReference(cfg.junk.outlier_reference))
         for rec in history.entries.values():  # in publishing order: the most recent stay
             ctx.remember(rec)
+            rec.pop("embedding_q8", None)  # not needed again: a million-photo history would hold 1.3 GB of codes
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
         if engine.info:
             meta["runner"] = engine.info
@@ -363,6 +365,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                     for rec in index_records:  # this run's committed photos, under their row keys
                         _match_later(index, history.add(rec, key=rec["row"]), rec)
                         ctx.remember(rec)
+                        rec.pop("embedding_q8", None)
                         if rec["status"] in ("labelled", "junk"):
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
