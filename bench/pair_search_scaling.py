@@ -7,7 +7,7 @@ two sizes it projects core-hours at 10M and 100M (the candidate checks, which
 dominate, grow linearly in N at a fixed block count).
 
 Part 2 (``--compare N``) runs the same grouping three ways on N synthetic
-candidates and checks they agree: the local runner's one-query-at-a-time
+candidates and checks they agree: the one-query-at-a-time
 ``DedupeIndex``, ``PairSearch`` in this process, and ``PairSearch`` on a
 local Ray instance (``pip install '.[ray]'``).
 
@@ -92,7 +92,7 @@ def compare(n: int) -> None:
     t_inproc = time.perf_counter() - t
     print(f"| grouping {n:,} photos ({len(local):,} duplicates) | seconds | same groups |")
     print("|---|---:|---|")
-    print(f"| local runner: `DedupeIndex`, one query at a time | {t_local:.1f} | — |")
+    print(f"| `DedupeIndex`, one query at a time | {t_local:.1f} | — |")
     print(f"| `PairSearch` + kept-first walk, one process | {t_inproc:.1f} | {inproc == local} |")
     try:
         import ray
