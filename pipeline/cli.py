@@ -220,7 +220,8 @@ def run(
             from pipeline.runners.ray import run_ray
 
             classifier = _load_classifier(model, taxonomy, precision)
-            summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg, ray_address)
+            summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg,
+                              ray_address, classifier)
         else:
             expected = _expected_preprocess(model)
             # TensorFlow imports and the model loads in a thread while the first chunk is scanned

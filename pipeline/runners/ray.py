@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.models.classifier import load_classifier, resolve_model
+from pipeline.models.classifier import Classifier, load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
 from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
@@ -220,14 +220,17 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
 
 
 def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: str | None, precision: str,
-            cfg: RunConfig, address: str | None = None):
+            cfg: RunConfig, address: str | None = None, classifier: Classifier | None = None):
     """Run the pipeline with the Ray engine; same rows, schema, store and exit codes as the local runner.
 
     Without ``--store`` the whole input is one chunk, so near pairs are found by
     the distributed pair search; with a store, chunks are matched against every
     earlier chunk and night through the store's index, as locally.
+    ``classifier``: the driver's copy of the model (labels, taxonomy, version)
+    when the caller loaded it already (the CLI does, to report a bad model as a
+    usage error); the actors load their own.
     """
-    classifier = load_classifier(model, taxonomy, precision)  # on the driver: labels, taxonomy, version
+    classifier = classifier or load_classifier(model, taxonomy, precision)
     if cfg.store is None:
         cfg = dataclasses.replace(cfg, chunk_size=sys.maxsize)
     return run(source, out, classifier, cfg, ray_engine(model, taxonomy, classifier, cfg, address))
