@@ -158,10 +158,11 @@ class PairSearch:
                 fine_d = np.bitwise_count(q.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
                 turned = view_of(q.color[photo], view)  # the view's colour, as in DedupeIndex.match
                 color_d = color_distance(turned, a.color[other])
-                ok = (fine_d <= cfg.fine_threshold) & (color_d <= cfg.color_threshold)
+                coarse_d = np.bitwise_count(q.views[photo, view] ^ a.views[other, 0]).astype(np.int16)
+                ok = (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
-                out["distance"].append(np.bitwise_count(q.views[photo[ok], view] ^ a.views[other[ok], 0]).astype(np.int16))
+                out["distance"].append(coarse_d[ok])
                 out["other"].append(other[ok])
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 

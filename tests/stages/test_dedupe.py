@@ -176,3 +176,26 @@ def test_colour_variants_stay_apart_and_brightness_copies_merge(photo):
     for copy in (ImageEnhance.Brightness(img).enhance(0.85), ImageEnhance.Brightness(img).enhance(1.15)):
         h = compute_hashes(copy)
         assert color_distance(original.color, h.color) <= cfg.color_threshold
+
+
+@pytest.mark.parametrize("photo,side", [("beer/beer-01_1.jpg", 0.08), ("hoodies/cl_bogo03_1.jpg", 0.08),
+                                        ("sneakers/sneakers_01_1.jpg", 0.08), ("wine/wine-red.jpg", 0.04)])
+def test_crops_into_the_product_merge_through_the_close_tier(photo, side):
+    """Real photos cropped into the product: the 256-bit hash moves past 36 bits while the 64-bit one stays
+    within 4, so only the second tier (48 bits) confirms them, in both indexes; other products stay apart."""
+    from conftest import SAMPLE
+    from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+
+    img = decode((SAMPLE / "images" / photo).read_bytes())
+    w, h = img.size
+    dx, dy = round(w * side), round(h * side)
+    cands = [_cand(0, img), _cand(1, _jpeg(img.crop((dx, dy, w - dx, h - dy)), 90))]
+    one_tier = DedupeConfig(close_fine_threshold=DedupeConfig().fine_threshold)
+    assert find_duplicates(cands, one_tier) == {}
+    assert find_duplicates(cands)[1].kept == 0
+    arrays = HashArrays.from_candidates(cands)
+    assert find_duplicates(cands, index=NearPairs(arrays, PairSearch(arrays).search(0, 2)))[1].kept == 0
+    others = [_cand(2 + i, decode((SAMPLE / "images" / p).read_bytes()))
+              for i, p in enumerate(["juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg", "hoodies/cl_bogo01_1.jpg",
+                                     "hoodies/cl_bogo02_1.jpg"])]
+    assert find_duplicates(cands[:1] + others) == {}  # same-design products are not crops of each other

@@ -16,7 +16,7 @@ from pipeline.stages.nearpairs import BatchIndex, HashArrays, NearPairs, PairSea
 def test_pair_search_finds_exactly_the_hashes_within_the_radius(blocks):
     cands = clustered_candidates(400, seed=blocks)
     arrays = HashArrays.from_candidates(cands)
-    loose = DedupeConfig(fine_threshold=256, color_threshold=1000.0)  # pHash alone decides
+    loose = DedupeConfig(fine_threshold=256, close_fine_threshold=256, color_threshold=1000.0)  # pHash alone decides
     pairs = PairSearch(arrays, loose, blocks=blocks).search(0, len(cands))
     got = set(zip(pairs["photo"].tolist(), pairs["view"].tolist(), pairs["other"].tolist()))
     expected = set()
