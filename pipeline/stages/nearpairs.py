@@ -254,8 +254,8 @@ class BatchIndex(NearPairs):
             self._slice = {}
             return
         queries = HashArrays.from_candidates(cands)
-        found = [(pairs, search.a.rows) for search in [*self._segments, PairSearch(queries, self.cfg)]
-                 for pairs in [search.search(0, len(queries), queries if search.a is not queries else None)]]
+        found = [(search.search(0, len(queries), queries), search.a.rows) for search in self._segments]
+        found.append((PairSearch(queries, self.cfg).search(0, len(queries)), queries.rows))  # tonight's own pairs
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)
