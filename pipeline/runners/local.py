@@ -173,6 +173,16 @@ class Context:
             self.hint_reference.add(rec.get("category_hint") if rec["status"] == "labelled" else None,
                                     dequantise(codes, rec["embedding_scale"]))
 
+    def recall(self, key: int, rec: dict[str, Any]) -> None:
+        """Take in a photo the store remembers (an earlier night's, or this run's committed chunk) under
+        ``key``: later photos may duplicate it, and it joins the folder-outlier reference. Its embedding
+        codes then leave the record: nothing needs them again, and a million-photo history would hold
+        1.3 GB of them."""
+        if rec["in_dedupe"]:
+            self.index.add(key, rec["sha256"], Hashes.from_fields(rec))
+        self.remember(rec)
+        rec.pop("embedding_q8", None)
+
     @property
     def review_threshold(self) -> float:
         """Confidence under which a labelled row needs a person: the option, the card's, else the default."""
@@ -244,6 +254,15 @@ def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]]
     return rows
 
 
+def scan_chunk(records: list[Record], cfg: RunConfig, engine: Engine, preprocess: Preprocess,
+               note: dict[str, Any] | None = None) -> dict[int, Scan | tuple[str, str]]:
+    """The engine's scan of one chunk, timed in the log (``note`` adds to its event)."""
+    t = time.perf_counter()
+    scans = engine.scan(records, cfg, preprocess)
+    cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3), **(note or {})})
+    return scans
+
+
 def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                   scans: dict[int, Scan | tuple[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One chunk through every stage: (output rows, index records of its kept photos).
@@ -252,9 +271,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     """
     cfg, clf = ctx.cfg, ctx.classifier
     if scans is None:
-        t = time.perf_counter()
-        scans = ctx.engine.scan(records, cfg, clf.preprocess)
-        cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+        scans = scan_chunk(records, cfg, ctx.engine, clf.preprocess)
     plan = plan_chunk(records, scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
 
     t = time.perf_counter()
@@ -288,12 +305,6 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     return rows, index_records
 
 
-def _match_later(index: MatchIndex, key: int, rec: dict[str, Any]) -> None:
-    """Put a remembered photo that later photos may duplicate (``in_dedupe``) into the match index."""
-    if rec["in_dedupe"]:
-        index.add(key, rec["sha256"], Hashes.from_fields(rec))
-
-
 def run(source: str | Path, out: str | Path | None, classifier: Classifier | Future, cfg: RunConfig,
         engine: Engine | None = None, preprocess: Preprocess | None = None) -> Summary:
     """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
@@ -322,12 +333,9 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
             if first is not None:
                 chunks = itertools.chain([first], chunks)
                 if preprocess is not None:
-                    t = time.perf_counter()
-                    early = engine.scan(first, cfg, preprocess)
-                    cfg.log({"stage": "scan", "rows": len(first), "seconds": round(time.perf_counter() - t, 3),
-                             "while": "the model loads"})
+                    early = scan_chunk(first, cfg, engine, preprocess, {"while": "the model loads"})
             classifier = classifier.result()
-            if preprocess != classifier.preprocess:
+            if preprocess != classifier.preprocess:  # the model takes another input: scan again
                 early = None
         run_id = new_run_id(started)
         run_date = f"{started:%Y-%m-%d}"
@@ -337,16 +345,12 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                 input_fingerprint(source), classifier.version, cfg.chunk_size, run_id, run_date,
                 lambda msg: cfg.log({"stage": "store", "message": msg}))
         published = None if done is not None else store.published_parts(run_date, run_id)
-        index = BatchIndex(cfg.dedupe)
         history = store.load_history(classifier.version if cfg.relabel else None) if store else History()
-        for key, rec in history.entries.items():
-            _match_later(index, key, rec)
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
-        ctx = Context(classifier, cfg, run_id, index, history, corrections, engine=engine,
+        ctx = Context(classifier, cfg, run_id, BatchIndex(cfg.dedupe), history, corrections, engine=engine,
                       hint_reference=HintReference(cfg.junk.outlier_reference))
-        for rec in history.entries.values():  # in publishing order: the most recent stay
-            ctx.remember(rec)
-            rec.pop("embedding_q8", None)  # not needed again: a million-photo history would hold 1.3 GB of codes
+        for key, rec in history.entries.items():  # in publishing order: the most recent stay in the reference
+            ctx.recall(key, rec)
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
         if engine.info:
             meta["runner"] = engine.info
@@ -363,9 +367,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                 elif n in done:
                     table, index_records = store.read_chunk(n)
                     for rec in index_records:  # this run's committed photos, under their row keys
-                        _match_later(index, history.add(rec, key=rec["row"]), rec)
-                        ctx.remember(rec)
-                        rec.pop("embedding_q8", None)
+                        ctx.recall(history.add(rec, key=rec["row"]), rec)
                         if rec["status"] in ("labelled", "junk"):
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
