@@ -9,11 +9,12 @@ failed, 2 usage error (bad option, unusable manifest, unknown model).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,31 +275,34 @@ def _check_writable(what: str, path: Path) -> None:
         raise click.UsageError(f"cannot write {what} {path}: permission denied")
 
 
-def _load_classifier(model: str, taxonomy: Path | None, precision: str):
-    """Load a model or turn its failure into a usage error (exit 2)."""
+@contextlib.contextmanager
+def _model_errors_are_usage_errors() -> Iterator[None]:
+    """A model that cannot be found or read is the user's to fix: exit 2 with its message."""
     from pipeline.models.card import CardError
-    from pipeline.models.classifier import load_classifier
     from pipeline.models.taxonomy import TaxonomyError
 
     try:
-        return load_classifier(model, taxonomy, precision)
+        yield
     except KeyError as exc:
         raise click.UsageError(exc.args[0]) from None
     except (TaxonomyError, CardError, RuntimeError) as exc:
         raise click.UsageError(str(exc)) from None
 
 
+def _load_classifier(model: str, taxonomy: Path | None, precision: str):
+    """Load a model or turn its failure into a usage error (exit 2)."""
+    from pipeline.models.classifier import load_classifier
+
+    with _model_errors_are_usage_errors():
+        return load_classifier(model, taxonomy, precision)
+
+
 def _expected_preprocess(model: str):
     """The model input the loading model should take, or a usage error for a model that cannot load."""
-    from pipeline.models.card import CardError
     from pipeline.models.classifier import expected_preprocess
 
-    try:
+    with _model_errors_are_usage_errors():
         return expected_preprocess(model)
-    except KeyError as exc:
-        raise click.UsageError(exc.args[0]) from None
-    except CardError as exc:
-        raise click.UsageError(str(exc)) from None
 
 
 def _echo(quiet: bool) -> Callable[[str], None]:
