@@ -75,7 +75,8 @@ limit_options = option_group(
                  help="Refuse files larger than this."),
 )
 dedupe_options = option_group(
-    lambda phash_threshold, fine_threshold, color_threshold: DedupeConfig(phash_threshold, fine_threshold, color_threshold),
+    lambda phash_threshold, fine_threshold, color_threshold: DedupeConfig(
+        phash_threshold=phash_threshold, fine_threshold=fine_threshold, color_threshold=color_threshold),
     "dedupe",
     click.option("--phash-threshold", type=click.IntRange(0, 32), default=DEFAULT_PHASH_THRESHOLD, show_default=True,
                  help="Max Hamming distance (of 64 bits) for near-duplicate candidates."),

@@ -152,3 +152,27 @@ def test_odd_file_names_survive_a_run(tmp_path):
     t = pq.read_table(out).to_pandas()
     assert sorted(p.rsplit("/", 1)[1] for p in t.path) == ["caf\\xe9.jpg", "ünïcødé file (2).jpg"]
     assert set(t.status) <= {"labelled", "junk"}  # both decoded: nothing lost to the odd names
+
+
+def test_dedupe_and_junk_options_reach_their_configs():
+    """Each option lands in the field of its name (a positional build once put --color-threshold's value in
+    another field), and the rest keep their defaults."""
+    from pipeline.cli import dedupe_options, junk_options
+    from pipeline.stages.dedupe import DedupeConfig
+    from pipeline.stages.junk import JunkConfig
+
+    seen = {}
+
+    @click.command()
+    @dedupe_options
+    @junk_options
+    def probe(dedupe, junk):
+        seen.update(dedupe=dedupe, junk=junk)
+
+    r = CliRunner().invoke(probe, ["--phash-threshold", "7", "--fine-threshold", "30", "--color-threshold", "4.5",
+                                   "--min-size", "80", "--not-product-threshold", "0.6", "--mismatch-confidence", "0.9"])
+    assert r.exit_code == 0, r.output
+    assert seen["dedupe"] == DedupeConfig(phash_threshold=7, fine_threshold=30, color_threshold=4.5)
+    assert seen["junk"] == JunkConfig(min_side=80, not_product=0.6, mismatch_confidence=0.9)
+    CliRunner().invoke(probe, [])
+    assert seen["dedupe"] == DedupeConfig() and seen["junk"] == JunkConfig()

@@ -307,6 +307,7 @@ class MultiIndexHash:
 class DedupeConfig:
     phash_threshold: int = DEFAULT_PHASH_THRESHOLD
     fine_threshold: int = DEFAULT_FINE_THRESHOLD
+    color_threshold: float = DEFAULT_COLOR_THRESHOLD
     close_phash: int = CLOSE_PHASH
     close_fine_threshold: int = CLOSE_FINE_THRESHOLD
 
@@ -322,7 +323,6 @@ class DedupeConfig:
         """
         return np.where(np.asarray(phash_distance) <= self.close_phash, self.close_fine_threshold,
                         self.fine_threshold)
-    color_threshold: float = DEFAULT_COLOR_THRESHOLD
 
 
 @dataclass(frozen=True)
