@@ -31,4 +31,3 @@ def leave_one_out_similarity(x: np.ndarray, groups: np.ndarray, centre: np.ndarr
         others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-8)
         out[idx] = np.einsum("ij,ij->i", z[idx], others)
     return out
-

@@ -173,7 +173,8 @@ def hint_outliers(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConf
     if len(hints) < cfg.outlier_min_group:
         return {}
     names = sorted({h for h in hints if h})
-    groups = np.array([names.index(h) if h else -1 for h in hints])
+    position = {h: g for g, h in enumerate(names)}
+    groups = np.array([position.get(h, -1) if h else -1 for h in hints])
     similarity = leave_one_out_similarity(x, groups, centre)
     out: dict[int, str] = {}
     for g, hint in enumerate(names):
