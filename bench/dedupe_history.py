@@ -2,8 +2,9 @@
 
 What the nightly runner does with ``--store``: the kept photos of earlier nights are loaded into the match
 index, then tonight's photos are deduplicated chunk by chunk (``--chunk-size``, default 2048) against them
-and against each other. The script times, on random 64/256-bit hashes with planted copies (a tenth of
-tonight's photos are near copies of kept photos, a tenth copies of each other, some turned a quarter):
+and against each other. The script times, on random 64/256-bit hashes and random 32x32 thumbnails (3 KB a
+photo, as the store keeps them for the aligned check) with planted copies (a tenth of tonight's photos are
+near copies of kept photos, a tenth copies of each other, some turned a quarter):
 
 - loading: ``BatchIndex.add`` for every kept photo and the first ``PairSearch`` segment built from them;
 - deciding: ``find_duplicates`` over tonight's chunks with ``BatchIndex`` (bulk search per chunk);
@@ -24,31 +25,37 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.stages.dedupe import VIEW_NAMES, Candidate, DedupeIndex, Hashes, find_duplicates  # noqa: E402
+from pipeline.stages.dedupe import THUMB_SIDE, VIEW_NAMES, Candidate, DedupeIndex, Hashes, find_duplicates  # noqa: E402
 from pipeline.stages.nearpairs import BatchIndex  # noqa: E402
 
 CHUNK = 2048
 
 
 def random_hashes(rng: np.random.Generator, n: int) -> list[Hashes]:
-    """``n`` unrelated photos: random pHashes for every view, random colour grids."""
+    """``n`` unrelated photos: random pHashes for every view (trimmed and whole), colour grids, thumbnails."""
     coarse = rng.integers(0, 2**63, (n, len(VIEW_NAMES)), dtype=np.uint64) << np.uint64(1)
+    whole = rng.integers(0, 2**63, (n, len(VIEW_NAMES)), dtype=np.uint64) << np.uint64(1)
     fine = [int.from_bytes(b, "big") for b in np.frombuffer(rng.bytes(32 * n * len(VIEW_NAMES)), "S32")]
     color = rng.random((n, 4, 4, 3), dtype=np.float32)
+    thumbs = rng.integers(0, 256, (n, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
     out = []
-    for i, row in enumerate(coarse.tolist()):
+    for i, (row, w) in enumerate(zip(coarse.tolist(), whole.tolist())):
         f = fine[i * len(VIEW_NAMES):(i + 1) * len(VIEW_NAMES)]
-        out.append(Hashes(row[0], f[0], tuple(zip(row[1:], f[1:])), color[i]))
+        out.append(Hashes(row[0], f[0], tuple(zip(row[1:], f[1:])), color[i], tuple(w), thumbs[i]))
     return out
 
 
 def near_copy(rng: np.random.Generator, h: Hashes) -> Hashes:
-    """A re-encode-like copy: a few pHash bits flipped, a little colour noise; a fifth are turned a quarter."""
+    """A re-encode-like copy: a few pHash bits flipped, a little colour and pixel noise; a fifth are turned a
+    quarter."""
     if rng.random() < 0.2:
         p, f = h.rotated[0]
-        return Hashes(p, f, ((h.phash, h.fine),) * (len(VIEW_NAMES) - 1), np.rot90(h.color, 3).copy())
+        return Hashes(p, f, ((h.phash, h.fine),) * (len(VIEW_NAMES) - 1), np.rot90(h.color, 3).copy(),
+                      (h.whole[1],) + (h.whole[0],) * (len(VIEW_NAMES) - 1), np.rot90(h.thumb, 3).copy())
     flip = sum(1 << int(b) for b in rng.choice(64, int(rng.integers(0, 6)), replace=False))
-    return Hashes(h.phash ^ flip, h.fine, h.rotated, (h.color + rng.normal(0, 0.01, h.color.shape)).astype(np.float32))
+    thumb = np.clip(h.thumb + rng.normal(0, 2, h.thumb.shape), 0, 255).astype(np.uint8)
+    return Hashes(h.phash ^ flip, h.fine, h.rotated, (h.color + rng.normal(0, 0.01, h.color.shape)).astype(np.float32),
+                  h.whole, thumb)
 
 
 def main() -> None:

@@ -52,12 +52,14 @@ from pipeline.ops.fsutil import atomic_path
 STORE_ONLY = {"in_dedupe": pa.bool_(), "rotated": pa.list_(pa.string()), "color": pa.list_(pa.float32()),
               "file": pa.string(),  # an error row's file identity: path, size, mtime (parts of older versions: null)
               # a classified photo's embedding (``quantise``); null in parts written before it was kept
-              "embedding_q8": pa.list_(pa.int8()), "embedding_scale": pa.float32()}
+              "embedding_q8": pa.list_(pa.int8()), "embedding_scale": pa.float32(),
+              # the whole photo's pHash per view and its 32x32 RGB thumbnail (``Hashes``); null in older parts
+              "phash_whole": pa.list_(pa.string()), "thumb": pa.binary()}
 #: Field order of index parts written by earlier versions; new fields go at the end.
 INDEX_ORDER = ("run_id", "row", "sha256", "in_dedupe", "phash", "phash256", "rotated", "color", "status", "label",
                "confidence", "topk_labels", "topk_scores", "label_source", "junk_reason", "model_version",
                "product_evidence", "imagenet_top", "error", "error_detail", "file", "category_hint",
-               "embedding_q8", "embedding_scale")
+               "embedding_q8", "embedding_scale", "phash_whole", "thumb")
 INDEX_SCHEMA = pa.schema([(n, STORE_ONLY[n] if n in STORE_ONLY else BY_NAME[n].type) for n in INDEX_ORDER])
 
 

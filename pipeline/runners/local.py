@@ -176,12 +176,13 @@ class Context:
     def recall(self, key: int, rec: dict[str, Any]) -> None:
         """Take in a photo the store remembers (an earlier night's, or this run's committed chunk) under
         ``key``: later photos may duplicate it, and it joins the folder-outlier reference. Its embedding
-        codes then leave the record: nothing needs them again, and a million-photo history would hold
-        1.3 GB of them."""
+        codes and thumbnail bytes then leave the record: nothing reads them there again (the match index
+        holds the thumbnail), and a million-photo history would hold 1.3 GB of codes."""
         if rec["in_dedupe"]:
             self.index.add(key, rec["sha256"], Hashes.from_fields(rec))
         self.remember(rec)
         rec.pop("embedding_q8", None)
+        rec.pop("thumb", None)
 
     @property
     def review_threshold(self) -> float:

@@ -50,7 +50,8 @@ SCAN_BATCH = 16
 def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
     """Ray task: ``scan_one`` (the scan every runner uses) on each path of the batch."""
     out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
-                                                 "phash", "phash256", "rotated", "color", "pixel_std", "aspect_ratio")}
+                                                 "phash", "phash256", "rotated", "color", "phash_whole", "thumb",
+                                                 "pixel_std", "aspect_ratio")}
     for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
         out["row"].append(int(row))
         known = tuple(str(pre_error).split("\t", 1)) if pre_error else None
@@ -63,6 +64,8 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
                 out[k].append("")
             out["rotated"].append([""] * (len(VIEW_NAMES) - 1))
             out["color"].append([0.0] * 48)
+            out["phash_whole"].append([])
+            out["thumb"].append(None)
             for k in ("width", "height", "pixel_std", "aspect_ratio"):
                 out[k].append(0)
             continue
@@ -77,7 +80,8 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
             out[k].append(v)
         out["pixel_std"].append(s.quality.pixel_std)
         out["aspect_ratio"].append(s.quality.aspect_ratio)
-    return {k: np.array(v, dtype=object) if k in ("rotated", "color") else np.array(v) for k, v in out.items()}
+    return {k: np.array(v, dtype=object) if k in ("rotated", "color", "phash_whole", "thumb") else np.array(v)
+            for k, v in out.items()}
 
 
 class ClassifierActor:

@@ -43,6 +43,12 @@ DEFAULT_FINE_THRESHOLD = 36  # of 256 bits: the verification hash
 CLOSE_PHASH = 4  # of 64 bits: a candidate this close...
 CLOSE_FINE_THRESHOLD = 48  # ...may be this far apart in the verification hash (crops into the product)
 DEFAULT_COLOR_THRESHOLD = 10.0  # CIELAB units: colour_distance of a copy (re-encoded, brighter, overlaid) stays under it
+THUMB_SIDE = 32  # px: the whole photo's RGB thumbnail kept for the aligned check (3 KB a photo)
+ALIGN_SIDE = 24  # px: the aligned check compares regions resampled to this side
+ALIGN_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # share cut off each side of one photo
+DEFAULT_ALIGN_AGREEMENT = 0.90  # share of the product's pixels that must agree once aligned
+DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silhouettes
+BACKDROP_LEVEL = 12.0  # grey levels from the border's median from which a pixel belongs to the product
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,20 @@ class Hashes:
     ``rotated`` holds both hashes of the other views a copy may take: the
     90/180/270 degree rotations, then the left-right mirror (``VIEW_NAMES``;
     photos indexed before mirrors were checked have only the rotations).
+
+    ``whole`` (the 64-bit pHash of the *untrimmed* photo in each view) and
+    ``thumb`` (the untrimmed photo as a 32x32 RGB thumbnail) feed the aligned
+    check (``aligned_match``): an overlay or a brightness change moves the
+    trimmed box, so the trimmed hashes of such copies drift, while the whole
+    photo's do not. Photos indexed before they were kept have neither.
     """
 
     phash: int
     fine: int
     rotated: tuple[tuple[int, int], ...]
     color: np.ndarray  # (4, 4, 3) float32 cell means in 0..1
+    whole: tuple[int, ...] = ()  # one 64-bit pHash per view, or () for photos indexed before
+    thumb: np.ndarray | None = None  # (32, 32, 3) uint8, upright
 
     @property
     def phash_hex(self) -> str:
@@ -71,17 +85,30 @@ class Hashes:
         return f"{self.fine:064x}"
 
     def to_fields(self) -> dict:
-        """Plain columns (hex strings, flat floats) for Parquet files and Ray batches."""
+        """Plain columns (hex strings, flat floats, raw bytes) for Parquet files and Ray batches."""
         return {"phash": self.phash_hex, "phash256": self.fine_hex,
                 "rotated": [f"{p:016x}:{f:064x}" for p, f in self.rotated],
-                "color": self.color.astype(np.float32).ravel().tolist()}
+                "color": self.color.astype(np.float32).ravel().tolist(),
+                "phash_whole": [f"{p:016x}" for p in self.whole],
+                "thumb": None if self.thumb is None else self.thumb.tobytes()}
 
     @classmethod
     def from_fields(cls, r: dict) -> "Hashes":
-        """Inverse of ``to_fields``."""
+        """Inverse of ``to_fields`` (records written before the whole-photo fields have none)."""
         rotated = tuple((int(p, 16), int(f, 16)) for p, f in (x.split(":") for x in r["rotated"]))
+        thumb = r.get("thumb")
         return cls(int(r["phash"], 16), int(r["phash256"], 16), rotated,
-                   np.asarray(r["color"], np.float32).reshape(4, 4, 3))
+                   np.asarray(r["color"], np.float32).reshape(4, 4, 3),
+                   tuple(int(p, 16) for p in r.get("phash_whole") or ()),
+                   np.frombuffer(thumb, np.uint8).reshape(THUMB_SIDE, THUMB_SIDE, 3) if thumb else None)
+
+    def view(self, k: int) -> "Hashes":
+        """This photo as seen in ``VIEW_NAMES[k]``: that view's hashes, colour grid and thumbnail."""
+        if k == 0:
+            return self
+        p, f = self.rotated[k - 1]
+        return Hashes(p, f, (), view_of(self.color, k), (self.whole[k],) if self.whole else (),
+                      None if self.thumb is None else np.ascontiguousarray(view_of(self.thumb, k)))
 
 
 VIEW_NAMES = ("upright", "rotated 90", "rotated 180", "rotated 270", "mirrored")
@@ -122,6 +149,12 @@ def _phash_bits(low: np.ndarray) -> int:
     return _bits_to_int(low > np.median(low))
 
 
+def _coarse_views(gray64: np.ndarray) -> tuple[int, ...]:
+    """The 64-bit pHash of each view of a 64x64 greyscale array (as ``_phash_views``, without the fine one)."""
+    coarse = _low_dct(np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS)), 8)
+    return tuple(_phash_bits(_view_dct(coarse, v)) for v in range(len(VIEW_NAMES)))
+
+
 def _phash_views(gray64: np.ndarray) -> list[tuple[int, int]]:
     """(64-bit, 256-bit) pHash of each view (``VIEW_NAMES``) of a 64x64 greyscale array.
 
@@ -140,12 +173,15 @@ def view_of(grid: np.ndarray, view: int) -> np.ndarray:
 
 
 def compute_hashes(img: Image.Image) -> Hashes:
-    """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product."""
+    """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product;
+    the whole photo's pHash views and thumbnail."""
+    whole = _coarse_views(np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS)))
+    thumb = np.asarray(img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX), np.uint8)
     img = trim_background(img)
     gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
     (phash, fine), *rotated = _phash_views(gray64)
     color = np.asarray(img.resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
-    return Hashes(phash, fine, tuple(rotated), color)
+    return Hashes(phash, fine, tuple(rotated), color, whole, thumb)
 
 
 def hamming(a: int, b: int) -> int:
@@ -176,7 +212,7 @@ def _masked_median(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(n > 0, (np.where(np.isinf(lo), 0, lo) + np.where(np.isinf(hi), 0, hi)) / 2, 0.0)
 
 
-def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def color_distance(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
     """How differently two colour grids (..., 4, 4, 3) are coloured, in CIELAB units.
 
     The largest of four medians, so that a watermark or logo over a few
@@ -194,18 +230,115 @@ def color_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Measured (``bench/near_duplicates.py``, development part): copies of
     every kind score at most 7.6 (hue turns at most 6 degrees); visible hue
     turns at least 13. One pair gives a scalar; stacked pairs (the batch pair
-    search) one each.
+    search) one each. ``where`` (..., H, W) limits every median to those
+    cells (the aligned check: the product's pixels, not the backdrop).
     """
     la, lb = lab(np.asarray(a, np.float64)), lab(np.asarray(b, np.float64))
     ca, cb = np.hypot(la[..., 1], la[..., 2]), np.hypot(lb[..., 1], lb[..., 2])
     dab = np.hypot(la[..., 1] - lb[..., 1], la[..., 2] - lb[..., 2])
     turn = np.degrees(np.abs(np.angle(np.exp(1j * (np.arctan2(la[..., 2], la[..., 1]) - np.arctan2(lb[..., 2], lb[..., 1]))))))
-    coloured = np.maximum(ca, cb) >= CHROMATIC
+    cells = np.ones(la.shape[:-1], bool) if where is None else where
+    coloured = (np.maximum(ca, cb) >= CHROMATIC) & cells
     median_ab = _masked_median(dab, coloured)
     median_loss = _masked_median(np.abs(ca - cb) / np.maximum(np.maximum(ca, cb), 1e-9), coloured) * CHROMA_LOSS_SCALE
-    median_turn = _masked_median(turn, np.minimum(ca, cb) >= CHROMATIC)
-    median_l = _masked_median(np.abs(la[..., 0] - lb[..., 0]), np.ones(la.shape[:-1], bool))
+    median_turn = _masked_median(turn, (np.minimum(ca, cb) >= CHROMATIC) & cells)
+    median_l = _masked_median(np.abs(la[..., 0] - lb[..., 0]), cells)
     return np.maximum.reduce([median_ab, median_loss, median_turn, median_l / 2.0])
+
+
+def _resample_matrix(crop: float, src: int = THUMB_SIDE, dst: int = ALIGN_SIDE) -> np.ndarray:
+    """(dst, src) weights that cut ``crop`` off both ends of a ``src``-pixel axis and resample it to ``dst``
+    pixels with a triangle filter widened to the step (antialiased, like Pillow's bilinear resize)."""
+    lo, step = crop * src, (1.0 - 2.0 * crop) * src / dst
+    centres = lo + (np.arange(dst) + 0.5) * step
+    support = max(step, 1.0)
+    w = np.maximum(0.0, 1.0 - np.abs(np.arange(src)[None, :] + 0.5 - centres[:, None]) / support)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+_CROP_MATRICES = np.stack([_resample_matrix(c) for c in ALIGN_CROPS])  # (crops, ALIGN_SIDE, THUMB_SIDE)
+# the comparisons tried: one photo cut by each crop against the other whole, both ways
+_PAIRS_A = np.array([*range(len(ALIGN_CROPS)), *[0] * (len(ALIGN_CROPS) - 1)])
+_PAIRS_B = np.array([*[0] * len(ALIGN_CROPS), *range(1, len(ALIGN_CROPS))])
+ALIGN_BATCH = 1024  # pairs compared at once (about 60 MB of float32)
+
+
+def _product(grey: np.ndarray) -> np.ndarray:
+    """Pixels of (..., H, W) greyscale regions that differ from their border's median: the product."""
+    border = np.concatenate([grey[..., 0, :], grey[..., -1, :], grey[..., :, 0], grey[..., :, -1]], axis=-1)
+    return np.abs(grey - np.median(border, axis=-1)[..., None, None]) > BACKDROP_LEVEL
+
+
+def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT_COLOR_THRESHOLD,
+                  agreement: float = DEFAULT_ALIGN_AGREEMENT, overlap: float = DEFAULT_ALIGN_OVERLAP) -> np.ndarray:
+    """Whether thumbnails ``a`` and ``b`` (n, 32, 32, 3) uint8, pair by pair, show one photo, one of them
+    possibly cropped (up to 12% a side), brightened or darkened, or carrying an overlay.
+
+    Why: the hashes of such copies drift (the trim's box grows around a
+    watermark or loses a pale product's edge; a crop into the product moves
+    the 256-bit hash as far as a distinct product of the same design), but
+    the pixels still line up. For each crop in ``ALIGN_CROPS``, one photo is
+    cut and both are resampled to 24x24; over the pixels where both show
+    product (not backdrop) a gain and offset are fitted from one to the
+    other (brightness), and the share of pixels that then agree (within 15%
+    of the spread plus 4 levels) is the score; the comparison that scores
+    best among those whose products overlap (intersection over union at
+    least ``overlap``) is kept. A copy passes with ``agreement`` and, on
+    those pixels, the colour test (``color_distance``), so a recoloured
+    variant still stays apart. Distinct products of one design differ over
+    their labels (juice bottles agree on 84-86% of their pixels at best),
+    and products that merely overlap little are not compared at all.
+    Measured on ``bench/near_duplicates.py``'s development part (see README).
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    out = np.zeros(len(a), bool)
+    for s in range(0, len(a), ALIGN_BATCH):
+        out[s:s + ALIGN_BATCH] = _aligned_batch(a[s:s + ALIGN_BATCH].astype(np.float32),
+                                                b[s:s + ALIGN_BATCH].astype(np.float32), color_threshold, agreement,
+                                                overlap)
+    return out
+
+
+def _crops(grey: np.ndarray) -> np.ndarray:
+    """(n, 32, 32) greyscale thumbnails → (n, crops, 24, 24): each cut by each of ``ALIGN_CROPS``, resampled."""
+    rows = np.matmul(_CROP_MATRICES[None], grey[:, None])  # (n, k, 24, 32)
+    return np.matmul(rows, _CROP_MATRICES.transpose(0, 2, 1)[None])
+
+
+def _cut(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(n, 32, 32, 3) thumbnails, each resampled by its own matrix ``m`` (n, 24, 32) → (n, 24, 24, 3)."""
+    rows = np.matmul(m, rgb.reshape(len(rgb), THUMB_SIDE, -1)).reshape(len(rgb), ALIGN_SIDE, THUMB_SIDE, 3)
+    return np.matmul(rows.transpose(0, 1, 3, 2), m.transpose(0, 2, 1)[:, None]).transpose(0, 1, 3, 2)
+
+
+def _aligned_batch(a: np.ndarray, b: np.ndarray, color_threshold: float, agreement: float,
+                   overlap: float) -> np.ndarray:
+    ga = _crops(a.mean(axis=-1))[:, _PAIRS_A]  # grey, (n, 13, 24, 24)
+    gb = _crops(b.mean(axis=-1))[:, _PAIRS_B]
+    pa, pb = _product(ga), _product(gb)
+    inter, union = pa & pb, pa | pb
+    n_inter, n_union = inter.sum(axis=(-2, -1)), union.sum(axis=(-2, -1))
+    iou = n_inter / np.maximum(n_union, 1)
+    w = inter.astype(np.float32)
+    n = np.maximum(n_inter, 1)[..., None, None]
+    def total(x: np.ndarray) -> np.ndarray:  # over the product's pixels
+        return (w * x).sum(axis=(-2, -1), keepdims=True)
+
+    dx, dy = ga - total(ga) / n, gb - total(gb) / n
+    gain = total(dx * dy) / np.maximum(total(dx * dx), 1e-6)  # least squares: gb ~ gain * ga + offset
+    spread = np.sqrt(total(dy * dy) / n)
+    close = np.abs(gain * dx - dy) < 0.15 * np.maximum(spread, 1.0) + 4.0
+    score = total(close)[..., 0, 0] / n[..., 0, 0]
+    score = np.where((iou >= overlap) & (n_inter >= 8), score, -1.0)
+    best = score.argmax(axis=1)
+    pick = np.arange(len(a))
+    ok = score[pick, best] >= agreement
+    if ok.any():  # the colour test, on the best comparison's product pixels, in colour
+        sel = pick[ok]
+        ca = _cut(a[sel], _CROP_MATRICES[_PAIRS_A[best[sel]]])
+        cb = _cut(b[sel], _CROP_MATRICES[_PAIRS_B[best[sel]]])
+        ok[sel] = color_distance(ca / 255.0, cb / 255.0, where=inter[sel, best[sel]]) <= color_threshold
+    return ok
 
 
 def _within(bits: int, radius: int) -> int:
@@ -310,6 +443,8 @@ class DedupeConfig:
     color_threshold: float = DEFAULT_COLOR_THRESHOLD
     close_phash: int = CLOSE_PHASH
     close_fine_threshold: int = CLOSE_FINE_THRESHOLD
+    align_agreement: float = DEFAULT_ALIGN_AGREEMENT
+    align_overlap: float = DEFAULT_ALIGN_OVERLAP
 
     def fine_limit(self, phash_distance):
         """The verification hash's threshold for a candidate ``phash_distance`` bits away (scalar or array).
@@ -345,11 +480,36 @@ class Match:
     phash_distance: int = 0
 
 
+def candidate_distance(a: Hashes, b: Hashes) -> int:
+    """How far apart two photos (``a`` in some view, ``b`` upright) are for the search: the nearer of the
+    trimmed product's pHashes and, where both have them, the whole photos'."""
+    d = hamming(a.phash, b.phash)
+    return min(d, hamming(a.whole[0], b.whole[0])) if a.whole and b.whole else d
+
+
+def hash_rule(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
+    """The cheap check: the trimmed pHashes within the radius, the fine hash within ``cfg.fine_limit`` of their
+    distance and the colour grids within ``cfg.color_threshold``."""
+    coarse = hamming(a.phash, b.phash)
+    return (coarse <= cfg.phash_threshold and hamming(a.fine, b.fine) <= cfg.fine_limit(coarse)
+            and bool(color_distance(a.color, b.color) <= cfg.color_threshold))
+
+
+def near_all(a: Hashes, others: list[Hashes], cfg: DedupeConfig) -> np.ndarray:
+    """Second-stage check of candidates (``a`` in some view, each of ``others`` upright): the hash rule,
+    and for those it rejects, the aligned check of both thumbnails (``aligned_match``) in one batch."""
+    ok = np.array([hash_rule(a, b, cfg) for b in others], bool)
+    rest = [i for i, b in enumerate(others) if not ok[i] and a.thumb is not None and b.thumb is not None]
+    if rest:
+        ok[rest] = aligned_match(np.broadcast_to(a.thumb, (len(rest), *a.thumb.shape)),
+                                 np.stack([others[i].thumb for i in rest]), cfg.color_threshold,
+                                 cfg.align_agreement, cfg.align_overlap)
+    return ok
+
+
 def is_near(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
-    """Second-stage check of a pHash candidate: the fine hash (within ``cfg.fine_limit`` of the pHash
-    distance) and colour must agree."""
-    return (hamming(a.fine, b.fine) <= cfg.fine_limit(hamming(a.phash, b.phash))
-            and color_distance(a.color, b.color) <= cfg.color_threshold)
+    """Whether ``b`` (upright) passes the second-stage check as a copy of ``a`` (in some view)."""
+    return bool(near_all(a, [b], cfg)[0])
 
 
 class MatchIndex(Protocol):
@@ -381,6 +541,7 @@ class DedupeIndex:
         self.by_sha: dict[str, int] = {}
         self.kept: dict[int, Hashes] = {}
         self.mih = MultiIndexHash(cfg.phash_threshold)
+        self.mih_whole = MultiIndexHash(cfg.phash_threshold)
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -389,6 +550,8 @@ class DedupeIndex:
         self.by_sha.setdefault(sha256, key)
         self.kept[key] = hashes
         self.mih.add(key, hashes.phash)
+        if hashes.whole:
+            self.mih_whole.add(key, hashes.whole[0])
 
     def prepare(self, cands: list[Candidate]) -> None:
         """Nothing to do: this index searches as the walk asks."""
@@ -398,10 +561,14 @@ class DedupeIndex:
         if cand.sha256 in self.by_sha:
             return self.by_sha[cand.sha256], "exact", 0
         hashes = cand.hashes
-        views = [hashes] + [Hashes(p, f, (), view_of(hashes.color, k)) for k, (p, f) in enumerate(hashes.rotated, start=1)]
-        for view in views:  # upright first, then the pixel rotations, then the mirror
-            for key, dist in self.mih.query(view.phash):
-                if is_near(view, self.kept[key], self.cfg):
+        for k in range(len(hashes.rotated) + 1):  # upright first, then the pixel rotations, then the mirror
+            view = hashes.view(k)
+            found = {key for key, _ in self.mih.query(view.phash)}
+            if view.whole:
+                found.update(key for key, _ in self.mih_whole.query(view.whole[0]))
+            ranked = sorted((candidate_distance(view, self.kept[key]), key) for key in found)
+            for (dist, key), ok in zip(ranked, near_all(view, [self.kept[key] for _, key in ranked], self.cfg)):
+                if ok:  # nearest first, then the lowest key
                     return key, "near", dist
         return None
 

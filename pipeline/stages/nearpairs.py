@@ -9,9 +9,10 @@ be searched independently of the others, so a cluster splits the work by rows
 (``ray_runner``) while every worker reads the same arrays.
 
 It does not decide who is a duplicate: it lists, for each photo, every other
-photo that passes the same rule as ``dedupe.DedupeIndex.match`` (pHash within
-the radius for any of the photo's views (rotations, mirror), then the fine hash and the
-colour grid), in the order that method would try them. ``NearPairs`` then
+photo that passes the same rule as ``dedupe.DedupeIndex.match`` (the trimmed
+product's or the whole photo's pHash within the radius for any of the photo's
+views (rotations, mirror), then the hash rule or the aligned check), in the
+order that method would try them. ``NearPairs`` then
 plays ``find_duplicates``' kept-first walk over those sparse lists, so both
 runners group photos identically (a test checks it).
 """
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.stages.dedupe import (HASH_BITS, VIEW_NAMES, Candidate, DedupeConfig, Hashes, block_widths, color_distance,
-                                    plan_blocks, view_of)
+from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, Candidate, DedupeConfig, Hashes, aligned_match,
+                                    block_widths, color_distance, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -43,14 +44,20 @@ class HashArrays:
     ``views[i, k]`` is the 64-bit pHash of photo i in view k (``VIEW_NAMES``:
     0 upright, 1-3 quarter turns, 4 mirrored), ``fine[i, k]`` its 256-bit hash
     as four words; ``has_view`` marks views a photo has (photos indexed by an
-    older version have no mirror).
+    older version have no mirror). ``whole`` and ``thumb`` are the whole
+    photo's pHash per view and thumbnail (``has_whole``: photos indexed
+    before they were kept have neither); the thumbnails are most of the
+    arrays' size, 3 KB a photo.
     """
 
     rows: np.ndarray  # int64 [N], the run's row numbers
-    views: np.ndarray  # uint64 [N, 4]
-    fine: np.ndarray  # uint64 [N, 4, 4]
-    has_view: np.ndarray  # bool [N, 4]
+    views: np.ndarray  # uint64 [N, 5]
+    fine: np.ndarray  # uint64 [N, 5, 4]
+    has_view: np.ndarray  # bool [N, 5]
     color: np.ndarray  # float32 [N, 4, 4, 3], upright
+    whole: np.ndarray  # uint64 [N, 5]
+    has_whole: np.ndarray  # bool [N]
+    thumb: np.ndarray  # uint8 [N, 32, 32, 3], upright (zeros where has_whole is false)
 
     @classmethod
     def from_candidates(cls, cands: list[Candidate]) -> "HashArrays":
@@ -62,59 +69,61 @@ class HashArrays:
             for k, (p, f) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
                 views[i, k], fine[i, k], has[i, k] = p, _words(f), True
         color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
-        return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color)
+        whole = np.zeros((n, VIEWS), np.uint64)
+        has_whole = np.zeros(n, bool)
+        thumb = np.zeros((n, THUMB_SIDE, THUMB_SIDE, 3), np.uint8)
+        for i, c in enumerate(cands):
+            if c.hashes.whole and c.hashes.thumb is not None:
+                whole[i], has_whole[i], thumb[i] = c.hashes.whole, True, c.hashes.thumb
+        return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color, whole, has_whole, thumb)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @classmethod
     def concat(cls, parts: list["HashArrays"]) -> "HashArrays":
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("rows", "views", "fine", "has_view", "color")))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
 
 
-class PairSearch:
-    """Multi-index hash over the upright pHashes of all photos, as numpy bucket tables.
+FIELDS = ("rows", "views", "fine", "has_view", "color", "whole", "has_whole", "thumb")
+
+
+class BucketTables:
+    """Multi-index hash over one 64-bit hash per photo, as numpy bucket tables.
 
     Same pigeonhole as ``dedupe.MultiIndexHash``: with ``m`` blocks, two hashes
     within ``r`` bits agree within ``r // m`` bits on some block, so each
     query probes every key within that distance of each of its blocks. Each
     block's table is the photos sorted by block value plus an offset per
     possible value (blocks are at most ``MAX_BLOCK_BITS`` wide), so a probe is
-    two array reads, not a search. Built once per worker in O(N log N);
-    ``search`` takes any slice of photos.
+    two array reads, not a search. Built once per worker in O(N log N).
     """
 
-    def __init__(self, arrays: HashArrays, cfg: DedupeConfig = DedupeConfig(), blocks: int | None = None) -> None:
-        self.a, self.cfg = arrays, cfg
-        self.radius = cfg.phash_threshold
-        self.blocks = blocks or plan_blocks(max(len(arrays), 1), self.radius, MAX_BLOCK_BITS)
-        widths = block_widths(self.blocks)
+    def __init__(self, hashes: np.ndarray, photos: np.ndarray, radius: int, blocks: int) -> None:
+        self.radius, self.blocks, self.photos = radius, blocks, photos
+        widths = block_widths(blocks)
         if max(widths) > MAX_BLOCK_BITS:
-            raise ValueError(f"{self.blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
-        self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(self.blocks)]
+            raise ValueError(f"{blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
+        self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(blocks)]
         self._masks = [np.uint64((1 << w) - 1) for w in widths]
-        sub = self.radius // self.blocks
+        sub = radius // blocks
         self._flips = [np.array([sum(1 << b for b in combo) for d in range(sub + 1)
                                  for combo in itertools.combinations(range(w), d)], np.uint64) for w in widths]
-        upright = arrays.views[:, 0]
         self._order, self._offsets, self._sorted = [], [], []  # per block: photos by block value, bucket starts, hashes
         for shift, mask, w in zip(self._shifts, self._masks, widths):
-            key = ((upright >> np.uint64(shift)) & mask).astype(np.int64)
-            self._order.append(np.argsort(key, kind="stable"))
-            self._sorted.append(upright[self._order[-1]])
+            key = ((hashes >> np.uint64(shift)) & mask).astype(np.int64)
+            by_block = np.argsort(key, kind="stable")
+            self._order.append(photos[by_block])
+            self._sorted.append(hashes[by_block])
             starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << w))])
-            self._offsets.append(starts.astype(np.int32 if len(arrays) < 2**31 else np.int64))  # half the cache misses
-        n = max(len(arrays), 1)
+            self._offsets.append(starts.astype(np.int32 if len(hashes) < 2**31 else np.int64))  # half the cache misses
+        n = max(len(hashes), 1)
         self.checks_per_query = sum(n * len(f) / 2.0 ** w for f, w in zip(self._flips, widths))
+        self.probes_per_query = sum(len(f) for f in self._flips)
 
-    def query_batch(self) -> int:
-        """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
-        per_query = max(self.checks_per_query + sum(len(f) for f in self._flips), 1.0)
-        return int(max(1, min(8192, PAIR_BUDGET // per_query)))
-
-    def _candidates(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(query position, photo index) of every upright pHash within the radius of hashes ``q``."""
-        qi_all, hit_all = [], []
+    def candidates(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, photo) of every stored hash within the radius of hashes ``q`` (pairs may repeat)."""
+        qi_all, hit_all = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for shift, mask, flips, order, offsets, hashes in zip(self._shifts, self._masks, self._flips, self._order,
                                                                self._offsets, self._sorted):
             probes = (((q >> np.uint64(shift)) & mask)[:, None] ^ flips[None, :]).astype(np.intp)
@@ -129,19 +138,56 @@ class PairSearch:
             close = np.bitwise_count(q[qi] ^ hashes[starts]) <= self.radius
             qi_all.append(qi[close])
             hit_all.append(order[starts[close]])
-        if not qi_all:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        qi, hit = np.concatenate(qi_all), np.concatenate(hit_all)
-        pair = np.unique(qi.astype(np.int64) * len(self.a) + hit)  # a hash can hit several blocks
+        return np.concatenate(qi_all), np.concatenate(hit_all)
+
+
+class PairSearch:
+    """Bucket tables over the upright pHashes of all photos: the trimmed product's and the whole photo's.
+
+    ``search`` takes any slice of photos and applies ``DedupeIndex.match``'s
+    checks to every candidate pair in bulk.
+    """
+
+    def __init__(self, arrays: HashArrays, cfg: DedupeConfig = DedupeConfig(), blocks: int | None = None) -> None:
+        self.a, self.cfg = arrays, cfg
+        self.radius = cfg.phash_threshold
+        self.blocks = blocks or plan_blocks(max(len(arrays), 1), self.radius, MAX_BLOCK_BITS)
+        everyone = np.arange(len(arrays))
+        self._tables = [BucketTables(arrays.views[:, 0], everyone, self.radius, self.blocks)]
+        if arrays.has_whole.any():
+            with_whole = np.flatnonzero(arrays.has_whole)
+            self._tables.append(BucketTables(arrays.whole[with_whole, 0], with_whole, self.radius, self.blocks))
+        self.checks_per_query = sum(t.checks_per_query for t in self._tables)
+
+    def query_batch(self) -> int:
+        """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
+        per_query = max(self.checks_per_query + sum(t.probes_per_query for t in self._tables), 1.0)
+        return int(max(1, min(8192, PAIR_BUDGET // per_query)))
+
+    def _candidates(self, q: HashArrays, sel: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query photo, searched photo) pairs within the radius by the trimmed or the whole pHash, once each."""
+        qpos, other = self._tables[0].candidates(q.views[sel, view])
+        photo = [sel[qpos]]
+        others = [other]
+        if len(self._tables) > 1:
+            sel_w = sel[q.has_whole[sel]]
+            qpos, other = self._tables[1].candidates(q.whole[sel_w, view])
+            photo.append(sel_w[qpos])
+            others.append(other)
+        pair = np.unique(np.concatenate(photo).astype(np.int64) * len(self.a) + np.concatenate(others))
         return pair // len(self.a), pair % len(self.a)
 
-    def search(self, start: int, stop: int, queries: HashArrays | None = None) -> dict[str, np.ndarray]:
+    def search(self, start: int, stop: int, queries: HashArrays | None = None,
+               earlier_only: bool = False) -> dict[str, np.ndarray]:
         """Verified near pairs of photos ``start:stop`` of ``queries`` (default: the searched photos
-        themselves, each then skipping itself) against all searched photos.
+        themselves, each then skipping itself) against all searched photos. ``earlier_only`` (searching
+        the photos themselves, in walk order): only pairs with an earlier photo, the only ones the walk
+        can use, so each pair is checked once, not twice.
 
-        Returns columns ``photo`` (index into ``queries``), ``view``, ``distance``,
-        ``other`` (index into the searched arrays): ``photo`` seen in rotation
-        ``view`` matches ``other`` upright.
+        Returns columns ``photo`` (index into ``queries``), ``view``, ``distance``
+        (the nearer of the trimmed and whole pHash distances), ``other`` (index
+        into the searched arrays): ``photo`` seen in rotation ``view`` matches
+        ``other`` upright.
         """
         a, q, cfg = self.a, self.a if queries is None else queries, self.cfg
         out: dict[str, list[np.ndarray]] = {"photo": [], "view": [], "distance": [], "other": []}
@@ -150,19 +196,24 @@ class PairSearch:
             idx = np.arange(s, min(s + step, stop))
             for view in range(VIEWS):
                 sel = idx[q.has_view[idx, view]]
-                qpos, other = self._candidates(q.views[sel, view])
-                photo = sel[qpos]
+                photo, other = self._candidates(q, sel, view)
                 if queries is None:
-                    keep = photo != other
+                    keep = other < photo if earlier_only else photo != other
                     photo, other = photo[keep], other[keep]
                 fine_d = np.bitwise_count(q.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
                 turned = view_of(q.color[photo], view)  # the view's colour, as in DedupeIndex.match
                 color_d = color_distance(turned, a.color[other])
                 coarse_d = np.bitwise_count(q.views[photo, view] ^ a.views[other, 0]).astype(np.int16)
-                ok = (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
+                both = q.has_whole[photo] & a.has_whole[other]
+                whole_d = np.where(both, np.bitwise_count(q.whole[photo, view] ^ a.whole[other, 0]), HASH_BITS)
+                ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
+                rest = np.flatnonzero(~ok & both)
+                if len(rest):
+                    ok[rest] = aligned_match(view_of(q.thumb[photo[rest]], view), a.thumb[other[rest]],
+                                             cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
-                out["distance"].append(coarse_d[ok])
+                out["distance"].append(np.minimum(coarse_d, whole_d)[ok].astype(np.int16))
                 out["other"].append(other[ok])
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
@@ -255,7 +306,8 @@ class BatchIndex(NearPairs):
             return
         queries = HashArrays.from_candidates(cands)
         found = [(search.search(0, len(queries), queries), search.a.rows) for search in self._segments]
-        found.append((PairSearch(queries, self.cfg).search(0, len(queries)), queries.rows))  # tonight's own pairs
+        found.append((PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True),  # tonight's own
+                      queries.rows))
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)

@@ -182,7 +182,8 @@ def test_colour_variants_stay_apart_and_brightness_copies_merge(photo):
                                         ("sneakers/sneakers_01_1.jpg", 0.08), ("wine/wine-red.jpg", 0.04)])
 def test_crops_into_the_product_merge_through_the_close_tier(photo, side):
     """Real photos cropped into the product: the 256-bit hash moves past 36 bits while the 64-bit one stays
-    within 4, so only the second tier (48 bits) confirms them, in both indexes; other products stay apart."""
+    within 4, so of the hash rules only the second tier (48 bits) confirms them, in both indexes (the aligned
+    check, which finds them too, is switched off here); other products stay apart."""
     from conftest import SAMPLE
     from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
 
@@ -190,12 +191,92 @@ def test_crops_into_the_product_merge_through_the_close_tier(photo, side):
     w, h = img.size
     dx, dy = round(w * side), round(h * side)
     cands = [_cand(0, img), _cand(1, _jpeg(img.crop((dx, dy, w - dx, h - dy)), 90))]
-    one_tier = DedupeConfig(close_fine_threshold=DedupeConfig().fine_threshold)
+    no_align = DedupeConfig(align_agreement=2.0)  # no share of pixels reaches it
+    one_tier = DedupeConfig(close_fine_threshold=DedupeConfig().fine_threshold, align_agreement=2.0)
     assert find_duplicates(cands, one_tier) == {}
-    assert find_duplicates(cands)[1].kept == 0
+    assert find_duplicates(cands, no_align)[1].kept == 0
     arrays = HashArrays.from_candidates(cands)
-    assert find_duplicates(cands, index=NearPairs(arrays, PairSearch(arrays).search(0, 2)))[1].kept == 0
+    assert find_duplicates(cands, index=NearPairs(arrays, PairSearch(arrays, no_align).search(0, 2)))[1].kept == 0
     others = [_cand(2 + i, decode((SAMPLE / "images" / p).read_bytes()))
               for i, p in enumerate(["juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg", "hoodies/cl_bogo01_1.jpg",
                                      "hoodies/cl_bogo02_1.jpg"])]
     assert find_duplicates(cands[:1] + others) == {}  # same-design products are not crops of each other
+
+
+def _watermark(img):
+    """A semi-transparent shop name over the lower quarter, as marketplaces stamp photos."""
+    from PIL import ImageDraw, ImageFont
+
+    out = img.convert("RGBA")
+    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text((img.width * 0.1, img.height * 0.75), "shop.example",
+                               font=ImageFont.load_default(size=max(12, img.width // 12)), fill=(255, 255, 255, 180),
+                               stroke_width=1, stroke_fill=(0, 0, 0, 120))
+    return Image.alpha_composite(out, layer).convert("RGB")
+
+
+def _brighter(img):
+    from PIL import ImageEnhance
+
+    return ImageEnhance.Brightness(img).enhance(1.15)
+
+
+def _crop8(img):
+    w, h = img.size
+    return img.crop((round(w * 0.08), round(h * 0.08), w - round(w * 0.08), h - round(h * 0.08)))
+
+
+ALIGNED_ONLY = [("beer/beer-01_1.jpg", _watermark), ("hoodies/cl_bogo01_1.jpg", _watermark),
+                ("juices/fd_juice_05.jpg", _watermark), ("beer/beer-01_1.jpg", _brighter),
+                ("hoodies/cl_bogo03_1.jpg", _brighter), ("juices/fd_juice_02.jpg", _brighter),
+                ("juices/fd_juice_01.jpg", _crop8), ("paints/paints_04.jpg", _crop8),
+                ("t-shirts/cl_boot06_1.jpg", _crop8)]
+
+
+@pytest.mark.parametrize("photo,make", ALIGNED_ONLY, ids=[f"{p}-{m.__name__}" for p, m in ALIGNED_ONLY])
+def test_aligned_check_finds_what_the_hashes_miss(photo, make):
+    """Real photos with a watermark, 15% more brightness or an 8%-a-side crop: the trimmed box moves (or
+    the crop cuts into the product), so the hash rules miss them, and only the aligned check of the whole
+    photos' thumbnails merges them, in both indexes. A hue-turned or greyscale copy still stays apart."""
+    from pipeline.stages.nearpairs import BatchIndex
+
+    img = decode((SAMPLE / "images" / photo).read_bytes())
+    cands = [_cand(0, img), _cand(1, _jpeg(make(img), 90))]
+    assert find_duplicates(cands, DedupeConfig(align_agreement=2.0)) == {}  # hash rules alone
+    assert find_duplicates(cands)[1].kept == 0
+    assert find_duplicates(cands, index=BatchIndex())[1].kept == 0
+    copy = make(img)
+    for variant in (_hue_turn(copy, 60), copy.convert("L").convert("RGB")):
+        assert find_duplicates([cands[0], _cand(2, _jpeg(variant, 90))]) == {}
+
+
+def test_aligned_check_keeps_same_design_products_apart():
+    """The Saleor juice bottles and hoodies are one render with another label or colour: every photo of the
+    sample catalogue's juice and hoodie folders that is not a planted copy stays apart from the others,
+    also once each is watermarked, brightened or cropped (so only the aligned check could join them)."""
+    from pipeline.stages.nearpairs import BatchIndex
+
+    names = ["juices/fd_juice_01.jpg", "juices/fd_juice_02.jpg", "juices/fd_juice_03.jpg", "juices/fd_juice_05.jpg",
+             "juices/fd_juice_06.jpg", "hoodies/cl_bogo01_1.jpg", "hoodies/cl_bogo02_1.jpg", "hoodies/cl_bogo03_1.jpg",
+             "hoodies/cl_bogo04_1.jpg"]
+    photos = [decode((SAMPLE / "images" / n).read_bytes()) for n in names]
+    for make in (lambda im: im, _watermark, _brighter, _crop8):
+        cands = [_cand(i, _jpeg(make(p), 90) if i % 2 else p) for i, p in enumerate(photos)]
+        assert find_duplicates(cands) == {}
+        assert find_duplicates(cands, index=BatchIndex()) == {}
+
+
+def test_hashes_survive_their_fields_and_old_records_skip_the_aligned_check():
+    """The store keeps the whole-photo hashes and the thumbnail (``to_fields``); a record written before
+    them still loads, and is matched by the hash rules only."""
+    from pipeline.stages.dedupe import Hashes
+
+    img = decode((SAMPLE / "images" / "beer/beer-01_1.jpg").read_bytes())
+    h = compute_hashes(img)
+    back = Hashes.from_fields(h.to_fields())
+    assert back.whole == h.whole and len(h.whole) == 5 and np.array_equal(back.thumb, h.thumb)
+    old = {k: v for k, v in h.to_fields().items() if k not in ("phash_whole", "thumb")}
+    legacy = Hashes.from_fields(old)
+    assert legacy.whole == () and legacy.thumb is None
+    copy = compute_hashes(_jpeg(_watermark(img), 90))
+    assert is_near(copy, h, DedupeConfig()) and not is_near(copy, legacy, DedupeConfig())
