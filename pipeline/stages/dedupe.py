@@ -49,6 +49,9 @@ ALIGN_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # share cut off each si
 DEFAULT_ALIGN_AGREEMENT = 0.90  # share of the product's pixels that must agree once aligned
 DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silhouettes
 BACKDROP_LEVEL = 12.0  # grey levels from the border's median from which a pixel belongs to the product
+# Why upright only: a second table searched in all five views doubled the search against a long history
+# (bench/dedupe_history.py); turned and mirrored copies are plain copies that the trimmed hashes find.
+WHOLE_VIEWS = 1
 
 
 @dataclass(frozen=True)
@@ -564,7 +567,7 @@ class DedupeIndex:
         for k in range(len(hashes.rotated) + 1):  # upright first, then the pixel rotations, then the mirror
             view = hashes.view(k)
             found = {key for key, _ in self.mih.query(view.phash)}
-            if view.whole:
+            if k < WHOLE_VIEWS and view.whole:  # the whole photo's hash is searched upright only
                 found.update(key for key, _ in self.mih_whole.query(view.whole[0]))
             ranked = sorted((candidate_distance(view, self.kept[key]), key) for key in found)
             for (dist, key), ok in zip(ranked, near_all(view, [self.kept[key] for _, key in ranked], self.cfg)):

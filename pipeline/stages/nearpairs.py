@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, Candidate, DedupeConfig, Hashes, aligned_match,
-                                    block_widths, color_distance, plan_blocks, view_of)
+from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
+                                    aligned_match, block_widths, color_distance, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -157,11 +157,10 @@ class PairSearch:
         if arrays.has_whole.any():
             with_whole = np.flatnonzero(arrays.has_whole)
             self._tables.append(BucketTables(arrays.whole[with_whole, 0], with_whole, self.radius, self.blocks))
-        self.checks_per_query = sum(t.checks_per_query for t in self._tables)
 
     def query_batch(self) -> int:
         """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
-        per_query = max(self.checks_per_query + sum(t.probes_per_query for t in self._tables), 1.0)
+        per_query = max(max(t.checks_per_query + t.probes_per_query for t in self._tables), 1.0)  # one at a time
         return int(max(1, min(8192, PAIR_BUDGET // per_query)))
 
     def _candidates(self, q: HashArrays, sel: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +168,7 @@ class PairSearch:
         qpos, other = self._tables[0].candidates(q.views[sel, view])
         photo = [sel[qpos]]
         others = [other]
-        if len(self._tables) > 1:
+        if len(self._tables) > 1 and view < WHOLE_VIEWS:
             sel_w = sel[q.has_whole[sel]]
             qpos, other = self._tables[1].candidates(q.whole[sel_w, view])
             photo.append(sel_w[qpos])
