@@ -152,9 +152,10 @@ def _phash_bits(low: np.ndarray) -> int:
     return _bits_to_int(low > np.median(low))
 
 
-def _coarse_views(gray64: np.ndarray) -> tuple[int, ...]:
-    """The 64-bit pHash of each view of a 64x64 greyscale array (as ``_phash_views``, without the fine one)."""
-    coarse = _low_dct(np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS)), 8)
+def _coarse_views(gray32: np.ndarray) -> tuple[int, ...]:
+    """The 64-bit pHash of each view of a 32x32 greyscale array (the DCT pHash takes its 8x8 corner at
+    this size anyway, so the thumbnail's own greyscale serves: no second resize of the photo)."""
+    coarse = _low_dct(gray32, 8)
     return tuple(_phash_bits(_view_dct(coarse, v)) for v in range(len(VIEW_NAMES)))
 
 
@@ -178,8 +179,8 @@ def view_of(grid: np.ndarray, view: int) -> np.ndarray:
 def compute_hashes(img: Image.Image) -> Hashes:
     """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product;
     the whole photo's pHash views and thumbnail."""
-    whole = _coarse_views(np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS)))
-    thumb = np.asarray(img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX), np.uint8)
+    small = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    thumb, whole = np.asarray(small, np.uint8), _coarse_views(np.asarray(small.convert("L")))
     img = trim_background(img)
     gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
     (phash, fine), *rotated = _phash_views(gray64)
