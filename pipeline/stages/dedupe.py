@@ -317,6 +317,7 @@ def _cut(rgb: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def _aligned_batch(a: np.ndarray, b: np.ndarray, color_threshold: float, agreement: float,
                    overlap: float) -> np.ndarray:
+    """``aligned_match`` on one batch of float32 thumbnails (the rule is in its docstring)."""
     ga = _crops(a.mean(axis=-1))[:, _PAIRS_A]  # grey, (n, 13, 24, 24)
     gb = _crops(b.mean(axis=-1))[:, _PAIRS_B]
     pa, pb = _product(ga), _product(gb)
@@ -325,6 +326,7 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, color_threshold: float, agreeme
     iou = n_inter / np.maximum(n_union, 1)
     w = inter.astype(np.float32)
     n = np.maximum(n_inter, 1)[..., None, None]
+
     def total(x: np.ndarray) -> np.ndarray:  # over the product's pixels
         return (w * x).sum(axis=(-2, -1), keepdims=True)
 
