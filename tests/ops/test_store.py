@@ -281,3 +281,23 @@ def test_quantised_embeddings_keep_their_direction():
     back = dequantise(codes, scale)
     cos = (back[1:] * x[1:]).sum(axis=1) / np.linalg.norm(back[1:], axis=1) / np.linalg.norm(x[1:], axis=1)
     assert cos.min() > 0.999 and not back[0].any()
+
+
+def test_an_index_part_written_before_the_whole_photo_fields_still_loads(tmp_path):
+    """A store kept by an earlier version has no ``phash_whole`` or ``thumb`` columns: its records load with
+    neither, and their hashes come back whole, for the hash rules alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.ops.store import INDEX_SCHEMA, read_index
+    from pipeline.stages.dedupe import Hashes, compute_hashes
+
+    fields = compute_hashes(product_photo((200, 40, 40), (120, 120))).to_fields()
+    old = pa.schema([f for f in INDEX_SCHEMA if f.name not in ("phash_whole", "thumb")])
+    rec = {"run_id": "r1", "row": 0, "sha256": "x", "in_dedupe": True, "status": "labelled",
+           **{k: v for k, v in fields.items() if k not in ("phash_whole", "thumb")}}
+    pq.write_table(pa.Table.from_pylist([rec], schema=old), tmp_path / "part-000000.parquet")
+    (back,) = read_index(tmp_path / "part-000000.parquet")
+    assert back["phash_whole"] is None and back["thumb"] is None
+    hashes = Hashes.from_fields(back)
+    assert hashes.whole == () and hashes.thumb is None and hashes.phash_hex == fields["phash"]
