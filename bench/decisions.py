@@ -142,12 +142,14 @@ def main() -> None:
         right = sum(clf.categories[int(preds.probs[i].argmax())] == clf.hint_category(photos[i][1]) for i in idx)
         print(f"  {name}: {right}/{len(idx)} = {right / len(idx):.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
-    curve = few_shot_curve(emb, y, [1, 2, 3], args.splits)
+    curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):
         print(f"  k={k}  {rule:40s} {acc:.1%}")
-    print("\nJunk from the few-shot model's own evidence (3 photos a class; non-products filed in random folders)")
-    recall, lost = junk_rates(emb, y, junk_emb, 3, max(20, args.splits // 10))
-    print(f"  junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
+    print(f"  (k=5: only the {sum((y == c).sum() > 5 for c in np.unique(y))} categories with more than 5 photos)")
+    print("\nJunk from the few-shot model's own evidence (non-products filed in random folders)")
+    for k in (3, 5):
+        recall, lost = junk_rates(emb, y, junk_emb, k, max(20, args.splits // 10))
+        print(f"  {k} photos a class: junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
 
 
 if __name__ == "__main__":
