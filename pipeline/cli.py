@@ -79,7 +79,7 @@ dedupe_options = option_group(
         phash_threshold=phash_threshold, fine_threshold=fine_threshold, color_threshold=color_threshold),
     "dedupe",
     click.option("--phash-threshold", type=click.IntRange(0, 32), default=DEFAULT_PHASH_THRESHOLD, show_default=True,
-                 help="Max Hamming distance (of 64 bits) for near-duplicate candidates."),
+                 help="Max Hamming distance (of 64 bits) for near-duplicate candidates (trimmed and whole photo)."),
     click.option("--fine-threshold", type=click.IntRange(0, 128), default=DEFAULT_FINE_THRESHOLD, show_default=True,
                  help="Max Hamming distance (of 256 bits) to confirm a near duplicate."),
     click.option("--color-threshold", type=click.FloatRange(0, 100), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
