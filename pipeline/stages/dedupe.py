@@ -166,9 +166,9 @@ def _phash_views(gray64: np.ndarray) -> list[tuple[int, int]]:
     32 px with Lanczos, and hash_size 16 on it as is), for the upright array and
     for its rotations and mirror.
     """
-    gray32 = np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS))
-    coarse, fine = _low_dct(gray32, 8), _low_dct(gray64, 16)
-    return [(_phash_bits(_view_dct(coarse, v)), _phash_bits(_view_dct(fine, v))) for v in range(len(VIEW_NAMES))]
+    coarse = _coarse_views(np.asarray(Image.fromarray(gray64).resize((32, 32), Image.LANCZOS)))
+    fine = _low_dct(gray64, 16)
+    return [(c, _phash_bits(_view_dct(fine, v))) for v, c in enumerate(coarse)]
 
 
 def view_of(grid: np.ndarray, view: int) -> np.ndarray:

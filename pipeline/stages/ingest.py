@@ -94,6 +94,7 @@ def walk_directory(root: Path, allow_outside: bool = False) -> Iterator[Record]:
                          error=("unreadable", f"folder cannot be listed: {exc.strerror or exc}"))
             row += 1
 
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=failed.append):
         yield from unlisted()
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -108,7 +109,7 @@ def walk_directory(root: Path, allow_outside: bool = False) -> Iterator[Record]:
                 sku=None,
                 category_hint=display_path(Path(dirpath).name) or None,
             )
-            if not allow_outside and full.is_symlink() and full.exists() and not _inside(full, root.resolve()):
+            if not allow_outside and full.is_symlink() and full.exists() and not _inside(full, real_root):
                 rec.error = ("outside_manifest", "the symlink leaves the input folder (use --allow-outside)")
             yield rec
             row += 1

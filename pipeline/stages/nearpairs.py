@@ -20,7 +20,7 @@ runners group photos identically (a test checks it).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -65,16 +65,15 @@ class HashArrays:
         views = np.zeros((n, VIEWS), np.uint64)
         fine = np.zeros((n, VIEWS, 4), np.uint64)
         has = np.zeros((n, VIEWS), bool)
-        for i, c in enumerate(cands):
-            for k, (p, f) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
-                views[i, k], fine[i, k], has[i, k] = p, _words(f), True
-        color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
         whole = np.zeros((n, VIEWS), np.uint64)
         has_whole = np.zeros(n, bool)
         thumb = np.zeros((n, THUMB_SIDE, THUMB_SIDE, 3), np.uint8)
         for i, c in enumerate(cands):
+            for k, (p, f) in enumerate(((c.hashes.phash, c.hashes.fine), *c.hashes.rotated)):
+                views[i, k], fine[i, k], has[i, k] = p, _words(f), True
             if c.hashes.whole and c.hashes.thumb is not None:
                 whole[i], has_whole[i], thumb[i] = c.hashes.whole, True, c.hashes.thumb
+        color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
         return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color, whole, has_whole, thumb)
 
     def __len__(self) -> int:
@@ -82,10 +81,7 @@ class HashArrays:
 
     @classmethod
     def concat(cls, parts: list["HashArrays"]) -> "HashArrays":
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
-
-
-FIELDS = ("rows", "views", "fine", "has_view", "color", "whole", "has_whole", "thumb")
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 class BucketTables:
@@ -100,7 +96,7 @@ class BucketTables:
     """
 
     def __init__(self, hashes: np.ndarray, photos: np.ndarray, radius: int, blocks: int) -> None:
-        self.radius, self.blocks, self.photos = radius, blocks, photos
+        self.radius = radius
         widths = block_widths(blocks)
         if max(widths) > MAX_BLOCK_BITS:
             raise ValueError(f"{blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
