@@ -24,7 +24,8 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out of cron mail
 
 from pipeline import __version__  # noqa: E402
-from pipeline.stages.dedupe import DEFAULT_COLOR_THRESHOLD, DEFAULT_FINE_THRESHOLD, DEFAULT_PHASH_THRESHOLD, DedupeConfig  # noqa: E402
+from pipeline.stages.dedupe import (DEFAULT_COLOR_THRESHOLD, DEFAULT_EMBEDDING_SIMILARITY, DEFAULT_FINE_THRESHOLD,  # noqa: E402
+                                    DEFAULT_PHASH_THRESHOLD, DedupeConfig)
 from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS  # noqa: E402
 from pipeline.stages.junk import JunkConfig  # noqa: E402
 from pipeline.review.sheet import DEFAULT_CORRECTIONS  # noqa: E402
@@ -75,8 +76,9 @@ limit_options = option_group(
                  help="Refuse files larger than this."),
 )
 dedupe_options = option_group(
-    lambda phash_threshold, fine_threshold, color_threshold: DedupeConfig(
-        phash_threshold=phash_threshold, fine_threshold=fine_threshold, color_threshold=color_threshold),
+    lambda phash_threshold, fine_threshold, color_threshold, copy_similarity: DedupeConfig(
+        phash_threshold=phash_threshold, fine_threshold=fine_threshold, color_threshold=color_threshold,
+        embedding_similarity=copy_similarity),
     "dedupe",
     click.option("--phash-threshold", type=click.IntRange(0, 32), default=DEFAULT_PHASH_THRESHOLD, show_default=True,
                  help="Max Hamming distance (of 64 bits) for near-duplicate candidates (trimmed and whole photo)."),
@@ -84,6 +86,9 @@ dedupe_options = option_group(
                  help="Max Hamming distance (of 256 bits) to confirm a near duplicate."),
     click.option("--color-threshold", type=click.FloatRange(0, 100), default=DEFAULT_COLOR_THRESHOLD, show_default=True,
                  help="Max colour distance (CIELAB units) to confirm a near duplicate (keeps colour variants apart)."),
+    click.option("--copy-similarity", type=click.FloatRange(0, 2), default=DEFAULT_EMBEDDING_SIMILARITY,
+                 show_default=True, help="Cosine of the model's embeddings from which a classified photo is compared "
+                 "pixel by pixel with a kept one (the copy check after the model); above 1 turns it off."),
 )
 junk_options = option_group(
     lambda min_size, not_product_threshold, mismatch_confidence: JunkConfig(

@@ -7,6 +7,7 @@ every stage in seconds; tests about labels use the real EfficientNet-Lite0.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.models.preprocess import IMAGENET_224
+from pipeline.stages.decode import decode
 from pipeline.models.classifier import MODELS, Classifier
 from pipeline.ops.device import has_gpu
 from pipeline.models.taxonomy import Taxonomy, load_taxonomy
@@ -57,6 +59,34 @@ def tiny_test(taxonomy: Taxonomy | None = None, precision: str = "float32") -> C
         name="tiny_test", version=f"tiny-1+{tax.digest}", model=to_mixed_precision(model) if precision == "mixed" else model,
         preprocess=IMAGENET_224, categories=list(tax.categories), taxonomy=tax, precision=precision,
     )
+
+
+def jpeg_copy(img: Image.Image, q: int = 85) -> Image.Image:
+    """``img`` saved as a JPEG and decoded back, as an upload would be."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=q)
+    return decode(buf.getvalue())
+
+
+def hue_turn(img: Image.Image, degrees: float) -> Image.Image:
+    """The product (not the white backdrop) recoloured by a hue turn: a colour variant of the same article."""
+    hsv = np.asarray(img.convert("HSV")).astype(np.int16)
+    product = np.asarray(img.convert("RGB")).min(axis=-1) < 235
+    hsv[..., 0] = np.where(product, (hsv[..., 0] + round(degrees / 360 * 256)) % 256, hsv[..., 0])
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+
+def logo_badge(img: Image.Image, area: float = 0.08) -> Image.Image:
+    """An opaque red 'SALE' badge over ``area`` of the photo, in its top-right corner."""
+    from PIL import ImageDraw, ImageFont
+
+    out = img.copy()
+    w = round((area * img.width * img.height * 2) ** 0.5)
+    badge = Image.new("RGB", (w, w // 2), (210, 30, 40))
+    ImageDraw.Draw(badge).text((w * 0.12, w * 0.1), "SALE", font=ImageFont.load_default(size=max(10, w // 4)),
+                                fill=(255, 255, 255))
+    out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
+    return out
 
 
 def product_photo(color=(200, 30, 30), size=(400, 400), shape="shirt", seed=0) -> Image.Image:

@@ -13,7 +13,7 @@ PKG = REPO / "pipeline"
 #: Lower layers never import higher ones (a module may import its own layer).
 LAYERS = ["contract", "registry", "ops", "models", "stages", "review", "learning", "runners", "cli"]
 #: Within ``stages``, the order of the night: a stage imports only stages before it.
-STAGE_ORDER = ["ingest", "decode", "dedupe", "nearpairs", "junk", "scan", "classify", "output"]
+STAGE_ORDER = ["ingest", "decode", "dedupe", "nearpairs", "junk", "scan", "classify", "copies", "output"]
 
 
 def _module(path: Path) -> str:

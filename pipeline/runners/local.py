@@ -27,12 +27,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.stages import decode as dec
-from pipeline.stages.dedupe import Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
+from pipeline.stages.copies import EmbeddingIndex, Photo, find_copies
+from pipeline.stages.dedupe import THUMB_SIDE, Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.ops.fsutil import atomic_path
 from pipeline.models.classifier import Classifier
@@ -163,6 +165,7 @@ class Context:
     kept_labels: dict[int, dict[str, Any]] = field(default_factory=dict)  # this run's kept rows
     engine: Engine = field(default_factory=local_engine)
     hint_reference: HintReference = field(default_factory=HintReference)  # labelled photos by hint, for outliers
+    copies: EmbeddingIndex = field(default_factory=EmbeddingIndex)  # kept classified photos, for the copy check
 
     def remember(self, rec: dict[str, Any]) -> None:
         """Put an index record's embedding among the reference photos for folder outliers (labelled rows
@@ -173,13 +176,22 @@ class Context:
             self.hint_reference.add(rec.get("category_hint") if rec["status"] == "labelled" else None,
                                     dequantise(codes, rec["embedding_scale"]))
 
+    def keep_for_copies(self, key: int, rec: dict[str, Any]) -> None:
+        """Make a kept, classified photo's index record a possible original for later photos' copy check
+        (``copies``): its features (this model's only) under the model's top category, and its thumbnail."""
+        codes, thumb = rec.get("embedding_q8"), rec.get("thumb")
+        if rec["in_dedupe"] and codes is not None and thumb and rec.get("model_version") == self.classifier.version:
+            self.copies.add(Photo(key, 0, (rec.get("topk_labels") or [rec.get("label")])[0], codes,
+                                  np.frombuffer(thumb, np.uint8).reshape(THUMB_SIDE, THUMB_SIDE, 3)))
+
     def recall(self, key: int, rec: dict[str, Any]) -> None:
         """Take in a photo the store remembers (an earlier night's, or this run's committed chunk) under
         ``key``: later photos may duplicate it, and it joins the folder-outlier reference. Its embedding
-        codes and thumbnail bytes then leave the record: nothing reads them there again (the match index
-        holds the thumbnail), and a million-photo history would hold 1.3 GB of codes."""
+        codes and thumbnail bytes then leave the record: nothing reads them there again (the match and
+        copy indexes hold what they need), and a million-photo history would hold 1.3 GB of codes."""
         if rec["in_dedupe"]:
             self.index.add(key, rec["sha256"], Hashes.from_fields(rec))
+        self.keep_for_copies(key, rec)
         self.remember(rec)
         rec.pop("embedding_q8", None)
         rec.pop("thumb", None)
@@ -241,6 +253,27 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
     return Plan(good, quality_junk, seen, duplicates, to_classify)
 
 
+def confirm_copies(plan: Plan, preds: Any, ctx: Context) -> None:
+    """The copy check after the model (``copies``): classified photos that copy a kept photo become its
+    duplicates, leave the match index, and rows that duplicated them point at what they copy."""
+    t = time.perf_counter()
+    cats = ctx.classifier.categories
+    photos = [Photo(row, plan.good[row].width * plan.good[row].height, cats[int(preds.probs[i].argmax())],
+                    preds.embeddings[i], plan.good[row].hashes.thumb)
+              for i, row in enumerate(plan.to_classify)
+              if preds.embeddings.shape[1] and not preds.errors[i] and row not in plan.quality_junk
+              and plan.good[row].hashes.thumb is not None]
+    copies = find_copies(photos, ctx.copies, ctx.cfg.dedupe)
+    for row in copies:
+        ctx.index.discard(row, plan.good[row].sha256)
+    for row, match in plan.duplicates.items():  # a copy of a copy: straight at the kept photo (no chains)
+        if match.kept in copies:
+            plan.duplicates[row] = Match(row, copies[match.kept].kept, "near", match.phash_distance)
+    plan.duplicates.update(copies)
+    ctx.cfg.log({"stage": "copies", "rows": len(photos), "duplicates": len(copies),
+                 "seconds": round(time.perf_counter() - t, 3)})
+
+
 def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
                  ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
     """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
@@ -283,6 +316,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
+    confirm_copies(plan, preds, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
     index_records = []
@@ -298,8 +332,9 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                                               kept and r["row"] not in plan.quality_junk, clf.version))
         elif r["status"] == "error":
             index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
-    for rec in index_records:  # later chunks judge their folder outliers against this chunk's photos too
+    for rec in index_records:  # later chunks judge their folder outliers, and their copies, against these too
         ctx.remember(rec)
+        ctx.keep_for_copies(rec["row"], rec)
     for r in rows:
         if r.get("embedding") is not None:
             r["embedding"] = r["embedding"].astype("float16") if cfg.embeddings else None

@@ -48,6 +48,7 @@ ALIGN_SIDE = 24  # px: the aligned check compares regions resampled to this side
 ALIGN_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # share cut off each side of one photo
 DEFAULT_ALIGN_AGREEMENT = 0.90  # share of the product's pixels that must agree once aligned
 DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silhouettes
+DEFAULT_EMBEDDING_SIMILARITY = 0.80  # cosine of projected features from which a classified photo is a candidate copy
 BACKDROP_LEVEL = 12.0  # grey levels from the border's median from which a pixel belongs to the product
 # Why upright only: a second table searched in all five views doubled the search against a long history
 # (bench/dedupe_history.py); turned and mirrored copies are plain copies that the trimmed hashes find.
@@ -451,6 +452,7 @@ class DedupeConfig:
     close_fine_threshold: int = CLOSE_FINE_THRESHOLD
     align_agreement: float = DEFAULT_ALIGN_AGREEMENT
     align_overlap: float = DEFAULT_ALIGN_OVERLAP
+    embedding_similarity: float = DEFAULT_EMBEDDING_SIMILARITY  # ``copies``: above 1, no photo is a candidate
 
     def fine_limit(self, phash_distance):
         """The verification hash's threshold for a candidate ``phash_distance`` bits away (scalar or array).
@@ -531,6 +533,9 @@ class MatchIndex(Protocol):
 
     def match(self, cand: Candidate) -> tuple[int, str, int] | None: ...
 
+    def discard(self, key: int, sha256: str) -> None:
+        """Stop matching a kept photo (found to be a copy after classification, ``copies``)."""
+
     def prepare(self, cands: list[Candidate]) -> None:
         """Called with every candidate before the walk (``nearpairs.BatchIndex`` searches them in bulk)."""
 
@@ -559,6 +564,12 @@ class DedupeIndex:
         if hashes.whole:
             self.mih_whole.add(key, hashes.whole[0])
 
+    def discard(self, key: int, sha256: str) -> None:
+        """Stop matching a kept photo; its hashes stay in the multi-index tables and are skipped."""
+        self.kept.pop(key, None)
+        if self.by_sha.get(sha256) == key:
+            del self.by_sha[sha256]
+
     def prepare(self, cands: list[Candidate]) -> None:
         """Nothing to do: this index searches as the walk asks."""
 
@@ -572,7 +583,7 @@ class DedupeIndex:
             found = {key for key, _ in self.mih.query(view.phash)}
             if k < WHOLE_VIEWS and view.whole:  # the whole photo's hash is searched upright only
                 found.update(key for key, _ in self.mih_whole.query(view.whole[0]))
-            ranked = sorted((candidate_distance(view, self.kept[key]), key) for key in found)
+            ranked = sorted((candidate_distance(view, self.kept[key]), key) for key in found if key in self.kept)
             for (dist, key), ok in zip(ranked, near_all(view, [self.kept[key] for _, key in ranked], self.cfg)):
                 if ok:  # nearest first, then the lowest key
                     return key, "near", dist

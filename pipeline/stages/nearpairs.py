@@ -244,6 +244,12 @@ class NearPairs:
         self.by_sha.setdefault(sha256, key)
         self.kept.add(key)
 
+    def discard(self, key: int, sha256: str) -> None:
+        """Stop matching a kept photo (its pairs stay and are skipped, as those of photos never kept are)."""
+        self.kept.discard(key)
+        if self.by_sha.get(sha256) == key:
+            del self.by_sha[sha256]
+
     def prepare(self, cands: list[Candidate]) -> None:
         """Nothing to do: the pairs were searched when this index was built."""
 

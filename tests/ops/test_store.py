@@ -301,3 +301,43 @@ def test_an_index_part_written_before_the_whole_photo_fields_still_loads(tmp_pat
     assert back["phash_whole"] is None and back["thumb"] is None
     hashes = Hashes.from_fields(back)
     assert hashes.whole == () and hashes.thumb is None and hashes.phash_hex == fields["phash"]
+
+
+def test_copies_found_after_the_model_hold_across_chunks_nights_and_a_kill(tmp_path):
+    """The real default model on real photos, chunks of two: a badge copy that the hashes miss (chunk 1)
+    becomes a duplicate of its original (chunk 0) after classification, and a smaller copy of that copy,
+    which the hashes matched to it, points straight at the original; a third copy in the next chunk, which
+    only matched the badge copy by hash, finds the original too. A SIGKILL after chunk 1 and a re-run give
+    the same rows; on the next night a new badge copy is a duplicate of the first night's original."""
+    from conftest import SAMPLE, jpeg_copy, logo_badge as logo
+    from pipeline.stages.decode import decode
+
+    shop = tmp_path / "uploads"
+    shop.mkdir()
+    beer = decode((SAMPLE / "images" / "beer/beer-01_1.jpg").read_bytes())
+    badge = logo(beer)
+    beer.save(shop / "a_beer.jpg", quality=95)
+    Image.open(SAMPLE / "images" / "wine/wine-red.jpg").save(shop / "b_wine.jpg")
+    badge.save(shop / "c_badge.jpg", quality=90)
+    badge.resize((badge.width // 2, badge.height // 2)).save(shop / "d_badge_small.jpg", quality=90)
+    jpeg_copy(badge, 60).save(shop / "e_badge_q60.png")
+    for name, fault in (("ref", None), ("store", "kill@after-chunk:1")):
+        p = _subprocess_run(shop, tmp_path / name, "efficientnet_lite0", tmp_path / f"{name}.parquet", fault, 2)
+        assert p.wait(300) == (-signal.SIGKILL if fault else 0), p.stderr.read()
+    p = _subprocess_run(shop, tmp_path / "store", "efficientnet_lite0", tmp_path / "store.parquet", None, 2)
+    assert p.wait(300) == 0, p.stderr.read()
+    pd.testing.assert_frame_equal(_comparable(tmp_path / "store"), _comparable(tmp_path / "ref"))
+    rows = pd.read_parquet(tmp_path / "ref.parquet").set_index("path")
+    by_name = {os.path.basename(p): r for p, r in rows.iterrows()}
+    assert by_name["a_beer.jpg"].status == "labelled" and by_name["b_wine.jpg"].status == "labelled"
+    for name in ("c_badge.jpg", "d_badge_small.jpg", "e_badge_q60.png"):
+        assert by_name[name].status == "duplicate", name
+        assert by_name[name].duplicate_of == by_name["a_beer.jpg"].row, name
+        assert by_name[name].label == by_name["a_beer.jpg"].label
+    jpeg_copy(logo(beer, 0.06), 85).save(shop / "f_badge_6.jpg")
+    p = _subprocess_run(shop, tmp_path / "ref", "efficientnet_lite0", tmp_path / "night2.parquet", None, 2)
+    assert p.wait(300) == 0, p.stderr.read()
+    night2 = pd.read_parquet(tmp_path / "night2.parquet")
+    new = night2[night2.path.str.endswith("f_badge_6.jpg")].iloc[0]
+    assert new.status == "duplicate" and new.duplicate_of_run == rows.run_id.iloc[0]
+    assert new.duplicate_of == by_name["a_beer.jpg"].row

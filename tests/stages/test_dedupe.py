@@ -1,6 +1,5 @@
 """Near-duplicate search: finds real copies, keeps colour variants apart, scales."""
 
-import io
 import random
 
 import numpy as np
@@ -8,16 +7,10 @@ from PIL import Image
 
 import pytest
 
-from conftest import SAMPLE, product_photo
+from conftest import SAMPLE, jpeg_copy as _jpeg, hue_turn as _hue_turn, product_photo
 from pipeline.stages.decode import decode
 from pipeline.stages.dedupe import (Candidate, DedupeConfig, MultiIndexHash, color_distance, compute_hashes,
                                      find_duplicates, hamming, is_near, plan_blocks)
-
-
-def _jpeg(img, q=85):
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=q)
-    return decode(buf.getvalue())
 
 
 def _cand(row, img, sha=None):
@@ -149,14 +142,6 @@ def test_thresholds_are_configurable():
     assert find_duplicates([_cand(0, img), _cand(1, crop)])
     strict = DedupeConfig(phash_threshold=0, fine_threshold=0, color_threshold=0.0)
     assert find_duplicates([_cand(0, img), _cand(1, crop)], strict) == {}
-
-
-def _hue_turn(img, degrees):
-    """The product (not the white backdrop) recoloured by a hue turn: a colour variant of the same article."""
-    hsv = np.asarray(img.convert("HSV")).astype(np.int16)
-    product = np.asarray(img.convert("RGB")).min(axis=-1) < 235
-    hsv[..., 0] = np.where(product, (hsv[..., 0] + round(degrees / 360 * 256)) % 256, hsv[..., 0])
-    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
 @pytest.mark.parametrize("photo", ["hoodies/cl_bogo02_1.jpg", "juices/fd_juice_01.jpg", "paints/paints_03.jpg"])
