@@ -6,7 +6,9 @@ part (the Saleor photos ``sample_catalog/`` is built from, and half of scikit-im
 looked at while tuning. From each original the script makes copies (they must merge with it) and colour
 variants (other articles to a shop: they must not), writes them all to one folder and hands the same files to
 
-- labelcat: ``ingest`` and ``scan_records`` (one decode, every hash) and ``find_duplicates`` with the default thresholds;
+- labelcat: ``ingest`` and ``scan_records`` (one decode, every hash) and ``find_duplicates`` with the default thresholds
+  (the hashes and the aligned check, before the model), then, as the runners do, the default model on the photos
+  kept and ``copies.find_copies`` on their features (the copy check after the model);
 - imagededup 0.3.3 PHash at its default distance 10 (CNN needs torch, not installed here);
 - cleanvision 0.3.7 ``near_duplicates`` and ``exact_duplicates`` at their defaults.
 
@@ -40,6 +42,9 @@ sys.path.insert(0, str(ROOT / "sample_catalog"))
 from build import flatten
 from decisions import saleor_photos, skimage_photos
 
+from pipeline.models.classifier import load_classifier
+from pipeline.stages.classify import predict
+from pipeline.stages.copies import EmbeddingIndex, Photo, find_copies
 from pipeline.stages.dedupe import Candidate, find_duplicates
 from pipeline.stages.ingest import ingest
 from pipeline.stages.scan import scan_records
@@ -186,15 +191,27 @@ def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]]) -> tupl
     return {k: (found[k][0], found[k][1]) for k in COPIES}, false, variant_false
 
 
-def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], float]:
-    """Pairs from labelcat's own ingest, scan and dedupe; seconds spent scanning (decode and every hash)."""
+def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str]], float]:
+    """Pairs from labelcat's own ingest, scan and dedupe (before the model), and those pairs with the copy
+    check's after the model; seconds spent scanning (decode and every hash)."""
     records = list(ingest(folder).records)
     start = time.perf_counter()
     scans = scan_records(records, MAX_PIXELS, MAX_BYTES)
     seconds = time.perf_counter() - start
     name = {r.row: r.resolved.name for r in records}
     cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes) for row, s in scans.items()]
-    return {frozenset((name[m.row], name[m.kept])) for m in find_duplicates(cands).values()}, seconds
+    matches = find_duplicates(cands)
+    hashed = {frozenset((name[m.row], name[m.kept])) for m in matches.values()}
+    kept = [row for row in scans if row not in matches]
+    clf = load_classifier("efficientnet_lite0")
+    path = {r.row: r.resolved for r in records}
+    preds = predict(clf, [path[row] for row in kept])
+    photos = [Photo(row, scans[row].width * scans[row].height, clf.categories[int(preds.probs[i].argmax())],
+                    preds.embeddings[i], scans[row].hashes.thumb) for i, row in enumerate(kept)]
+    start = time.perf_counter()
+    copies = find_copies(photos, EmbeddingIndex())
+    print(f"copy check: {len(photos)} classified photos in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return hashed, hashed | {frozenset((name[m.row], name[m.kept])) for m in copies.values()}, seconds
 
 
 def _imagededup_hashing():
@@ -243,7 +260,9 @@ def main() -> None:
         folder.mkdir()
         sources = originals(work, args.part)
         truth = build(folder, sources)
-        results: dict[str, tuple[set[frozenset[str]], float | None]] = {"labelcat": labelcat_pairs(folder)}
+        hashed, both, seconds = labelcat_pairs(folder)
+        results: dict[str, tuple[set[frozenset[str]], float | None]] = {
+            "labelcat before the model": (hashed, seconds), "labelcat with the copy check": (both, None)}
         for name, fn in (("imagededup PHash", imagededup_pairs), ("cleanvision", lambda f: (cleanvision_pairs(f), None))):
             try:
                 results[name] = fn(folder)
