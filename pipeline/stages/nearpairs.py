@@ -11,7 +11,7 @@ be searched independently of the others, so a cluster splits the work by rows
 It does not decide who is a duplicate: it lists, for each photo, every other
 photo that passes the same rule as ``dedupe.DedupeIndex.match`` (the trimmed
 product's or the whole photo's pHash within the radius for any of the photo's
-views (rotations, mirror), then the hash rule or the aligned check), in the
+views (rotations, mirror), then the hash rule and the aligned check, ``dedupe.confirm``), in the
 order that method would try them. ``NearPairs`` then
 plays ``find_duplicates``' kept-first walk over those sparse lists, so both
 runners group photos identically (a test checks it).
@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
-                                    aligned_match, block_widths, color_distance, plan_blocks, view_of)
+                                    aligned_scores, block_widths, color_distance, confirm, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -202,10 +202,11 @@ class PairSearch:
                 both = q.has_whole[photo] & a.has_whole[other]
                 whole_d = np.where(both, np.bitwise_count(q.whole[photo, view] ^ a.whole[other, 0]), HASH_BITS)
                 ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
-                rest = np.flatnonzero(~ok & both)
-                if len(rest):
-                    ok[rest] = aligned_match(view_of(q.thumb[photo[rest]], view), a.thumb[other[rest]],
-                                             cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
+                pixels = np.flatnonzero(both) if cfg.align_agreement <= 1.0 else np.zeros(0, np.intp)
+                if len(pixels):  # with thumbnails on both sides, as ``dedupe.near_all``
+                    score, colour = aligned_scores(view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]],
+                                                   cfg.align_agreement, cfg.align_overlap, ok[pixels])
+                    ok[pixels] = confirm(ok[pixels], score, colour, cfg)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
                 out["distance"].append(np.minimum(coarse_d, whole_d)[ok].astype(np.int16))

@@ -265,3 +265,21 @@ def test_hashes_survive_their_fields_and_old_records_skip_the_aligned_check():
     assert legacy.whole == () and legacy.thumb is None
     copy = compute_hashes(_jpeg(_watermark(img), 90))
     assert is_near(copy, h, DedupeConfig()) and not is_near(copy, legacy, DedupeConfig())
+
+
+@pytest.mark.parametrize("grey,other", [("hoodies/cl_bogo02_1.jpg", "hoodies/cl_bogo01_1.jpg"),
+                                        ("t-shirts/cl_boot01_1.jpg", "t-shirts/cl_boot07_1.jpg")])
+def test_the_aligned_colour_test_vetoes_the_hash_rule(grey, other):
+    """A greyscale variant of one article beside another article of the same cut (a grey hoodie; a black
+    t-shirt with another print): the hash rule alone calls them copies (pHashes a few bits apart, grid
+    colours within 10), the aligned pixels line up too, but their colours on those pixels differ, so
+    both indexes keep them apart; with the aligned check off they would merge."""
+    from pipeline.stages.dedupe import hash_rule
+    from pipeline.stages.nearpairs import BatchIndex
+
+    variant = _jpeg(decode((SAMPLE / "images" / grey).read_bytes()).convert("L").convert("RGB"), 90)
+    cands = [_cand(0, decode((SAMPLE / "images" / other).read_bytes())), _cand(1, variant)]
+    assert hash_rule(cands[1].hashes, cands[0].hashes, DedupeConfig())
+    assert find_duplicates(cands, DedupeConfig(align_agreement=2.0))[1].kept == 0
+    assert find_duplicates(cands) == {}
+    assert find_duplicates(cands, index=BatchIndex()) == {}
