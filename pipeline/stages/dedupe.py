@@ -517,8 +517,8 @@ def hash_rule(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
 
 
 def aligned_on(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
-    """Whether the aligned check decides for this pair: both photos have thumbnails (records indexed
-    before them have none) and it is switched on (``align_agreement`` above 1 turns it off)."""
+    """Whether the aligned check has a say on this pair (``confirm``): both photos have thumbnails (records
+    indexed before them have none) and it is switched on (``align_agreement`` above 1 turns it off)."""
     return cfg.align_agreement <= 1.0 and a.thumb is not None and b.thumb is not None
 
 
@@ -532,8 +532,9 @@ def confirm(hash_ok: np.ndarray, score: np.ndarray, colour: np.ndarray, cfg: Ded
     a 4x4 colour grid of the trimmed product) and let distinct articles of one cut through, a grey hoodie
     and another hoodie's greyscale variant (fine hash 6 bits apart, grid colour 0.5): their aligned
     pixels line up (agreement 0.92-0.99) but differ in colour (11.5-73). Why the hash rule still counts:
-    pixel agreement is strict at sharp edges, and a rendered product cropped 7.5% a side agrees on only
-    84% of its pixels. On ``bench/near_duplicates.py`` this took false pairs from 11 and 6 to 0.
+    pixel agreement is strict at sharp edges, and the tests' drawn product photo cropped 7.5% a side
+    agrees on only 84% of its pixels. On ``bench/near_duplicates.py`` this took false pairs from 11 to 1
+    (development part) and from 6 to 0 (test part), and more copies were found.
     """
     colour_ok = colour <= cfg.color_threshold
     return np.where(score < 0, hash_ok, colour_ok & ((score >= cfg.align_agreement) | hash_ok))
