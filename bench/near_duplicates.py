@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
-from build import flatten
+from build import flatten, sale_badge
 from decisions import saleor_photos, skimage_photos
 
 from pipeline.models.classifier import load_classifier
@@ -72,18 +72,6 @@ def _watermark(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(out, layer).convert("RGB")
 
 
-def _logo(img: Image.Image, area: float = 0.08) -> Image.Image:
-    """An opaque red 'SALE' badge covering ``area`` of the photo in its top-right corner."""
-    out = img.copy()
-    w = round((area * img.width * img.height * 2) ** 0.5)
-    h = w // 2
-    badge = Image.new("RGB", (w, h), (210, 30, 40))
-    draw = ImageDraw.Draw(badge)
-    draw.text((w * 0.12, h * 0.2), "SALE", font=ImageFont.load_default(size=max(10, h // 2)), fill=(255, 255, 255))
-    out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
-    return out
-
-
 def _hue_turn(img: Image.Image, degrees: float) -> Image.Image:
     """The product (not a white backdrop) recoloured by a hue turn: another colourway of the article."""
     hsv = np.asarray(img.convert("HSV")).astype(np.int16)
@@ -106,7 +94,7 @@ COPIES: dict[str, tuple[Callable[[Image.Image], Image.Image], str, dict]] = {
     "brightness -15%": (lambda im: _brightness(im, 0.85), "JPEG", {"quality": 90}),
     "brightness +15%": (lambda im: _brightness(im, 1.15), "JPEG", {"quality": 90}),
     "text watermark": (_watermark, "JPEG", {"quality": 90}),
-    "logo overlay 8%": (_logo, "JPEG", {"quality": 90}),
+    "logo overlay 8%": (sale_badge, "JPEG", {"quality": 90}),
 }
 VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "hue turned 30°": lambda im: _hue_turn(im, 30),

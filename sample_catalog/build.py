@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 IMAGES = HERE / "images"
@@ -83,6 +83,18 @@ def flatten(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def sale_badge(img: Image.Image, area: float = 0.08) -> Image.Image:
+    """``img`` with an opaque red 'SALE' badge over ``area`` of it, in its top-right corner, as shops stamp
+    photos: the copy that no hash of labelcat's finds, only the copy check after the model."""
+    out = img.copy()
+    w = round((area * img.width * img.height * 2) ** 0.5)
+    badge = Image.new("RGB", (w, w // 2), (210, 30, 40))
+    ImageDraw.Draw(badge).text((w * 0.12, w * 0.1), "SALE", font=ImageFont.load_default(size=max(10, w // 4)),
+                                fill=(255, 255, 255))
+    out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
+    return out
 
 
 def save_jpeg(img: Image.Image, path: Path, quality: int = 88, exif: Image.Exif | None = None) -> None:
@@ -163,6 +175,11 @@ def build() -> None:
     (IMAGES / "wine/notes.jpg").write_text("tasting notes: dry, cherry, oak\n", encoding="utf-8")
     add("wine", "notes.jpg", "WI-082-ROS", "wine", "Rose (text file named .jpg)", "10.00", "error: not an image")
     add("wine", "missing.jpg", "WI-083-SPK", "wine", "Sparkling (photo never uploaded)", "14.00", "error: missing file")
+
+    # A copy that only the copy check after the model finds (a badge moves every hash past its radius).
+    save_jpeg(sale_badge(originals["beer-01_1"]), IMAGES / "beer/beer-01_1_sale.jpg")
+    add("beer", "beer-01_1_sale.jpg", "BE-070-STR", "beer", "Sea Monster stout (SALE badge)", "4.20",
+        "near duplicate: logo badge")
 
     with open(HERE / "manifest.csv", "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)

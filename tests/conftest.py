@@ -76,19 +76,6 @@ def hue_turn(img: Image.Image, degrees: float) -> Image.Image:
     return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
-def logo_badge(img: Image.Image, area: float = 0.08) -> Image.Image:
-    """An opaque red 'SALE' badge over ``area`` of the photo, in its top-right corner."""
-    from PIL import ImageDraw, ImageFont
-
-    out = img.copy()
-    w = round((area * img.width * img.height * 2) ** 0.5)
-    badge = Image.new("RGB", (w, w // 2), (210, 30, 40))
-    ImageDraw.Draw(badge).text((w * 0.12, w * 0.1), "SALE", font=ImageFont.load_default(size=max(10, w // 4)),
-                                fill=(255, 255, 255))
-    out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
-    return out
-
-
 def product_photo(color=(200, 30, 30), size=(400, 400), shape="shirt", seed=0) -> Image.Image:
     """A synthetic 'product on white': a coloured shape with some texture."""
     rng = np.random.default_rng(seed)

@@ -56,5 +56,5 @@ def test_duplicates_point_at_the_right_originals(sample_run):
     by_path = dict(zip(t["path"], t["row"]))
     dups = t[t["status"] == "duplicate"]
     for _, r in dups.iterrows():
-        original = r["path"].replace("_copy", "").replace("_q60", "").replace("_small", "").replace("_crop", "").replace("_phone", "")
+        original = r["path"].replace("_copy", "").replace("_q60", "").replace("_small", "").replace("_crop", "").replace("_phone", "").replace("_sale", "")
         assert r["duplicate_of"] == by_path[original], r["path"]

@@ -309,7 +309,8 @@ def test_copies_found_after_the_model_hold_across_chunks_nights_and_a_kill(tmp_p
     which the hashes matched to it, points straight at the original; a third copy in the next chunk, which
     only matched the badge copy by hash, finds the original too. A SIGKILL after chunk 1 and a re-run give
     the same rows; on the next night a new badge copy is a duplicate of the first night's original."""
-    from conftest import SAMPLE, jpeg_copy, logo_badge as logo
+    from build import sale_badge as logo
+    from conftest import SAMPLE, jpeg_copy
     from pipeline.stages.decode import decode
 
     shop = tmp_path / "uploads"

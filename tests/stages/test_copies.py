@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE, hue_turn, jpeg_copy, logo_badge as logo
+from build import sale_badge as logo
+from conftest import SAMPLE, hue_turn, jpeg_copy
 from pipeline.stages.classify import predict
 from pipeline.stages.copies import EMBED_DIM, EmbeddingIndex, Photo, find_copies, project
 from pipeline.stages.decode import decode
