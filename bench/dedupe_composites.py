@@ -17,7 +17,6 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
 from bench import make_photos  # noqa: E402
-from near_duplicates import MAX_BYTES, MAX_PIXELS, _crop, _watermark  # noqa: E402
+from near_duplicates import MAX_BYTES, MAX_PIXELS, _crop, _watermark, score  # noqa: E402
 
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
@@ -56,31 +55,6 @@ def plant(folder: Path, originals: list[Path], rng: np.random.Generator) -> dict
             make(img).save(folder / name, "JPEG", **opts)
             truth[name] = (p.stem, kind)
     return truth
-
-
-def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]]) -> tuple[dict[str, list[int]], int]:
-    """Per kind [found, planted]; pairs across groups."""
-    parent = {f: f for f in truth}
-
-    def root(f: str) -> str:
-        while parent[f] != f:
-            parent[f] = parent[parent[f]]
-            f = parent[f]
-        return f
-
-    cross = 0
-    for pair in pairs:
-        a, b = sorted(pair)
-        if truth[a][0] == truth[b][0]:
-            parent[root(a)] = root(b)
-        else:
-            cross += 1
-    found: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for f, (group, kind) in truth.items():
-        if kind in KINDS:
-            found[kind][1] += 1
-            found[kind][0] += root(f) == root(f"{group}.jpg")
-    return found, cross
 
 
 def main() -> None:
@@ -117,7 +91,7 @@ def main() -> None:
         copies = find_copies(photos, EmbeddingIndex())
         copies_s = time.perf_counter() - t
         both = hashed | {frozenset((name[m.row], name[m.kept])) for m in copies.values()}
-    results = {"before the model": score(hashed, truth), "with the copy check": score(both, truth)}
+    results = {"before the model": score(hashed, truth, KINDS), "with the copy check": score(both, truth, KINDS)}
     print(f"\n{args.n:,} composites ({args.size}), a tenth with one planted copy of each kind\n")
     print("| copy kind | " + " | ".join(f"labelcat {k}" for k in results) + " |")
     print("|---|" + "---:|" * len(results))

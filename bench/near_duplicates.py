@@ -28,7 +28,7 @@ import tempfile
 import time
 import types
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +152,9 @@ def build(folder: Path, sources: list[tuple[str, Image.Image]]) -> dict[str, tup
     return truth
 
 
-def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]]) -> tuple[dict[str, tuple[int, int]], int, int]:
-    """Per kind (found, total); false pairs across groups; of which variant-to-original merges."""
+def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]],
+          kinds: Iterable[str] = COPIES) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """Per copy kind (found, total); false pairs across groups; of which variant-to-original merges."""
     parent = {f: f for f in truth}
 
     def root(f: str) -> str:
@@ -173,10 +174,10 @@ def score(pairs: set[frozenset[str]], truth: dict[str, tuple[str, str]]) -> tupl
     origin = {g: f for f, (g, kind) in truth.items() if kind == "original"}
     found: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for f, (group, kind) in truth.items():
-        if kind in COPIES:
+        if kind in kinds:
             found[kind][1] += 1
             found[kind][0] += root(f) == root(origin[group])
-    return {k: (found[k][0], found[k][1]) for k in COPIES}, false, variant_false
+    return {k: (found[k][0], found[k][1]) for k in kinds}, false, variant_false
 
 
 def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str]], float]:
