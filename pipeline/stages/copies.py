@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -118,7 +118,7 @@ class EmbeddingIndex:
                            np.stack([p.thumb for p in pending]))
             while segs and len(segs[-1].keys) <= len(new.keys):
                 old = segs.pop()
-                new = _Segment(*(np.concatenate([getattr(old, f), getattr(new, f)]) for f in ("keys", "vectors", "thumbs")))
+                new = _Segment(*(np.concatenate([getattr(old, f.name), getattr(new, f.name)]) for f in fields(_Segment)))
             segs.append(new)
         return segs
 
@@ -165,7 +165,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
     """
     index = index if index is not None else EmbeddingIndex()
     order = sorted(photos, key=lambda p: (-p.area, p.key))
-    pos = {p.key: n for n, p in enumerate(order)}
+    tonight = {p.key for p in photos}
     tried: dict[int, list[tuple[float, int]]] = defaultdict(list)  # walk position -> confirmed (−cosine, key)
     by_label: dict[str, list[int]] = defaultdict(list)
     for n, p in enumerate(order):
@@ -202,7 +202,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
     matches: dict[int, Match] = {}
     for n, p in enumerate(order):
         for _, key in sorted(tried.get(n, ())):
-            if key not in pos or key not in matches:  # kept before tonight, or kept in tonight's walk
+            if key not in tonight or key not in matches:  # kept before tonight, or kept in tonight's walk
                 matches[p.key] = Match(p.key, key, "near")
                 break
     return matches

@@ -467,6 +467,11 @@ class DedupeConfig:
     align_overlap: float = DEFAULT_ALIGN_OVERLAP
     embedding_similarity: float = DEFAULT_EMBEDDING_SIMILARITY  # ``copies``: above 1, no photo is a candidate
 
+    @property
+    def aligned(self) -> bool:
+        """Whether the aligned check is on (an ``align_agreement`` above 1 turns it off)."""
+        return self.align_agreement <= 1.0
+
     def fine_limit(self, phash_distance):
         """The verification hash's threshold for a candidate ``phash_distance`` bits away (scalar or array).
 
@@ -519,7 +524,7 @@ def hash_rule(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
 def aligned_on(a: Hashes, b: Hashes, cfg: DedupeConfig) -> bool:
     """Whether the aligned check has a say on this pair (``confirm``): both photos have thumbnails (records
     indexed before them have none) and it is switched on (``align_agreement`` above 1 turns it off)."""
-    return cfg.align_agreement <= 1.0 and a.thumb is not None and b.thumb is not None
+    return cfg.aligned and a.thumb is not None and b.thumb is not None
 
 
 def confirm(hash_ok: np.ndarray, score: np.ndarray, colour: np.ndarray, cfg: DedupeConfig) -> np.ndarray:

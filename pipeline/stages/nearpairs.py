@@ -202,7 +202,7 @@ class PairSearch:
                 both = q.has_whole[photo] & a.has_whole[other]
                 whole_d = np.where(both, np.bitwise_count(q.whole[photo, view] ^ a.whole[other, 0]), HASH_BITS)
                 ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
-                pixels = np.flatnonzero(both) if cfg.align_agreement <= 1.0 else np.zeros(0, np.intp)
+                pixels = np.flatnonzero(both) if cfg.aligned else np.zeros(0, np.intp)
                 if len(pixels):  # with thumbnails on both sides, as ``dedupe.near_all``
                     score, colour = aligned_scores(view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]],
                                                    cfg.align_agreement, cfg.align_overlap, ok[pixels])
