@@ -32,6 +32,7 @@ from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, centroid_
 from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
+from pipeline.stages.junk import JunkConfig, hint_posterior, semantic_reason  # noqa: E402
 
 FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
           "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
@@ -137,10 +138,18 @@ def main() -> None:
     print(f"{n} Saleor product photos ({(part == 'dev').sum()} dev, {(part == 'test').sum()} test), "
           f"{len(folders)} categories; {len(junk)} scikit-image non-products")
     print("\nZero-shot (ImageNet Lite0 + taxonomy): label == the folder's category")
+    hinted = np.array([clf.categories.index(clf.hint_category(f)) for _, f, _ in photos])
+    cfg = JunkConfig()
+    fused = hint_posterior(preds.probs[:n], hinted, cfg.hint_trust)
     for name in ("dev", "test"):
         idx = np.flatnonzero(part == name)
-        right = sum(clf.categories[int(preds.probs[i].argmax())] == clf.hint_category(photos[i][1]) for i in idx)
-        print(f"  {name}: {right}/{len(idx)} = {right / len(idx):.1%}")
+        alone = sum(int(preds.probs[i].argmax()) == hinted[i] for i in idx)
+        junked = [i for i in idx if semantic_reason(
+            clf.categories[int(preds.probs[i].argmax())], float(preds.probs[i].max()), preds.probs[i], clf.categories,
+            float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups, clf.categories[hinted[i]], cfg)]
+        kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in junked)
+        print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
+              f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(junked)}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):

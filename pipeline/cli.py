@@ -91,8 +91,9 @@ dedupe_options = option_group(
                  "pixel by pixel with a kept one (the copy check after the model); above 1 turns it off."),
 )
 junk_options = option_group(
-    lambda min_size, not_product_threshold, mismatch_confidence: JunkConfig(
-        min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence),
+    lambda min_size, not_product_threshold, mismatch_confidence, hint_trust: JunkConfig(
+        min_side=min_size, not_product=not_product_threshold, mismatch_confidence=mismatch_confidence,
+        hint_trust=hint_trust),
     "junk",
     click.option("--min-size", type=click.IntRange(1), default=JunkConfig.min_side, show_default=True,
                  help="Photos with a shorter side are junk (too_small)."),
@@ -100,6 +101,9 @@ junk_options = option_group(
                  show_default=True, help="Not-product evidence (animal, remote, circuit board...) that makes a photo junk."),
     click.option("--mismatch-confidence", type=click.FloatRange(0, 1), default=JunkConfig.mismatch_confidence,
                  show_default=True, help="Confidence at which contradicting the category hint makes a photo junk."),
+    click.option("--hint-trust", type=click.FloatRange(0, 1), default=JunkConfig.hint_trust, show_default=True,
+                 help="Prior probability that a photo's folder or category_hint names its category; the label "
+                 "weighs it against the photo (0: labels from the photo alone)."),
 )
 
 

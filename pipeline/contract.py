@@ -53,8 +53,8 @@ COLUMNS: tuple[Column, ...] = (
            label=True),
     Column("topk_labels", pa.list_(pa.string()), "the k most likely categories, best first", label=True),
     Column("topk_scores", pa.list_(pa.float32()), "their probabilities", label=True),
-    Column("label_source", pa.string(), "model, or human when a reviewer's correction (matched by sha256) set it",
-           label=True),
+    Column("label_source", pa.string(), "model; hint when the folder or hint outweighed the photo's own top category "
+           "(--hint-trust); human when a reviewer's correction (matched by sha256) set it", label=True),
     Column("duplicate_of", pa.int64(), "row of the kept photo this one duplicates"),
     Column("duplicate_of_run", pa.string(), "run_id of that row when it was kept on an earlier night (--store); else null"),
     Column("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match) | human (a reviewer said so)"),
@@ -62,7 +62,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("junk_reason", pa.string(), "code: detail, e.g. 'not_product: looks like animal (0.96)'", indexed=True),
     Column("needs_review", pa.bool_(), "a person should look: junk, a hint mismatch or outlier, or confidence under the "
            "run's review threshold; false once a person decided (the rows `review export` picks)"),
-    Column("review_reason", pa.string(), "why it needs review: junk: <code>, hint_mismatch, hint_outlier, low_confidence"),
+    Column("review_reason", pa.string(), "why it needs review: junk: <code>, hint_mismatch, hint_decided, hint_outlier, "
+           "low_confidence"),
     Column("error", pa.string(), "why the photo could not be used: missing, empty, truncated, ... (README)"),
     Column("error_detail", pa.string(), "the underlying message"),
     Column("sha256", pa.string(), "hex sha256 of the file's bytes", indexed=True),

@@ -170,10 +170,11 @@ def test_dedupe_and_junk_options_reach_their_configs():
         seen.update(dedupe=dedupe, junk=junk)
 
     r = CliRunner().invoke(probe, ["--phash-threshold", "7", "--fine-threshold", "30", "--color-threshold", "4.5",
-                                   "--copy-similarity", "0.9", "--min-size", "80", "--not-product-threshold", "0.6", "--mismatch-confidence", "0.9"])
+                                   "--copy-similarity", "0.9", "--min-size", "80", "--not-product-threshold", "0.6", "--mismatch-confidence", "0.9",
+                                   "--hint-trust", "0.5"])
     assert r.exit_code == 0, r.output
     assert seen["dedupe"] == DedupeConfig(phash_threshold=7, fine_threshold=30, color_threshold=4.5,
                                           embedding_similarity=0.9)
-    assert seen["junk"] == JunkConfig(min_side=80, not_product=0.6, mismatch_confidence=0.9)
+    assert seen["junk"] == JunkConfig(min_side=80, not_product=0.6, mismatch_confidence=0.9, hint_trust=0.5)
     CliRunner().invoke(probe, [])
     assert seen["dedupe"] == DedupeConfig() and seen["junk"] == JunkConfig()

@@ -58,3 +58,28 @@ def test_duplicates_point_at_the_right_originals(sample_run):
     for _, r in dups.iterrows():
         original = r["path"].replace("_copy", "").replace("_q60", "").replace("_small", "").replace("_crop", "").replace("_phone", "").replace("_sale", "")
         assert r["duplicate_of"] == by_path[original], r["path"]
+
+
+@pytest.mark.slow
+def test_the_folder_decides_what_the_photo_alone_cannot(sample_run, tmp_path):
+    """Saleor's juice cartons look like lotion to ImageNet (beauty_health 0.58-0.74 alone); filed under juices
+    they are food_drink, marked as the folder's decision and shown to a person. With --hint-trust 0 the photo
+    alone decides again."""
+    t, _ = sample_run
+    juices = t[t["path"].str.startswith("images/juices/fd_juice_0") & (t["status"] == "labelled")]
+    assert len(juices) == 5
+    assert (juices["label"] == "food_drink").all() and (juices["label_source"] == "hint").all()
+    assert juices["needs_review"].all()
+    assert juices["review_reason"].str.startswith("hint_decided: filed as food_drink; the photo alone says beauty_health").all()
+    kept = t[(t["status"] == "labelled") & (t["label_source"] == "model")]
+    assert not kept["review_reason"].fillna("").str.startswith("hint_decided").any()
+
+    out = tmp_path / "alone.parquet"
+    r = CliRunner().invoke(cli, ["run", str(SAMPLE / "images" / "juices"), "--out", str(out), "--hint-trust", "0",
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    alone = pq.read_table(out).to_pandas()
+    alone = alone[alone["path"].str.contains("fd_juice_0") & (alone["status"] == "labelled")]
+    assert len(alone) == 5
+    assert (alone["label"] == "beauty_health").all() and (alone["label_source"] == "model").all()
+    assert alone["review_reason"].str.startswith("hint_mismatch: filed as food_drink, model says beauty_health").all()

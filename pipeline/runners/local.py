@@ -42,8 +42,8 @@ from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import (HintReference, JunkConfig, hint_outliers, open_set_reason, quality_reason,
-                                  semantic_reason)
+from pipeline.stages.junk import (HintReference, JunkConfig, hint_outliers, hint_posterior, open_set_reason,
+                                  quality_reason, semantic_reason)
 from pipeline.stages.nearpairs import BatchIndex, NearPairs
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -469,11 +469,16 @@ def assemble(
     tax = classifier.taxonomy
     cats = classifier.categories
     pos = {row: i for i, row in enumerate(classified)}
-    labels, scores = top_k(preds.probs, cats, cfg.top_k)
     groups = tax.groups if tax else []
 
     by_row_rec = {r.row: r for r in records}
     hints = [by_row_rec[row].category_hint for row in classified]
+    hint_cats = [classifier.hint_category(h) for h in hints]
+    # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
+    seen_labels, seen_scores = top_k(preds.probs, cats, cfg.top_k)
+    fused = hint_posterior(preds.probs, np.array([cats.index(c) if c in cats else -1 for c in hint_cats], int),
+                           cfg.junk.hint_trust)
+    labels, scores = top_k(fused, cats, cfg.top_k)
     outliers = hint_outliers(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
@@ -516,10 +521,8 @@ def assemble(
             row.update(status="error", error=preds.errors[i][0], error_detail=preds.errors[i][1])
             rows.append(row)
             continue
-        label, confidence = labels[i][0], scores[i][0]
-        row.update(label=label, confidence=confidence, topk_labels=labels[i], topk_scores=scores[i],
-                   label_source="model", product_evidence=float(preds.product_mass[i]),
-                   imagenet_top=preds.imagenet_top[i],
+        label, confidence = seen_labels[i][0], seen_scores[i][0]  # what the photo alone looks like
+        row.update(product_evidence=float(preds.product_mass[i]), imagenet_top=preds.imagenet_top[i],
                    embedding=preds.embeddings[i] if preds.embeddings.shape[1] else None)
         reason = quality_junk.get(rec.row) or semantic_reason(
             label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
@@ -531,6 +534,14 @@ def assemble(
                 reason = outliers[i]
             else:  # the model agrees with the folder: a person decides
                 review_note = outliers[i]
+        if reason:  # junk keeps what the photo looks like, for the reviewer to overrule
+            row.update(label=label, confidence=confidence, topk_labels=seen_labels[i], topk_scores=seen_scores[i],
+                       label_source="model")
+        else:
+            row.update(label=labels[i][0], confidence=scores[i][0], topk_labels=labels[i], topk_scores=scores[i],
+                       label_source="model" if labels[i][0] == label else "hint")
+            if row["label_source"] == "hint" and not review_note:
+                review_note = f"hint_decided: filed as {hint_cat}; the photo alone says {label} ({confidence:.2f})"
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
         row.update(review_flag(row, review_note, ctx.review_threshold))
         rows.append(row)

@@ -53,7 +53,7 @@ def test_the_whole_loop(night, tmp_path):
     assert "food_drink" in labels_row and labels_row[-2:] == ["junk", "duplicate"]
 
     paths = {ws.cell(i, col["path"]).value: i for i in range(2, ws.max_row + 1)}
-    juice = paths["images/juices/fd_juice_02.jpg"]  # zero-shot says beauty_health: a person knows better
+    juice = paths["images/juices/fd_juice_02.jpg"]  # the photo alone says beauty_health: a person confirms the folder
     astronaut = paths["images/t-shirts/astronaut.jpg"]
     ws.cell(juice, col["corrected_label"], "food_drink")
     ws.cell(juice, col["note"], "it is juice")

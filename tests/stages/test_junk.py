@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 from PIL import Image
 
-from pipeline.stages.junk import JunkConfig, quality_reason, quality_stats, semantic_reason
+from pipeline.stages.junk import JunkConfig, hint_posterior, quality_reason, quality_stats, semantic_reason
 from pipeline.models.taxonomy import load_taxonomy
 
 CFG = JunkConfig()
@@ -64,3 +65,21 @@ def test_a_hint_the_model_rules_out_is_a_mismatch_even_at_moderate_confidence():
     # an orange filed as footwear: food 0.62, accessories 0.38, footwear ~0 (the winner is no more than moderately sure)
     assert _semantic_mix({950: 0.62, 837: 0.38}, "footwear").startswith("hint_mismatch: filed as footwear (0.00)")
     assert _semantic_mix({950: 0.62, 837: 0.38}, "accessories") is None  # its hint keeps real evidence
+
+
+def test_the_folder_counts_as_evidence_for_the_label():
+    """The tablet filed under computers: the photo alone says appliances (0.77), the folder says computers."""
+    cats = load_taxonomy().categories
+    probs = np.full((3, len(cats)), 0.01 / (len(cats) - 2), np.float32)
+    for row, (winner, hinted) in enumerate([(0.77, 0.22), (0.77, 0.22), (0.989, 0.001)]):
+        probs[row, cats.index("appliances")], probs[row, cats.index("computers")] = winner, hinted
+    hint = np.array([cats.index("computers"), -1, cats.index("computers")])
+    post = hint_posterior(probs, hint, 0.9)
+    assert cats[int(post[0].argmax())] == "computers" and post[0].sum() == pytest.approx(1.0)
+    assert np.array_equal(post[1], probs[1])  # no hint: the photo alone
+    assert cats[int(post[2].argmax())] == "appliances"  # a photo that all but rules the folder out still wins
+    assert np.array_equal(hint_posterior(probs, hint, 0.0), probs)  # trust 0: hints never change a label
+    assert cats[int(hint_posterior(probs, hint, 1.0)[2].argmax())] == "computers"  # trust 1: the folder always wins
+    # the prior is Bayes' rule: at trust t over K categories the hinted one is weighted t (K-1) / (1-t) to 1
+    w = 0.9 * (len(cats) - 1) / 0.1
+    assert post[0, cats.index("computers")] == pytest.approx(0.22 * w / (0.22 * w + 0.78), rel=1e-5)
