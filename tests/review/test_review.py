@@ -75,7 +75,7 @@ def test_the_whole_loop(night, tmp_path):
     assert (crop.status, crop.label, crop.label_source) == ("duplicate", "food_drink", "human")
     a = t.loc["images/t-shirts/astronaut.jpg"]
     assert a.status == "junk" and a.junk_reason.startswith("human: marked junk by maria")
-    assert t.loc["images/juices/fd_juice_01.jpg"].label_source == "model"
+    assert t.loc["images/juices/fd_juice_01.jpg"].label_source == "hint"  # no person decided: the folder did
 
     again = tmp_path / "again.xlsx"
     invoke("review", "export", run2, "--out", again)
