@@ -31,8 +31,10 @@ def imagenet_classes() -> list[str]:
 
 
 def normalise_hint(text: str) -> str:
-    """Folder names and hints compare case-, space- and separator-insensitively."""
-    return " ".join(text.lower().replace("_", " ").replace("-", " ").split())
+    """Folder names and hints compare case-, space- and separator-insensitively ("Camera_and_Photo" is
+    "camera & photo"), so a shop's department names match the taxonomy's aliases as they are written."""
+    words = text.lower().replace("_", " ").replace("-", " ").split()
+    return " ".join("&" if w == "and" else w for w in words)
 
 
 class TaxonomyError(ValueError):

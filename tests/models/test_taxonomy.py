@@ -18,6 +18,17 @@ def test_default_taxonomy_is_consistent():
     assert tax.resolve_hint("nonsense") is None
 
 
+@pytest.mark.parametrize("folder, category", [
+    ("Camera & Photo", "cameras"), ("camera_and_photo", "cameras"), ("Photo gear", "cameras"),
+    ("Sports Equipment", "sports"), ("sports-and-outdoors", "sports"), ("Computers & Accessories", "computers"),
+    ("Tablets", "computers"), ("House plants", "garden_plants"), ("Grocery & Gourmet Food", "food_drink"),
+    ("Beauty & Personal Care", "beauty_health"), ("Toys & Games", "toys_games"), ("Cell Phones", "phones"),
+])
+def test_shop_department_names_are_hints(folder, category):
+    """Shops name folders after their departments, not after labelcat's categories."""
+    assert load_taxonomy().resolve_hint(folder) == category
+
+
 def test_aggregate_is_a_distribution_over_shop_categories():
     tax = load_taxonomy()
     raw = np.random.default_rng(0).dirichlet(np.ones(1000), size=5).astype(np.float32)
