@@ -85,15 +85,19 @@ def flatten(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def sale_badge(img: Image.Image, area: float = 0.08) -> Image.Image:
+def sale_badge(img: Image.Image, area: float = 0.08, centred: bool = False) -> Image.Image:
     """``img`` with an opaque red 'SALE' badge over ``area`` of it, in its top-right corner, as shops stamp
-    photos: the copy that no hash of labelcat's finds, only the copy check after the model."""
+    photos: the copy that no hash of labelcat's finds, only the copy check after the model. ``centred``
+    puts the same badge in the middle instead, where it stands for another print on the same article."""
     out = img.copy()
     w = round((area * img.width * img.height * 2) ** 0.5)
     badge = Image.new("RGB", (w, w // 2), (210, 30, 40))
     ImageDraw.Draw(badge).text((w * 0.12, w * 0.1), "SALE", font=ImageFont.load_default(size=max(10, w // 4)),
                                 fill=(255, 255, 255))
-    out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
+    if centred:
+        out.paste(badge, ((img.width - w) // 2, (img.height - w // 2) // 2))
+    else:
+        out.paste(badge, (img.width - w - img.width // 40, img.height // 40))
     return out
 
 

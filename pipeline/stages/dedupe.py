@@ -48,6 +48,10 @@ ALIGN_SIDE = 24  # px: the aligned check compares regions resampled to this side
 ALIGN_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # share cut off each side of one photo
 DEFAULT_ALIGN_AGREEMENT = 0.90  # share of the product's pixels that must agree once aligned
 DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silhouettes
+# A badge or logo stamped near an edge (up to ~10% of the photo, plus its blur at 24 px): (rows, columns)
+# of the windows of the aligned frame that may be left out, when they touch its border...
+OVERLAY_WINDOWS = ((7, 12), (12, 7), (9, 9))
+OVERLAY_AGREEMENT = 0.95  # ...and the product's pixels outside the window then agree this much
 DEFAULT_EMBEDDING_SIMILARITY = 0.80  # cosine of projected features from which a classified photo is a candidate copy
 BACKDROP_LEVEL = 12.0  # grey levels from the border's median from which a pixel belongs to the product
 # Why upright only: a second table searched in all five views doubled the search against a long history
@@ -277,7 +281,8 @@ def _product(grey: np.ndarray) -> np.ndarray:
 def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT_COLOR_THRESHOLD,
                   agreement: float = DEFAULT_ALIGN_AGREEMENT, overlap: float = DEFAULT_ALIGN_OVERLAP) -> np.ndarray:
     """Whether thumbnails ``a`` and ``b`` (n, 32, 32, 3) uint8, pair by pair, show one photo, one of them
-    possibly cropped (up to 12% a side), brightened or darkened, or carrying an overlay.
+    possibly cropped (up to 12% a side), brightened or darkened, or carrying an overlay (a watermark over
+    it, a badge or logo near an edge).
 
     Why: the hashes of such copies drift (the trim's box grows around a
     watermark or loses a pale product's edge; a crop into the product moves
@@ -288,9 +293,11 @@ def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT
     other (brightness), and the share of pixels that then agree (within 15%
     of the spread plus 4 levels) is the score; the comparison that scores
     best among those whose products overlap (intersection over union at
-    least ``overlap``) is kept. A copy passes with ``agreement`` and, on
-    those pixels, the colour test (``color_distance``), so a recoloured
-    variant still stays apart. Distinct products of one design differ over
+    least ``overlap``) is kept. Where leaving out one window at the frame's
+    border (``_overlay_window``) lets the rest agree ``OVERLAY_AGREEMENT``,
+    that share is the score and the window is left out of the colour test
+    too. A copy passes with ``agreement`` and, on those pixels, the colour
+    test (``color_distance``), so a recoloured variant still stays apart. Distinct products of one design differ over
     their labels (juice bottles agree on 84-86% of their pixels at best),
     and products that merely overlap little are not compared at all.
     Measured on ``bench/near_duplicates.py``'s development part (see README).
@@ -352,13 +359,60 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     best = score.argmax(axis=1)
     pick = np.arange(len(a))
     top = score[pick, best]
+    product = inter[pick, best]
+    # the best alignment once more, with an overlay near the border left out (where that helps)
+    outside, window = _overlay_window(w[pick, best], (product & close[pick, best]).astype(np.float32))
+    overlaid = (top >= 0) & (outside >= OVERLAY_AGREEMENT) & (outside > top)
+    top = np.where(overlaid, outside, top)
     colour = np.full(len(a), np.inf)
     sel = pick[(top >= agreement) | ((top >= 0) & need)]
-    if len(sel):  # the colour test, on the best comparison's product pixels, in colour
+    if len(sel):  # the colour test, on the best comparison's product pixels (an overlay's left out), in colour
         ca = _cut(a[sel], _CROP_MATRICES[_PAIRS_A[best[sel]]])
         cb = _cut(b[sel], _CROP_MATRICES[_PAIRS_B[best[sel]]])
-        colour[sel] = color_distance(ca / 255.0, cb / 255.0, where=inter[sel, best[sel]])
+        y0, x0, y1, x1 = np.moveaxis(window[sel], -1, 0)[..., None, None]
+        rows, cols = np.arange(ALIGN_SIDE)[:, None], np.arange(ALIGN_SIDE)[None, :]
+        covered = overlaid[sel, None, None] & (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        colour[sel] = color_distance(ca / 255.0, cb / 255.0, where=product[sel] & ~covered)
     return top, colour
+
+
+def _window_sums(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Sums of (..., S, S) over every h x w window → (..., S-h+1, S-w+1), by an integral image."""
+    c = np.zeros((*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1), np.float32)
+    c[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
+    return c[..., h:, w:] - c[..., :-h, w:] - c[..., h:, :-w] + c[..., :-h, :-w]
+
+
+def _overlay_window(product: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each comparison, the share of agreeing product pixels outside the best ``OVERLAY_WINDOWS`` window
+    that touches the frame's border (-1 where every such window would hide over a quarter of the product),
+    and that window as (top, left, bottom, right).
+
+    Why only at the border: shops stamp badges and logos in a corner or along an edge, often half over the
+    backdrop, while a product's own print sits inside it. Leaving out a window anywhere would let two shirts
+    of one cut with another print in the middle pass as copies; at the border the same freedom finds the copy
+    with a SALE badge over a pale polo, whose badge pixels would otherwise fail the agreement or, on an
+    article with little colour of its own, be all the colour test sees.
+    """
+    side = product.shape[-1]
+    n_product, n_agree = product.sum(axis=(-2, -1)), agree.sum(axis=(-2, -1))
+    best = np.full(product.shape[:-2], -1.0)
+    box = np.zeros((*product.shape[:-2], 4), int)
+    for h, w in OVERLAY_WINDOWS:
+        inside_p, inside_a = _window_sums(product, h, w), _window_sums(agree, h, w)
+        rest = n_product[..., None, None] - inside_p
+        share = (n_agree[..., None, None] - inside_a) / np.maximum(rest, 1)
+        top, left = np.arange(side - h + 1)[:, None], np.arange(side - w + 1)[None, :]
+        border = (top == 0) | (left == 0) | (top == side - h) | (left == side - w)
+        share = np.where(border & (rest >= 0.75 * n_product[..., None, None]), share, -1.0)
+        flat = share.reshape(*share.shape[:-2], -1)
+        k = flat.argmax(axis=-1)
+        value = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
+        y, x = np.divmod(k, share.shape[-1])
+        better = value > best
+        best = np.where(better, value, best)
+        box = np.where(better[..., None], np.stack([y, x, y + h, x + w], axis=-1), box)
+    return best, box
 
 
 def _within(bits: int, radius: int) -> int:

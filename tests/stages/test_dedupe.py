@@ -283,3 +283,27 @@ def test_the_aligned_colour_test_vetoes_the_hash_rule(grey, other):
     assert find_duplicates(cands, DedupeConfig(align_agreement=2.0))[1].kept == 0
     assert find_duplicates(cands) == {}
     assert find_duplicates(cands, index=BatchIndex()) == {}
+
+
+BADGED = ["polos/cl_polo01.jpg", "polos/cl_polo04-woman.jpg", "hoodies/cl_bogo01_1.jpg", "t-shirts/cl_boot07_1.jpg",
+          "cushions/cuschion02.jpg"]
+
+
+@pytest.mark.parametrize("photo", BADGED)
+def test_a_badge_at_the_edge_is_an_overlay_and_one_in_the_middle_another_print(photo):
+    """A red SALE badge stamped in the corner of a real photo, partly over the article: its pixels fail the
+    agreement or, on a pale article, are all the colour the colour test sees, so the aligned check used to
+    call these copies other articles. It now leaves one window at the frame's border out of both and joins
+    them (both ways round, as the copy check tries). A smaller badge (2%) in the middle of the article stands
+    for another print on the same blank: a window there would hide it (checked: it would join three of these),
+    so none is left out there, and they stay apart."""
+    from build import sale_badge
+
+    from pipeline.stages.dedupe import aligned_match
+
+    img = decode((SAMPLE / "images" / photo).read_bytes())
+    thumb = compute_hashes(img).thumb[None]
+    corner = compute_hashes(_jpeg(sale_badge(img), 90)).thumb[None]
+    middle = compute_hashes(_jpeg(sale_badge(img, 0.02, centred=True), 90)).thumb[None]
+    assert aligned_match(thumb, corner)[0] or aligned_match(corner, thumb)[0]
+    assert not aligned_match(thumb, middle)[0] and not aligned_match(middle, thumb)[0]
