@@ -253,12 +253,24 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
     return Plan(good, quality_junk, seen, duplicates, to_classify)
 
 
-def confirm_copies(plan: Plan, preds: Any, ctx: Context) -> None:
+def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context) -> np.ndarray:
+    """The classified photos' category probabilities with their folders or hints counted (``--hint-trust``):
+    what a kept row's label and top-k come from, so also what the copy check groups photos by (the index
+    records of earlier chunks and nights carry that top-k)."""
+    cats = ctx.classifier.categories
+    hinted = [ctx.classifier.hint_category(h) for h in hints]
+    return hint_posterior(probs, np.array([cats.index(c) if c in cats else -1 for c in hinted], int),
+                          ctx.cfg.junk.hint_trust)
+
+
+def confirm_copies(plan: Plan, preds: Any, hints: list[str | None], ctx: Context) -> None:
     """The copy check after the model (``copies``): classified photos that copy a kept photo become its
-    duplicates, leave the match index, and rows that duplicated them point at what they copy."""
+    duplicates, leave the match index, and rows that duplicated them point at what they copy. ``hints``:
+    the classified rows' category hints, in ``plan.to_classify`` order."""
     t = time.perf_counter()
     cats = ctx.classifier.categories
-    photos = [Photo(row, plan.good[row].width * plan.good[row].height, cats[int(preds.probs[i].argmax())],
+    top = with_hints(preds.probs, hints, ctx).argmax(axis=1) if len(hints) else np.zeros(0, int)
+    photos = [Photo(row, plan.good[row].width * plan.good[row].height, cats[int(top[i])],
                     preds.embeddings[i], plan.good[row].hashes.thumb)
               for i, row in enumerate(plan.to_classify)
               if preds.embeddings.shape[1] and not preds.errors[i] and row not in plan.quality_junk
@@ -316,7 +328,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
-    confirm_copies(plan, preds, ctx)
+    confirm_copies(plan, preds, [by_row[row].category_hint for row in plan.to_classify], ctx)
 
     rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
     index_records = []
@@ -473,12 +485,9 @@ def assemble(
 
     by_row_rec = {r.row: r for r in records}
     hints = [by_row_rec[row].category_hint for row in classified]
-    hint_cats = [classifier.hint_category(h) for h in hints]
     # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
-    seen_labels, seen_scores = top_k(preds.probs, cats, cfg.top_k)
-    fused = hint_posterior(preds.probs, np.array([cats.index(c) if c in cats else -1 for c in hint_cats], int),
-                           cfg.junk.hint_trust)
-    labels, scores = top_k(fused, cats, cfg.top_k)
+    alone_labels, alone_scores = top_k(preds.probs, cats, cfg.top_k)
+    labels, scores = top_k(with_hints(preds.probs, hints, ctx), cats, cfg.top_k)
     outliers = hint_outliers(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
@@ -521,7 +530,7 @@ def assemble(
             row.update(status="error", error=preds.errors[i][0], error_detail=preds.errors[i][1])
             rows.append(row)
             continue
-        label, confidence = seen_labels[i][0], seen_scores[i][0]  # what the photo alone looks like
+        label, confidence = alone_labels[i][0], alone_scores[i][0]  # what the photo alone looks like
         row.update(product_evidence=float(preds.product_mass[i]), imagenet_top=preds.imagenet_top[i],
                    embedding=preds.embeddings[i] if preds.embeddings.shape[1] else None)
         reason = quality_junk.get(rec.row) or semantic_reason(
@@ -535,7 +544,7 @@ def assemble(
             else:  # the model agrees with the folder: a person decides
                 review_note = outliers[i]
         if reason:  # junk keeps what the photo looks like, for the reviewer to overrule
-            row.update(label=label, confidence=confidence, topk_labels=seen_labels[i], topk_scores=seen_scores[i],
+            row.update(label=label, confidence=confidence, topk_labels=alone_labels[i], topk_scores=alone_scores[i],
                        label_source="model")
         else:
             row.update(label=labels[i][0], confidence=scores[i][0], topk_labels=labels[i], topk_scores=scores[i],

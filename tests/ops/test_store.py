@@ -342,3 +342,28 @@ def test_copies_found_after_the_model_hold_across_chunks_nights_and_a_kill(tmp_p
     new = night2[night2.path.str.endswith("f_badge_6.jpg")].iloc[0]
     assert new.status == "duplicate" and new.duplicate_of_run == rows.run_id.iloc[0]
     assert new.duplicate_of == by_name["a_beer.jpg"].row
+
+
+def test_the_copy_check_groups_photos_by_the_label_their_rows_carry(tmp_path):
+    """A juice carton the photo alone calls beauty_health, filed under juices and so labelled food_drink
+    (the folder counts as evidence): its badge copy on the next night, filed alike, must still meet it. The
+    store's index records carry the row's top-k, so tonight's photos are grouped for the copy check by the
+    same label (photo and folder), not by the photo's own top category."""
+    from build import sale_badge as logo
+    from conftest import SAMPLE
+    from pipeline.stages.decode import decode
+
+    shop = tmp_path / "uploads" / "juices"
+    shop.mkdir(parents=True)
+    juice = decode((SAMPLE / "images" / "juices/fd_juice_01.jpg").read_bytes())
+    juice.save(shop / "a_juice.jpg", quality=95)
+    args = ["run", str(shop.parent), "--store", str(tmp_path / "store"), "--quiet"]
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "n1.parquet")]).exit_code == 0
+    logo(juice).save(shop / "b_badge.jpg", quality=90)
+    assert CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "n2.parquet")]).exit_code == 0
+    first = pd.read_parquet(tmp_path / "n1.parquet").iloc[0]
+    assert (first.label, first.label_source, first.topk_labels[0]) == ("food_drink", "hint", "food_drink")
+    night2 = pd.read_parquet(tmp_path / "n2.parquet")
+    copy = night2[night2.path.str.endswith("b_badge.jpg")].iloc[0]
+    assert copy.status == "duplicate" and copy.duplicate_kind == "near", (copy.status, copy.junk_reason)
+    assert (copy.duplicate_of, copy.duplicate_of_run) == (first.row, first.run_id)
