@@ -141,15 +141,32 @@ def main() -> None:
     hinted = np.array([clf.categories.index(clf.hint_category(f)) for _, f, _ in photos])
     cfg = JunkConfig()
     fused = hint_posterior(preds.probs[:n], hinted, cfg.hint_trust)
+
+    def junked(i: int, hint: int) -> bool:
+        """The default model's junk rules on photo ``i`` filed under category ``hint``."""
+        p = preds.probs[i]
+        return semantic_reason(clf.categories[int(p.argmax())], float(p.max()), p, clf.categories,
+                               float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups,
+                               clf.categories[hint], cfg) is not None
+
     for name in ("dev", "test"):
         idx = np.flatnonzero(part == name)
         alone = sum(int(preds.probs[i].argmax()) == hinted[i] for i in idx)
-        junked = [i for i in idx if semantic_reason(
-            clf.categories[int(preds.probs[i].argmax())], float(preds.probs[i].max()), preds.probs[i], clf.categories,
-            float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups, clf.categories[hinted[i]], cfg)]
-        kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in junked)
+        lost = [i for i in idx if junked(i, hinted[i])]
+        kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in lost)
         print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
-              f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(junked)}")
+              f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(lost)}")
+    print("\nJunk from the default model's rules (not a product, no product, a contradicted hint)")
+    shop = sorted(set(hinted.tolist()))
+    for name in ("dev", "test"):
+        idx = np.flatnonzero(part == name)
+        misfiled = [(i, h) for i in idx for h in shop if h != hinted[i]]
+        caught = sum(junked(i, h) for i, h in misfiled)
+        print(f"  {name}: real products junked in their own folder {sum(junked(i, hinted[i]) for i in idx)}/{len(idx)}; "
+              f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
+    caught = sum(junked(n + j, h) for j in range(len(junk)) for h in shop)
+    print(f"  non-products filed in each category's folder, junked {caught}/{len(junk) * len(shop)} = "
+          f"{caught / (len(junk) * len(shop)):.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):
