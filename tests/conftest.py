@@ -104,6 +104,22 @@ def tiny_classifier() -> Classifier:
 
 
 @pytest.fixture(scope="session")
+def card_model(tmp_path_factory) -> Path:
+    """A tiny real model folder (``model.keras`` and its card), so subprocess and cluster runs start fast."""
+    import keras
+
+    from pipeline.models.card import ModelCard, save_model
+
+    base = build_tiny_model()
+    out = keras.layers.Dense(3, name="logits")(base.layers[-2].output)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(keras.Model(base.input, out), ModelCard(
+        name="tiny", classes=["bags", "footwear", "tops"],
+        preprocess={"name": "center_crop", "size": 224, "resize_short": 256}, arch="tiny"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def real_classifier() -> Classifier:
     return MODELS.get("efficientnet_lite0")()
 

@@ -13,8 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, build_tiny_model, product_photo
-from pipeline.models.card import ModelCard, save_model
+from conftest import REPO, product_photo
 from pipeline.cli import cli
 from pipeline.ops.store import Store, dequantise, quantise
 
@@ -28,20 +27,6 @@ def make_shop(folder, n, start=0):
     for i in range(start, start + n):
         shape = "shirt" if i % 2 == 0 else "bag"
         product_photo(COLORS[i % len(COLORS)], (260, 260), shape=shape, seed=i).save(folder / f"p{i:03d}.jpg", quality=90)
-
-
-@pytest.fixture(scope="module")
-def card_model(tmp_path_factory):
-    """A tiny real model folder, so subprocess runs start fast."""
-    import keras
-
-    base = build_tiny_model()
-    out = keras.layers.Dense(3, name="logits")(base.layers[-2].output)
-    model = keras.Model(base.input, out)
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(model, ModelCard(name="tiny", classes=["bags", "footwear", "tops"],
-                                preprocess={"name": "center_crop", "size": 224, "resize_short": 256}, arch="tiny"), folder)
-    return folder
 
 
 def cli_run(*args):
