@@ -7,7 +7,8 @@ synthetic photos built to be hard on it: the kept photos are designs sold in ``-
 (features of one design at cosine ~0.9, above the candidate threshold, with unrelated thumbnails, as a
 colourway's pixels differ), spread over ``--labels`` top categories; tonight, a tenth are copies of kept
 photos (features and thumbnail slightly disturbed) and the rest new colourways of kept designs, so every
-photo has a crowd of candidates and the aligned check runs ``COPY_CANDIDATES`` times for most of them.
+photo has a crowd of candidates and the aligned check runs ``COPY_CANDIDATES`` times for most of them; each
+also searches a second category (``Photo.also``), as the runners' photos search their second most likely.
 
 Usage: ``python bench/copies_history.py [--history 1000000] [--tonight 10000] [--labels 10]``.
 """
@@ -75,7 +76,8 @@ def main() -> None:
         else:  # another colourway of a kept design
             feats = colourways(rng, designs[design_of[k]][None])[0]
             thumb = rng.integers(0, 256, thumbs[k].shape, dtype=np.uint8)
-        tonight.append(Photo(r, int(rng.integers(1, 5)) * 100, str(label_of[k]), feats, thumb))
+        second = (str((label_of[k] + 1) % args.labels),)  # every photo also searches a second category, as at night
+        tonight.append(Photo(r, int(rng.integers(1, 5)) * 100, str(label_of[k]), feats, thumb, second))
     t = time.perf_counter()
     found: dict = {}
     for s in range(0, args.tonight, CHUNK):

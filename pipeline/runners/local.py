@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.stages import decode as dec
-from pipeline.stages.copies import EmbeddingIndex, Photo, find_copies
+from pipeline.stages.copies import EmbeddingIndex, Photo, categories_of, find_copies
 from pipeline.stages.dedupe import THUMB_SIDE, Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.ops.fsutil import atomic_path
@@ -269,9 +269,9 @@ def confirm_copies(plan: Plan, preds: Any, hints: list[str | None], ctx: Context
     the classified rows' category hints, in ``plan.to_classify`` order."""
     t = time.perf_counter()
     cats = ctx.classifier.categories
-    top = with_hints(preds.probs, hints, ctx).argmax(axis=1) if len(hints) else np.zeros(0, int)
-    photos = [Photo(row, plan.good[row].width * plan.good[row].height, cats[int(top[i])],
-                    preds.embeddings[i], plan.good[row].hashes.thumb)
+    ranked = categories_of(with_hints(preds.probs, hints, ctx), cats) if len(hints) else []
+    photos = [Photo(row, plan.good[row].width * plan.good[row].height, ranked[i][0],
+                    preds.embeddings[i], plan.good[row].hashes.thumb, ranked[i][1])
               for i, row in enumerate(plan.to_classify)
               if preds.embeddings.shape[1] and not preds.errors[i] and row not in plan.quality_junk
               and plan.good[row].hashes.thumb is not None]
