@@ -168,3 +168,38 @@ def test_pair_search_on_ray_actors_makes_the_local_decisions():
     finally:
         ray.shutdown()
     assert find_duplicates(cands, index=index) == find_duplicates(cands)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_on_a_real_cluster(tmp_path, local_cluster, card_model):
+    """--runner ray --store on a real ``ray start --head`` cluster: the driver SIGKILLed after its second
+    chunk, then run again, leaves the store with the rows of an uninterrupted run (the lock, staging and
+    publish are the local runner's loop; the cluster's workers of the killed job go with its driver)."""
+    import shutil
+
+    address, env = local_cluster
+    shop = tmp_path / "uploads"
+    for cls in ("sneakers", "polos"):
+        shutil.copytree(SAMPLE / "images" / cls, shop / cls)
+
+    def run(store: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        e = {k: v for k, v in env.items() if k != "LABELCAT_FAULT"} | ({"LABELCAT_FAULT": fault} if fault else {})
+        return subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(shop),
+                               "--store", str(tmp_path / store), "--out", str(tmp_path / f"{store}.parquet"),
+                               "--model", str(card_model), "--chunk-size", "4", "-q", "--runner", "ray",
+                               "--ray-address", address], cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+
+    p = run("ref")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run("store", "kill@after-chunk:1")
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert not (tmp_path / "store" / "labels").exists()  # readers see nothing of the killed night
+    p = run("store")
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def rows(store: str) -> pd.DataFrame:
+        d = pd.read_parquet(tmp_path / store / "labels").drop(columns=["run_id", "processed_at", "run_date"])
+        return d.sort_values("row").reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows("store"), rows("ref"))
+    assert len(rows("ref")) == 12 and not (tmp_path / "store" / "staging").exists()
