@@ -297,7 +297,8 @@ def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT
     border (``_overlay_window``) lets the rest agree ``OVERLAY_AGREEMENT``,
     that share is the score and the window is left out of the colour test
     too. A copy passes with ``agreement`` and, on those pixels, the colour
-    test (``color_distance``), so a recoloured variant still stays apart. Distinct products of one design differ over
+    test (``color_distance``), so a recoloured variant still stays apart.
+    Distinct products of one design differ over
     their labels (juice bottles agree on 84-86% of their pixels at best),
     and products that merely overlap little are not compared at all.
     Measured on ``bench/near_duplicates.py``'s development part (see README).
