@@ -258,18 +258,17 @@ def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context) -> np.n
     what a kept row's label and top-k come from, so also what the copy check groups photos by (the index
     records of earlier chunks and nights carry that top-k)."""
     cats = ctx.classifier.categories
-    hinted = [ctx.classifier.hint_category(h) for h in hints]
-    return hint_posterior(probs, np.array([cats.index(c) if c in cats else -1 for c in hinted], int),
+    named = [ctx.classifier.hint_category(h) for h in hints]
+    return hint_posterior(probs, np.array([cats.index(c) if c in cats else -1 for c in named], int),
                           ctx.cfg.junk.hint_trust)
 
 
-def confirm_copies(plan: Plan, preds: Any, hints: list[str | None], ctx: Context) -> None:
+def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> None:
     """The copy check after the model (``copies``): classified photos that copy a kept photo become its
-    duplicates, leave the match index, and rows that duplicated them point at what they copy. ``hints``:
-    the classified rows' category hints, in ``plan.to_classify`` order."""
+    duplicates, leave the match index, and rows that duplicated them point at what they copy. ``hinted``:
+    ``with_hints`` of the predictions, which the rows' labels come from too."""
     t = time.perf_counter()
-    cats = ctx.classifier.categories
-    ranked = categories_of(with_hints(preds.probs, hints, ctx), cats) if len(hints) else []
+    ranked = categories_of(hinted, ctx.classifier.categories)
     photos = [Photo(row, plan.good[row].width * plan.good[row].height, ranked[i][0],
                     preds.embeddings[i], plan.good[row].hashes.thumb, ranked[i][1])
               for i, row in enumerate(plan.to_classify)
@@ -287,10 +286,10 @@ def confirm_copies(plan: Plan, preds: Any, hints: list[str | None], ctx: Context
 
 
 def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
-                 ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
+                 hinted: np.ndarray, ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
     """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
-    rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, ctx,
-                    processed_at)
+    rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, hinted,
+                    ctx, processed_at)
     for r in rows:  # errors, duplicates and seen rows: nothing for a person to decide on this row
         r.setdefault("needs_review", False)
     if ctx.corrections:
@@ -328,9 +327,10 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
-    confirm_copies(plan, preds, [by_row[row].category_hint for row in plan.to_classify], ctx)
+    hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx)
+    confirm_copies(plan, preds, hinted, ctx)
 
-    rows = finish_chunk(records, scans, plan, preds, ctx, processed_at)
+    rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at)
     index_records = []
     for r in rows:  # every row of tonight is remembered, so later nights call it seen whatever its status
         s = plan.good.get(r["row"])
@@ -473,10 +473,12 @@ def assemble(
     seen: dict[int, int],
     classified: list[int],
     preds: Any,
+    hinted: np.ndarray,
     ctx: Context,
     processed_at: datetime,
 ) -> list[dict[str, Any]]:
-    """One output dict per ingest record of the chunk, in input order."""
+    """One output dict per ingest record of the chunk, in input order. ``hinted``: the predictions'
+    probabilities with the folders counted (``with_hints``), where the labels of kept rows come from."""
     classifier, cfg = ctx.classifier, ctx.cfg
     tax = classifier.taxonomy
     cats = classifier.categories
@@ -487,7 +489,7 @@ def assemble(
     hints = [by_row_rec[row].category_hint for row in classified]
     # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
     alone_labels, alone_scores = top_k(preds.probs, cats, cfg.top_k)
-    labels, scores = top_k(with_hints(preds.probs, hints, ctx), cats, cfg.top_k)
+    labels, scores = top_k(hinted, cats, cfg.top_k)
     outliers = hint_outliers(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []

@@ -213,9 +213,9 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
             continue
         # both ways: the brightness fit and the agreement's tolerance are taken from one side, and a badge
         # or a crop scores differently seen from each (dev part: 471 copies one way, 475 both)
-        mine = thumbs[idx[query]]
-        ok = (aligned_match(mine, kept_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
-              | aligned_match(kept_thumbs, mine, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap))
+        query_thumbs = thumbs[idx[query]]
+        ok = (aligned_match(query_thumbs, kept_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
+              | aligned_match(kept_thumbs, query_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap))
         for n, key, sim in zip(idx[query[ok]].tolist(), keys[ok].tolist(), sims[ok].tolist()):
             tried[n].append((-sim, key))
     matches: dict[int, Match] = {}
