@@ -22,8 +22,10 @@ from pathlib import Path
 from pipeline.ops.fsutil import atomic_path, cache_dir
 from pipeline.registry import Registry
 
+Blocks = tuple[tuple[int, int, int, int, int, int], ...]
+
 #: (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
-LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
+LITE0_BLOCKS: Blocks = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -31,6 +33,26 @@ LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
     (3, 5, 1, 6, 80, 112),
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
+)
+#: Lite1 and Lite2 scale depth (and Lite2 width) but keep the stem (32), the first and last stages'
+#: single block and the 1280-wide head fixed, as the Lite family does; read off the weights' shapes.
+LITE1_BLOCKS: Blocks = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+LITE2_BLOCKS: Blocks = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
 )
 BN_EPS = 1e-3
 
@@ -58,11 +80,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None = None, input_size: int = 224):
-    """The EfficientNet-Lite0 graph (no weights): stem, 16 MBConv blocks, head.
+def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None = None, input_size: int = 224,
+                             blocks: Blocks = LITE0_BLOCKS, name: str = "efficientnet_lite0"):
+    """An EfficientNet-Lite graph (no weights): stem, MBConv blocks (16 for Lite0), head.
 
     Lite variants drop squeeze-excite and swish (ReLU6 instead) so the network
     quantises and runs well on CPUs; the layout is MobileNetV2's block family.
+    Layer names do not depend on the variant, so one weight copier serves all.
     """
     import keras
     from keras import layers
@@ -75,7 +99,7 @@ def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None =
     x = layers.BatchNormalization(epsilon=BN_EPS, name="stem_bn", **kw)(x)
     x = layers.ReLU(6.0, name="stem_relu", **kw)(x)
     block = 0
-    for repeats, kernel, stride, expand, c_in, c_out in LITE0_BLOCKS:
+    for repeats, kernel, stride, expand, c_in, c_out in blocks:
         for r in range(repeats):
             s = stride if r == 0 else 1
             cin = c_in if r == 0 else c_out
@@ -99,11 +123,11 @@ def build_efficientnet_lite0(num_classes: int = 1000, dtype_policy: str | None =
     x = layers.GlobalAveragePooling2D(name="avg_pool", **kw)(x)
     # Logits stay float32 even under mixed precision: softmax of fp16 logits loses the tail.
     outputs = layers.Dense(num_classes, name="logits", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="efficientnet_lite0")
+    return keras.Model(inputs, outputs, name=name)
 
 
-def _torch_to_keras_lite0(model, state: dict) -> None:
-    """Copy a torch EfficientNet-Lite0 state dict into ``build_efficientnet_lite0``'s layers."""
+def _torch_to_keras_lite0(model, state: dict, blocks: Blocks = LITE0_BLOCKS) -> None:
+    """Copy a torch EfficientNet-Lite state dict into ``build_efficientnet_lite0``'s layers."""
 
     def conv(layer: str, key: str) -> None:  # (out, in, kh, kw) -> (kh, kw, in, out)
         model.get_layer(layer).set_weights([state[key].transpose(2, 3, 1, 0)])
@@ -119,7 +143,7 @@ def _torch_to_keras_lite0(model, state: dict) -> None:
     conv("stem_conv", "_conv_stem.weight")
     bn("stem_bn", "_bn0")
     block = 0
-    for repeats, _k, _s, expand, _ci, _co in LITE0_BLOCKS:
+    for repeats, _k, _s, expand, _ci, _co in blocks:
         for _ in range(repeats):
             t, p = f"_blocks.{block}.", f"block{block}_"
             if expand != 1:
