@@ -5,11 +5,14 @@ Data, all from registry packages (no network beyond PyPI):
   a *development* part (the photos ``sample_catalog/`` is built from, on which thresholds such as
   ``fewshot.OUTLIER_SIMILARITY`` were set) and a *test* part (the 13 Saleor photos sample_catalog leaves
   out, never looked at while tuning);
-- scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...).
+- scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...);
+- with ``--wallpapers``, a second set of non-products never looked at while tuning: the landscape and nature
+  photos of Debian's ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` (fetched with ``apt-get
+  download``, 140 MB; their drawn and abstract wallpapers are left out, and so is a photo of cups).
 
 One pass of EfficientNet-Lite0 through the classify stage gives every photo's zero-shot label and its
 embedding; the few-shot rules then run on the embeddings (the same functions ``labelcat train`` uses).
-Usage: ``python bench/decisions.py [--splits 200]``; prints the README tables.
+Usage: ``python bench/decisions.py [--splits 200] [--wallpapers]``; prints the README tables.
 """
 
 from __future__ import annotations
@@ -69,6 +72,27 @@ def skimage_photos(workdir: Path) -> list[Path]:
     return paths
 
 
+#: Debian desktop wallpapers that are photographs (the rest are drawn or abstract): plasma's by folder name,
+#: all twelve of mate-backgrounds' nature photos. A flower photo is a non-product here because none of the
+#: bench's categories is plants.
+PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite", "OneStandsOut",
+                 "Path", "summer_1am")
+
+
+def wallpaper_photos(workdir: Path) -> list[Path]:
+    """Held-out non-products: photographic wallpapers of two Debian packages, unpacked into ``workdir``."""
+    import subprocess
+
+    for pkg in ("mate-backgrounds", "plasma-workspace-wallpapers"):
+        subprocess.run(["apt-get", "download", "-q", pkg], cwd=workdir, check=True, capture_output=True)
+        deb = next(workdir.glob(f"{pkg}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "debs")], check=True)
+    share = workdir / "debs" / "usr" / "share"
+    plasma = [min((share / "wallpapers" / name / "contents" / "images").iterdir(), key=lambda p: p.stat().st_size)
+              for name in PLASMA_PHOTOS]
+    return plasma + sorted((share / "backgrounds" / "mate" / "nature").glob("*.jpg"))
+
+
 def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0) -> dict[tuple[int, str], float]:
     """Mean held-out accuracy over random splits with k photos a class (classes with more than k photos)."""
     rng = np.random.default_rng(seed)
@@ -124,14 +148,16 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--splits", type=int, default=200)
+    ap.add_argument("--wallpapers", action="store_true", help="also score held-out non-products (Debian wallpapers)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labelcat-decisions-"))
     photos = saleor_photos(work)
     junk = skimage_photos(work)
+    held_out = wallpaper_photos(work) if args.wallpapers else []
     clf = load_classifier("efficientnet_lite0", precision="float32")
-    preds = predict(clf, [p for p, _, _ in photos] + junk)
+    preds = predict(clf, [p for p, _, _ in photos] + junk + held_out)
     n = len(photos)
-    emb, junk_emb = preds.embeddings[:n], preds.embeddings[n:]
+    emb, junk_emb = preds.embeddings[:n], preds.embeddings[n:n + len(junk)]
     folders = sorted({f for _, f, _ in photos})
     y = np.array([folders.index(f) for _, f, _ in photos])
     part = np.array([s for _, _, s in photos])
@@ -167,6 +193,11 @@ def main() -> None:
     caught = sum(junked(n + j, h) for j in range(len(junk)) for h in shop)
     print(f"  non-products filed in each category's folder, junked {caught}/{len(junk) * len(shop)} = "
           f"{caught / (len(junk) * len(shop)):.1%}")
+    if held_out:
+        first = n + len(junk)
+        caught = sum(junked(first + j, h) for j in range(len(held_out)) for h in shop)
+        print(f"  held-out non-products ({len(held_out)} Debian wallpaper photos) filed in each category's folder, "
+              f"junked {caught}/{len(held_out) * len(shop)} = {caught / (len(held_out) * len(shop)):.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):
@@ -176,6 +207,9 @@ def main() -> None:
     for k in (3, 5):
         recall, lost = junk_rates(emb, y, junk_emb, k, max(20, args.splits // 10))
         print(f"  {k} photos a class: junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
+        if held_out:
+            recall, _ = junk_rates(emb, y, preds.embeddings[n + len(junk):], k, max(20, args.splits // 10))
+            print(f"    held-out non-products (Debian wallpapers) caught {recall:.1%}")
 
 
 if __name__ == "__main__":
