@@ -145,6 +145,19 @@ def test_hostile_manifest(tmp_path):
     assert pd.isna(t.error[4]) and t.status[4] != "error"
 
 
+def test_a_symlink_loop_in_a_manifest_is_one_unreadable_row(tmp_path):
+    """A manifest row naming a symlink loop once failed the whole run (the containment check raised)."""
+    (tmp_path / "loop").symlink_to("loop")
+    product_photo().save(tmp_path / "ok.png")
+    m = tmp_path / "m.csv"
+    m.write_text("sku,path\nA,loop\nB,ok.png\n", encoding="utf-8")
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(m), "--out", str(out), "--model", "tiny_test", "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas()
+    assert list(t.status) == ["error", "labelled"] and t.error[0] == "unreadable"
+
+
 def _peak_rss_mb(args):
     """Run labelcat in a child and return the child's peak resident memory (MiB)."""
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "

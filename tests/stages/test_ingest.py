@@ -1,6 +1,9 @@
+import os
+from pathlib import Path
+
 import pytest
 
-from pipeline.stages.ingest import IngestError, ingest
+from pipeline.stages.ingest import Containment, IngestError, ingest
 
 
 def _manifest(tmp_path, text, name="m.csv", encoding="utf-8"):
@@ -67,3 +70,30 @@ def test_directory_walk_hints_and_order(tmp_path):
 def test_missing_input_is_a_usage_error(tmp_path):
     with pytest.raises(IngestError, match="does not exist"):
         ingest(tmp_path / "nope.csv")
+
+
+def test_containment_with_its_folder_cache_agrees_with_resolving_every_path(tmp_path):
+    """The cached check must say what resolving the whole path says for every path, symlinks and ``..``
+    included; a symlink loop is just outside-or-not, never an exception (``Path.resolve()`` raised on it)."""
+    base, outside = tmp_path / "shop", tmp_path / "elsewhere"
+    (base / "img" / "deep").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"x")
+    (base / "img" / "a.jpg").write_bytes(b"x")
+    (base / "out_dir").symlink_to(outside)  # a folder link that leaves
+    (base / "img" / "in_dir").symlink_to(base / "img" / "deep")  # one that stays
+    (base / "img" / "leak.jpg").symlink_to(outside / "secret.jpg")  # a file link that leaves
+    (base / "img" / "ok.jpg").symlink_to(base / "img" / "a.jpg")
+    (base / "loop").symlink_to(base / "loop")
+    names = ["img/a.jpg", "img/ok.jpg", "img/leak.jpg", "out_dir/secret.jpg", "out_dir/../shop/img/a.jpg",
+             "img/in_dir/../a.jpg", "img/in_dir/x.jpg", "img/../../elsewhere/secret.jpg", "img/missing.jpg",
+             "out_dir/missing.jpg", "img/deep/..", "img/.", "..", "loop", "img/deep/../../img/a.jpg", str(outside / "s.jpg"),
+             str(base / "img" / "a.jpg")]
+    inside = Containment(base)
+    real_base = Path(os.path.realpath(base))
+    for name in names * 2:  # twice: the second pass answers from the folder cache
+        path = base / name
+        expected = Path(os.path.realpath(path)).is_relative_to(real_base)
+        assert inside(path) == expected, name
+    assert not inside(base / "img" / "leak.jpg") and not inside(base / "out_dir" / "secret.jpg")
+    assert inside(base / "img" / "in_dir" / "x.jpg")
