@@ -426,7 +426,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                         store.commit_chunk(n, table, index_records, file_stats(records))
                         cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
                         fault_point(f"after-chunk:{n}")
-                counter.update(table.to_pylist())
+                counter.update_table(table)
                 if writer is not None:
                     if cfg.skip_seen:
                         table = table.filter(pc.not_equal(table["status"], "seen"))

@@ -108,6 +108,14 @@ class SummaryCounter:
         self.human = 0
         self.classified = 0
 
+    #: The columns ``update`` reads: a chunk's table is counted from these alone, not turned whole into
+    #: Python dicts (top-k lists, hashes and all) just to be counted.
+    COLUMNS = ("status", "label", "error", "junk_reason", "label_source", "topk_labels")
+
+    def update_table(self, table: pa.Table) -> None:
+        """Count a chunk's output table."""
+        self.update(table.select(list(self.COLUMNS)).to_pylist())
+
     def update(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             self.rows += 1
