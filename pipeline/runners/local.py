@@ -18,9 +18,10 @@ import itertools
 import json
 import sys
 import os
+import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -138,6 +139,7 @@ class Engine:
     pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None  # whole-input runs only
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
     device: str = ""
+    scan_ahead: bool = False  # scan the next chunk on a thread while this one is classified (``scanned_ahead``)
 
 
 def local_engine() -> Engine:
@@ -149,7 +151,46 @@ def local_engine() -> Engine:
     def classify(paths: list[Path], ready: list, clf: Classifier, cfg: RunConfig, progress: Callable[[int], Any]):
         return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready)
 
-    return Engine(scan, classify)
+    return Engine(scan, classify, scan_ahead=True)
+
+
+def scanned_ahead(chunks: Iterable[list[Record]], scan: Callable[[list[Record]], dict[int, Scan | tuple[str, str]]],
+                  wanted: Callable[[int], bool], first: dict[int, Scan | tuple[str, str]] | None = None,
+                  ahead: bool = True) -> Iterator[tuple[int, list[Record], dict[int, Scan | tuple[str, str]] | None]]:
+    """(n, records, scans) per chunk, the next wanted chunk's scan running on a thread while the caller
+    works on this one.
+
+    Why: the scan (reading, decoding, hashing: Pillow and numpy, off the GIL) and the rest of a chunk
+    (the model, on a GPU where there is one, and the decisions in Python) use different resources, so
+    chunk n+1 is read while chunk n is classified instead of after it. At most two chunks' scans are
+    held. A scan is pure (it writes nothing), so a killed run resumes exactly as before. ``scans`` is
+    None for chunks not ``wanted`` (committed before a kill); ``first`` is chunk 0's scans when they were
+    taken already (while the model loaded); ``ahead=False`` scans each chunk when its turn comes.
+    """
+    numbered = enumerate(chunks)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcat-scan-ahead") as pool:
+
+        def start(item: tuple[int, list[Record]] | None):
+            if item is None:
+                return None
+            n, records = item
+            if not wanted(n):
+                return n, records, None
+            if n == 0 and first is not None:
+                return n, records, lambda: first
+            if not ahead:
+                return n, records, lambda: scan(records)
+            return n, records, pool.submit(scan, records).result
+
+        upcoming = start(next(numbered, None))
+        try:
+            while upcoming is not None:
+                n, records, result = upcoming
+                scans = result() if result is not None else None
+                upcoming = start(next(numbered, None))  # the next chunk is scanned while this one is worked on
+                yield n, records, scans
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -309,14 +350,9 @@ def scan_chunk(records: list[Record], cfg: RunConfig, engine: Engine, preprocess
 
 
 def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
-                  scans: dict[int, Scan | tuple[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One chunk through every stage: (output rows, index records of its kept photos).
-
-    ``scans``: the chunk's scans when they were taken already (the first chunk, while the model loaded).
-    """
+                  scans: dict[int, Scan | tuple[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One scanned chunk through every other stage: (output rows, index records of its kept photos)."""
     cfg, clf = ctx.cfg, ctx.classifier
-    if scans is None:
-        scans = scan_chunk(records, cfg, ctx.engine, clf.preprocess)
     plan = plan_chunk(records, scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
 
     t = time.perf_counter()
@@ -409,7 +445,10 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                 tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
                 writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
                                                               compression="zstd"))
-            for n, records in enumerate(chunks):
+            pending = (lambda n: False) if published is not None else (lambda n: n not in done)
+            scanning = scanned_ahead(chunks, lambda recs: scan_chunk(recs, cfg, engine, classifier.preprocess),
+                                     pending, early, engine.scan_ahead)
+            for n, records, scans in scanning:
                 if published is not None:  # the work was done before a kill mid-publish
                     table = pq.read_table(published[n])
                 elif n in done:
@@ -420,7 +459,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                             ctx.kept_labels[rec["row"]] = {k: rec.get(k) for k in LABEL_FIELDS}
                     cfg.log({"stage": "resume", "chunk": n, "rows": table.num_rows})
                 else:
-                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc), early if n == 0 else None)
+                    rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc), scans)
                     table = to_table(rows, batch.extra_columns, meta)
                     if store:
                         store.commit_chunk(n, table, index_records, file_stats(records))
@@ -605,15 +644,18 @@ def log_to_file(path: str | Path) -> Callable[[dict[str, Any]], None]:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
     broken = False
+    lock = threading.Lock()  # the scan-ahead thread logs too: one whole line at a time
 
     def log(event: dict[str, Any]) -> None:
         nonlocal broken
         if broken:
             return
         try:
-            fh.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
-                                default=str) + "\n")
-            fh.flush()
+            line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **event},
+                              default=str) + "\n"
+            with lock:
+                fh.write(line)
+                fh.flush()
         except OSError as exc:
             broken = True
             print(f"labelcat: --log-file {path}: {exc.strerror or exc}; logging stopped", file=sys.stderr)
