@@ -303,13 +303,28 @@ class BatchIndex(NearPairs):
     def prepare(self, cands: list[Candidate]) -> None:
         """Search ``cands`` against every kept photo and each other, before ``find_duplicates`` walks them."""
         self._flush()
-        if not cands:
+        # Exact copies are matched by their sha256 before any pair is looked at, so only the first photo of
+        # each content is searched, and a later copy borrows its pairs (they have the same hashes). Without
+        # this, a chunk of n copies of one file made n^2/2 pairs, each aligned pixel by pixel.
+        first: dict[str, int] = {}
+        searched, borrowing = [], []
+        for c in cands:
+            if c.sha256 in self.by_sha:  # a copy of a photo already kept
+                continue
+            if first.setdefault(c.sha256, c.row) == c.row:
+                searched.append(c)
+            else:
+                borrowing.append((c.row, first[c.sha256]))
+        if not searched:
             self._slice = {}
             return
-        queries = HashArrays.from_candidates(cands)
+        queries = HashArrays.from_candidates(searched)
         found = [(search.search(0, len(queries), queries), search.a.rows) for search in self._segments]
         found.append((PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True),  # tonight's own
                       queries.rows))
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)
+        for row, original in borrowing:
+            if original in self._slice:
+                self._slice[row] = self._slice[original]

@@ -93,3 +93,22 @@ def test_the_chunked_index_decides_as_the_local_walk_across_chunks_and_nights(se
         found += sum(m.kept < 0 for m in expected.values())
     assert found > 20 and len(batch._segments) <= 3  # matches on earlier nights; segments were merged
     assert find_duplicates([], index=batch) == {}
+
+
+def test_copies_of_one_file_are_searched_once_and_decided_as_the_walk_decides():
+    """A chunk of many copies of one file (a shop re-uploading one photo under every SKU) must not search
+    all their pairs; each copy repeats the first one, or what the first one repeats."""
+    photo = product_photo(seed=3)
+    near = compute_hashes(photo.resize((photo.width // 2, photo.height // 2)))
+    kept_earlier = Candidate(-1, "an earlier night's resize", 200 * 200, near)
+    same_file = compute_hashes(photo)
+    chunk = [Candidate(row, "one file", 400 * 400, same_file) for row in range(300)]
+    chunk += [Candidate(300 + row, "another file", 400 * 400, compute_hashes(product_photo((30, 160, 60), shape="bag", seed=4))) for row in range(3)]
+    walk, batch = DedupeIndex(), BatchIndex()
+    for index in (walk, batch):
+        index.add(kept_earlier.row, kept_earlier.sha256, kept_earlier.hashes)
+    expected = find_duplicates(chunk, index=walk)
+    assert find_duplicates(chunk, index=batch) == expected
+    assert {m.kept for r, m in expected.items() if r < 300} == {-1}  # every copy repeats the earlier night's photo
+    assert 300 not in expected and {(m.kept, m.kind) for r, m in expected.items() if r > 300} == {(300, "exact")}
+    assert len(batch._other_row) < 10  # the first copy's pairs, not 300 * 299 / 2
