@@ -41,7 +41,7 @@ from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
 from pipeline.stages.dedupe import VIEW_NAMES, Candidate, DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
-from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch
+from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch, one_per_file
 from pipeline.stages.scan import Scan, scan_one
 
 SCAN_BATCH = 16
@@ -141,17 +141,21 @@ def ray_pair_index(cpus: float) -> Callable[[list[Candidate], DedupeConfig], Nea
         import ray
         from ray.util import ActorPool
 
+        cands, borrowing = one_per_file(cands, {})
         arrays = HashArrays.from_candidates(cands)
         actors = max(1, int(cpus))
         shard = max(256, -(-len(cands) // (actors * 8)))
         ranges = [(a, min(a + shard, len(cands))) for a in range(0, len(cands), shard)]
         if len(ranges) < 2:  # one shard: not worth an actor's start-up
-            return NearPairs(arrays, PairSearch(arrays, cfg).search(0, len(cands)))
-        ref = ray.put(arrays)
-        remote = ray.remote(num_cpus=1)(PairSearchActor)
-        pool = ActorPool([remote.remote(ref, cfg) for _ in range(min(actors, len(ranges)))])
-        parts = list(pool.map_unordered(lambda actor, r: actor.pairs.remote(*r), ranges))
-        return NearPairs(arrays, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+            index = NearPairs(arrays, PairSearch(arrays, cfg).search(0, len(cands)))
+        else:
+            ref = ray.put(arrays)
+            remote = ray.remote(num_cpus=1)(PairSearchActor)
+            pool = ActorPool([remote.remote(ref, cfg) for _ in range(min(actors, len(ranges)))])
+            parts = list(pool.map_unordered(lambda actor, r: actor.pairs.remote(*r), ranges))
+            index = NearPairs(arrays, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        index.borrow(borrowing)
+        return index
 
     return build
 

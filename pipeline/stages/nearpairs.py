@@ -214,6 +214,26 @@ class PairSearch:
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
 
+def one_per_file(cands: list[Candidate], known: dict[str, int]) -> tuple[list[Candidate], list[tuple[int, int]]]:
+    """(the candidates to search, (copy row, first row) for the rest): the first photo of each file's
+    bytes in walk order, leaving out copies of a photo already kept (``known`` sha256s).
+
+    Why: exact copies are matched by their sha256 before any pair is looked at, and a later copy of a
+    file has its first photo's hashes, so it can borrow that photo's pairs (``NearPairs.borrow``).
+    Searching every copy made n^2/2 pairs for n copies of one file, each aligned pixel by pixel.
+    """
+    first: dict[str, int] = {}
+    searched, borrowing = [], []
+    for c in cands:
+        if c.sha256 in known:
+            continue
+        if first.setdefault(c.sha256, c.row) == c.row:
+            searched.append(c)
+        else:
+            borrowing.append((c.row, first[c.sha256]))
+    return searched, borrowing
+
+
 class NearPairs:
     """A ``DedupeIndex`` stand-in for ``find_duplicates`` that looks matches up in precomputed pairs.
 
@@ -253,6 +273,12 @@ class NearPairs:
 
     def prepare(self, cands: list[Candidate]) -> None:
         """Nothing to do: the pairs were searched when this index was built."""
+
+    def borrow(self, borrowing: list[tuple[int, int]]) -> None:
+        """Give each (copy, first) row of ``one_per_file`` the pairs searched for the first photo of its file."""
+        for row, first in borrowing:
+            if first in self._slice:
+                self._slice[row] = self._slice[first]
 
     def match(self, cand: Candidate) -> tuple[int, str, int] | None:
         if cand.sha256 in self.by_sha:
@@ -303,18 +329,7 @@ class BatchIndex(NearPairs):
     def prepare(self, cands: list[Candidate]) -> None:
         """Search ``cands`` against every kept photo and each other, before ``find_duplicates`` walks them."""
         self._flush()
-        # Exact copies are matched by their sha256 before any pair is looked at, so only the first photo of
-        # each content is searched, and a later copy borrows its pairs (they have the same hashes). Without
-        # this, a chunk of n copies of one file made n^2/2 pairs, each aligned pixel by pixel.
-        first: dict[str, int] = {}
-        searched, borrowing = [], []
-        for c in cands:
-            if c.sha256 in self.by_sha:  # a copy of a photo already kept
-                continue
-            if first.setdefault(c.sha256, c.row) == c.row:
-                searched.append(c)
-            else:
-                borrowing.append((c.row, first[c.sha256]))
+        searched, borrowing = one_per_file(cands, self.by_sha)
         if not searched:
             self._slice = {}
             return
@@ -325,6 +340,4 @@ class BatchIndex(NearPairs):
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)
-        for row, original in borrowing:
-            if original in self._slice:
-                self._slice[row] = self._slice[original]
+        self.borrow(borrowing)
