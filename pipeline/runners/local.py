@@ -2,7 +2,8 @@
 
 Why chunks of plain records: the input is streamed and processed
 ``chunk_size`` rows at a time, so a million-row manifest needs the memory of
-one chunk (plus the dedupe index), and with ``--store`` each chunk is a unit
+two chunks (the one being decided and the next one's scans, ``scanned_ahead``)
+plus the dedupe index, and with ``--store`` each chunk is a unit
 of work that is committed once and never redone (see ``store``). Each stage
 module knows nothing of the others; this file is the only place that knows
 the order, and every stage's result is keyed by input row, so one row can
