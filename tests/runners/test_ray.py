@@ -157,6 +157,14 @@ def test_pool_is_sized_to_leave_cpus_for_reads():
     assert pool_size(32, 4) == (4, 1.0)  # one actor per GPU
 
 
+def test_scan_tasks_are_sized_to_about_four_per_cpu():
+    from pipeline.runners.ray import SCAN_BATCH, scan_batch_size
+
+    assert scan_batch_size(2048, 2) == 256  # a chunk on 2 CPUs: 8 tasks, not 128 of 16
+    assert scan_batch_size(2048, 64) == SCAN_BATCH  # a large cluster: small tasks, all CPUs busy
+    assert scan_batch_size(3, 2) == SCAN_BATCH and scan_batch_size(2049, 2) == 257
+
+
 def test_pair_search_on_ray_actors_makes_the_local_decisions():
     """Enough photos for several shards, so the actor pool really runs; same groups as the local index."""
     from conftest import clustered_candidates
