@@ -231,7 +231,7 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
-        scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)),
+        scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)), scan_ahead=True,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
         device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
