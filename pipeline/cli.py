@@ -157,7 +157,7 @@ def cli() -> None:
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="History store: only new photos are classified, chunks are committed, one run at a time.")
 @click.option("--chunk-size", type=click.IntRange(1), default=DEFAULT_CHUNK, show_default=True,
-              help="Rows per unit of work (memory bound; with --store, the unit a killed run resumes from).")
+              help="Rows per unit of work (memory holds two: this one and the next, scanned meanwhile; with --store, the unit a killed run resumes from).")
 @click.option("--relabel", is_flag=True, help="With --store: classify again photos an older model version labelled.")
 @click.option("--skip-seen", is_flag=True, help="With --store: leave photos labelled on earlier nights out of --out.")
 @click.option("--allow-outside", is_flag=True, help="Let manifest paths leave the manifest's folder, and folder symlinks point outside the input folder.")
