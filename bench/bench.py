@@ -14,8 +14,9 @@ photos), turned by a random hue, so that no two are near duplicates and every ph
 - ``labelcat run FOLDER --quiet`` as cron runs it: a fresh process, wall clock, start-up included (the
   median of three runs).
 
-Usage: ``python bench/bench.py [--n 1000] [--batch-size 32] [--naive-n 64] [--ray] [--out bench/out]``
-(``--ray`` also times the full pipeline on ``--runner ray``).
+Usage: ``python bench/bench.py [--n 1000] [--batch-size 32] [--chunk-size 2048] [--naive-n 64] [--ray] [--out bench/out]``
+(``--ray`` also times the full pipeline on ``--runner ray``; a ``--chunk-size`` below ``--n`` shows the
+pipelining of chunks: the next chunk is scanned while this one is classified).
 Writes ``results.json`` and ``results.md`` (the README table) under ``--out``.
 """
 
@@ -43,7 +44,7 @@ from pipeline.models.preprocess import IMAGENET_224  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.ops.device import cpu_count, has_gpu  # noqa: E402
 from pipeline.stages.classify import dataset, make_step, predict  # noqa: E402
-from pipeline.runners.local import RunConfig, run  # noqa: E402
+from pipeline.runners.local import DEFAULT_CHUNK, RunConfig, run  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
@@ -125,12 +126,12 @@ def bench_startup(model: str, precision: str) -> tuple[float, float]:
     return float(out[-2]), float(out[-1])
 
 
-def bench_cli(folder: Path, out: Path, model: str, batch_size: int) -> tuple[float, dict]:
+def bench_cli(folder: Path, out: Path, model: str, batch_size: int, chunk_size: int) -> tuple[float, dict]:
     """Wall-clock seconds of ``labelcat run FOLDER --quiet`` in a fresh process, and its summary."""
     summary = out.with_suffix(".json")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(folder), "--out", str(out),
-                    "--model", model, "--batch-size", str(batch_size), "--summary-json", str(summary), "--quiet"],
+                    "--model", model, "--batch-size", str(batch_size), "--chunk-size", str(chunk_size), "--summary-json", str(summary), "--quiet"],
                    cwd=ROOT, check=True)
     return time.perf_counter() - t, json.loads(summary.read_text())
 
@@ -160,13 +161,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="photos for the pipeline measurements")
     ap.add_argument("--naive-n", type=int, default=64, help="photos for the (slow) naive baseline")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="rows per chunk for the pipeline runs")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--ray", action="store_true", help="also time `--runner ray` (needs labelcat[ray])")
     args = ap.parse_args()
 
-    results: dict[str, float | str | int | list] = {"n": args.n, "batch_size": args.batch_size}
+    results: dict[str, float | str | int | list] = {"n": args.n, "batch_size": args.batch_size,
+                                                    "chunk_size": args.chunk_size}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
@@ -175,7 +178,7 @@ def main() -> None:
         results["startup_load_s"], results["startup_s"] = bench_startup(args.model, args.precision)
         walls = []
         for _ in range(3):  # the median of three: a shared VM's runs vary
-            wall, summary = bench_cli(folder, Path(tmp) / "cli.parquet", args.model, args.batch_size)
+            wall, summary = bench_cli(folder, Path(tmp) / "cli.parquet", args.model, args.batch_size, args.chunk_size)
             walls.append(wall)
         wall = sorted(walls)[1]
         results["cli_wall_runs_s"] = walls
@@ -191,7 +194,7 @@ def main() -> None:
         predict(classifier, paths, batch_size=args.batch_size)
         results["classify_stage"] = rate(len(paths), time.perf_counter() - t)
         t = time.perf_counter()
-        run(folder, Path(tmp) / "out.parquet", classifier, RunConfig(batch_size=args.batch_size, quiet=True))
+        run(folder, Path(tmp) / "out.parquet", classifier, RunConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, quiet=True))
         results["full_pipeline"] = rate(len(paths), time.perf_counter() - t)
         results["naive_baseline"] = bench_naive(classifier, paths[: args.naive_n])
         if args.ray:
@@ -200,7 +203,7 @@ def main() -> None:
             from pipeline.runners.ray import run_ray
 
             t = time.perf_counter()
-            run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, RunConfig(batch_size=args.batch_size, quiet=True))
+            run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, RunConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, quiet=True))
             results["ray_pipeline"] = rate(len(paths), time.perf_counter() - t)  # ray.init and actor start included
             ray.shutdown()
 
@@ -223,6 +226,7 @@ def main() -> None:
     if "ray_pipeline" in results:
         rows.insert(2, ("labelcat full pipeline, `--runner ray` (local Ray, start-up included)", "ray_pipeline"))
     lines = [f"Machine: {results['machine']}; {args.n} photo-content JPEGs 1600x1200 q90; batch {args.batch_size}; "
+             f"chunks of {args.chunk_size}; "
              f"{results['model']} ({results['precision']})", "",
              "| measurement | images/s | vs naive | of the bound |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {float(results[key]):.1f} | {float(results[key]) / naive:.1f}x | {float(results[key]) / bound:.2f} |"
