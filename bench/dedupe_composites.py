@@ -32,7 +32,7 @@ from near_duplicates import MAX_BYTES, MAX_PIXELS, _crop, _watermark, score  # n
 
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
-from pipeline.stages.copies import EmbeddingIndex, Photo, categories_of, find_copies  # noqa: E402
+from pipeline.stages.copies import EmbeddingIndex, classified_photos, find_copies  # noqa: E402
 from pipeline.stages.dedupe import Candidate, find_duplicates  # noqa: E402
 from pipeline.stages.ingest import ingest  # noqa: E402
 from pipeline.stages.scan import scan_records  # noqa: E402
@@ -85,9 +85,8 @@ def main() -> None:
         t = time.perf_counter()
         preds = predict(clf, [path[row] for row in kept])
         classify_s = time.perf_counter() - t
-        ranked = categories_of(preds.probs, clf.categories)
-        photos = [Photo(row, scans[row].width * scans[row].height, ranked[i][0], preds.embeddings[i],
-                        scans[row].hashes.thumb, ranked[i][1]) for i, row in enumerate(kept)]
+        photos = classified_photos(kept, [scans[row].width * scans[row].height for row in kept],
+                                   [scans[row].hashes.thumb for row in kept], preds.probs, preds.embeddings, clf.categories)
         t = time.perf_counter()
         copies = find_copies(photos, EmbeddingIndex())
         copies_s = time.perf_counter() - t

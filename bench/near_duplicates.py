@@ -44,7 +44,7 @@ from decisions import saleor_photos, skimage_photos
 
 from pipeline.models.classifier import load_classifier
 from pipeline.stages.classify import predict
-from pipeline.stages.copies import EmbeddingIndex, Photo, categories_of, find_copies
+from pipeline.stages.copies import EmbeddingIndex, classified_photos, find_copies
 from pipeline.stages.dedupe import Candidate, find_duplicates
 from pipeline.stages.ingest import ingest
 from pipeline.stages.scan import scan_records
@@ -195,9 +195,8 @@ def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str
     clf = load_classifier("efficientnet_lite0")
     path = {r.row: r.resolved for r in records}
     preds = predict(clf, [path[row] for row in kept])
-    ranked = categories_of(preds.probs, clf.categories)
-    photos = [Photo(row, scans[row].width * scans[row].height, ranked[i][0], preds.embeddings[i],
-                    scans[row].hashes.thumb, ranked[i][1]) for i, row in enumerate(kept)]
+    photos = classified_photos(kept, [scans[row].width * scans[row].height for row in kept],
+                               [scans[row].hashes.thumb for row in kept], preds.probs, preds.embeddings, clf.categories)
     start = time.perf_counter()
     copies = find_copies(photos, EmbeddingIndex())
     print(f"copy check: {len(photos)} classified photos in {time.perf_counter() - start:.2f} s", file=sys.stderr)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.stages import decode as dec
-from pipeline.stages.copies import EmbeddingIndex, Photo, categories_of, find_copies
+from pipeline.stages.copies import EmbeddingIndex, Photo, classified_photos, find_copies
 from pipeline.stages.dedupe import THUMB_SIDE, Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
 from pipeline.stages.scan import Scan, scan_records
 from pipeline.ops.fsutil import atomic_path
@@ -310,12 +310,13 @@ def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> 
     duplicates, leave the match index, and rows that duplicated them point at what they copy. ``hinted``:
     ``with_hints`` of the predictions, which the rows' labels come from too."""
     t = time.perf_counter()
-    ranked = categories_of(hinted, ctx.classifier.categories)
-    photos = [Photo(row, plan.good[row].width * plan.good[row].height, ranked[i][0],
-                    preds.embeddings[i], plan.good[row].hashes.thumb, ranked[i][1])
-              for i, row in enumerate(plan.to_classify)
-              if preds.embeddings.shape[1] and not preds.errors[i] and row not in plan.quality_junk
-              and plan.good[row].hashes.thumb is not None]
+    use = [i for i, row in enumerate(plan.to_classify)
+           if preds.embeddings.shape[1] and not preds.errors[i] and row not in plan.quality_junk
+           and plan.good[row].hashes.thumb is not None]
+    good = [plan.good[plan.to_classify[i]] for i in use]
+    photos = classified_photos([plan.to_classify[i] for i in use], [s.width * s.height for s in good],
+                               [s.hashes.thumb for s in good], hinted[use], preds.embeddings[use],
+                               ctx.classifier.categories)
     copies = find_copies(photos, ctx.copies, ctx.cfg.dedupe)
     for row in copies:
         ctx.index.discard(row, plan.good[row].sha256)

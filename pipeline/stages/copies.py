@@ -135,6 +135,15 @@ def categories_of(probs: np.ndarray, categories: Sequence[str]) -> list[tuple[st
     return [(categories[row[0]], tuple(categories[j] for j in row[1:])) for row in top]
 
 
+def classified_photos(keys: Sequence[int], areas: Sequence[int], thumbs: Sequence[np.ndarray], probs: np.ndarray,
+                      features: np.ndarray, categories: Sequence[str]) -> list[Photo]:
+    """The copy check's photos for classified rows (aligned sequences): each kept under its most likely
+    category and searching its second too (``categories_of``). One place, so the runners and the benches
+    that measure them build the same photos."""
+    return [Photo(key, area, label, feats, thumb, also) for key, area, thumb, feats, (label, also)
+            in zip(keys, areas, thumbs, features, categories_of(probs, categories))]
+
+
 def _similar(queries: np.ndarray, kept: np.ndarray, threshold: float, limit: int,
              walk: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query index, kept index, cosine) of pairs at least ``threshold`` alike, at most ``limit`` per query
