@@ -7,7 +7,7 @@ from PIL import Image
 from build import sale_badge as logo
 from conftest import SAMPLE, hue_turn, jpeg_copy
 from pipeline.stages.classify import predict
-from pipeline.stages.copies import EMBED_DIM, EmbeddingIndex, Photo, categories_of, find_copies, project
+from pipeline.stages.copies import EMBED_DIM, EmbeddingIndex, Photo, categories_of, classified_photos, find_copies, project
 from pipeline.stages.decode import decode
 from pipeline.stages.dedupe import Candidate, DedupeConfig, compute_hashes, find_duplicates
 
@@ -19,9 +19,9 @@ def photos_of(images: list[Image.Image], classifier, tmp_path) -> list[Photo]:
         paths.append(tmp_path / f"{i}.png")
         img.save(paths[-1])
     preds = predict(classifier, paths)
-    ranked = categories_of(preds.probs, classifier.categories)
-    return [Photo(i, img.width * img.height, ranked[i][0], preds.embeddings[i], compute_hashes(img).thumb, ranked[i][1])
-            for i, img in enumerate(images)]
+    return classified_photos(range(len(images)), [img.width * img.height for img in images],
+                             [compute_hashes(img).thumb for img in images], preds.probs, preds.embeddings,
+                             classifier.categories)
 
 
 LOGO_COPIES = ["beer/beer-01_1.jpg", "cushions/cuschion01.jpg", "juices/fd_juice_01.jpg", "paints/paints_03.jpg",
