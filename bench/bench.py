@@ -193,8 +193,9 @@ def main() -> None:
         t = time.perf_counter()
         predict(classifier, paths, batch_size=args.batch_size)
         results["classify_stage"] = rate(len(paths), time.perf_counter() - t)
+        pipeline_cfg = RunConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, quiet=True)
         t = time.perf_counter()
-        run(folder, Path(tmp) / "out.parquet", classifier, RunConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, quiet=True))
+        run(folder, Path(tmp) / "out.parquet", classifier, pipeline_cfg)
         results["full_pipeline"] = rate(len(paths), time.perf_counter() - t)
         results["naive_baseline"] = bench_naive(classifier, paths[: args.naive_n])
         if args.ray:
@@ -203,7 +204,7 @@ def main() -> None:
             from pipeline.runners.ray import run_ray
 
             t = time.perf_counter()
-            run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, RunConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, quiet=True))
+            run_ray(folder, Path(tmp) / "ray.parquet", args.model, None, args.precision, pipeline_cfg)
             results["ray_pipeline"] = rate(len(paths), time.perf_counter() - t)  # ray.init and actor start included
             ray.shutdown()
 

@@ -190,14 +190,13 @@ def main() -> None:
         caught = sum(junked(i, h) for i, h in misfiled)
         print(f"  {name}: real products junked in their own folder {sum(junked(i, hinted[i]) for i in idx)}/{len(idx)}; "
               f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
-    caught = sum(junked(n + j, h) for j in range(len(junk)) for h in shop)
-    print(f"  non-products filed in each category's folder, junked {caught}/{len(junk) * len(shop)} = "
-          f"{caught / (len(junk) * len(shop)):.1%}")
-    if held_out:
-        first = n + len(junk)
-        caught = sum(junked(first + j, h) for j in range(len(held_out)) for h in shop)
-        print(f"  held-out non-products ({len(held_out)} Debian wallpaper photos) filed in each category's folder, "
-              f"junked {caught}/{len(held_out) * len(shop)} = {caught / (len(held_out) * len(shop)):.1%}")
+    nonproducts = {"non-products": range(n, n + len(junk)),
+                   f"held-out non-products ({len(held_out)} Debian wallpaper photos)": range(n + len(junk), len(preds.probs))}
+    for label, rows in nonproducts.items():
+        if rows:
+            caught = sum(junked(i, h) for i in rows for h in shop)
+            print(f"  {label} filed in each category's folder, junked {caught}/{len(rows) * len(shop)} = "
+                  f"{caught / (len(rows) * len(shop)):.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):
