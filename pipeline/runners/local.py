@@ -447,9 +447,8 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                 tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
                 writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
                                                               compression="zstd"))
-            pending = (lambda n: False) if published is not None else (lambda n: n not in done)
             scanning = scanned_ahead(chunks, lambda recs: scan_chunk(recs, cfg, engine, classifier.preprocess),
-                                     pending, early, engine.scan_ahead)
+                                     lambda n: published is None and n not in done, early, engine.scan_ahead)
             for n, records, scans in scanning:
                 if published is not None:  # the work was done before a kill mid-publish
                     table = pq.read_table(published[n])
