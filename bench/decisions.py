@@ -5,6 +5,9 @@ Data, all from registry packages (no network beyond PyPI):
   a *development* part (the photos ``sample_catalog/`` is built from, on which thresholds such as
   ``fewshot.OUTLIER_SIMILARITY`` were set) and a *test* part (the 13 Saleor photos sample_catalog leaves
   out, never looked at while tuning);
+- 22 more real shop photos never seen before session 10, split once (alternately by file name) between the two
+  parts: the 10 cosmetics product photos of the ``shuup==3.1.0`` wheel's sample data (folder ``beauty``) and the
+  12 dress photos (worn by models, on white) of npm ``@magento/venia-ui@11.7.3`` (folder ``dresses``);
 - scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...);
 - with ``--wallpapers``, a second set of non-products never looked at while tuning: the landscape and nature
   photos of Debian's ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` (fetched with ``apt-get
@@ -35,7 +38,8 @@ from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, centroid_
 from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
-from pipeline.stages.junk import JunkConfig, hint_posterior, semantic_reason  # noqa: E402
+from pipeline.stages.junk import (JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
+                                  semantic_reason)
 
 FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
           "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
@@ -55,6 +59,55 @@ def saleor_photos(workdir: Path) -> list[tuple[Path, str, str]]:
         folder = next(f for prefix, f in FOLDER.items() if stem.startswith(prefix))
         out.append((png, folder, "dev" if stem in in_catalogue else "test"))
     return out
+
+
+def _fetch(cmd: list[str], cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+
+
+def pypi_file(project: str, filename: str, sha256: str, workdir: Path) -> Path:
+    """One file of a PyPI release, found in the simple index and checked against its digest. ``pip download``
+    cannot fetch shuup 3.1.0: newer pips refuse its non-standard dependency specifiers."""
+    import hashlib
+    import re
+    import urllib.request
+    from urllib.parse import urljoin
+
+    index = f"https://pypi.org/simple/{project}/"
+    page = urllib.request.urlopen(index, timeout=60).read().decode()
+    href = re.search(rf'href="([^"]*/{re.escape(filename)}[^"]*)"', page)
+    if href is None:
+        raise SystemExit(f"{filename} is not in {index}")
+    data = urllib.request.urlopen(urljoin(index, href.group(1)), timeout=300).read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SystemExit(f"{filename}: sha256 mismatch")
+    path = workdir / filename
+    path.write_bytes(data)
+    return path
+
+
+def more_shop_photos(workdir: Path) -> list[tuple[Path, str, str]]:
+    """(path, category folder, dev|test) for the shuup cosmetics and the Venia dresses, every other photo of
+    each set (sorted by name) in the test part."""
+    import tarfile
+    import zipfile
+
+    wheel = pypi_file("shuup", "shuup-3.1.0-py2.py3-none-any.whl",
+                      "535b41374d3288261206cb3ffba2a4565a54bd8c30d88e0143e81388e03b78cb", workdir)
+    with zipfile.ZipFile(wheel) as zf:
+        beauty = [Path(zf.extract(n, workdir)) for n in sorted(zf.namelist())
+                  if n.startswith("shuup/testing/modules/sample_data/images/default/product")]
+    _fetch(["npm", "pack", "-q", "@magento/venia-ui@11.7.3"], workdir)
+    with tarfile.open(workdir / "magento-venia-ui-11.7.3.tgz") as tf:
+        members = sorted((m for m in tf.getmembers() if m.name.startswith("package/lib/RootComponents/Category/images/")
+                          and m.name.endswith(".jpg")), key=lambda m: m.name)
+        tf.extractall(workdir, members=members, filter="data")
+    dresses = [workdir / m.name for m in members]
+    assert len(beauty) == 10 and len(dresses) == 12, (len(beauty), len(dresses))
+    return [(path, folder, ("dev", "test")[i % 2]) for folder, paths in (("beauty", beauty), ("dresses", dresses))
+            for i, path in enumerate(paths)]
 
 
 def skimage_photos(workdir: Path) -> list[Path]:
@@ -84,7 +137,7 @@ def wallpaper_photos(workdir: Path) -> list[Path]:
     import subprocess
 
     for pkg in ("mate-backgrounds", "plasma-workspace-wallpapers"):
-        subprocess.run(["apt-get", "download", "-q", pkg], cwd=workdir, check=True, capture_output=True)
+        _fetch(["apt-get", "download", "-q", pkg], workdir)
         deb = next(workdir.glob(f"{pkg}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "debs")], check=True)
     share = workdir / "debs" / "usr" / "share"
@@ -145,13 +198,57 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
     return caught / n_junk, lost / n_prod
 
 
+def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[int], cfg: JunkConfig, runs: int,
+                 misfiled: float = 0.15, share: float = 0.5, seed: int = 2) -> dict[str, tuple[int, int]]:
+    """Junk decisions as ``labelcat run`` makes them on a folder per category, all photos in one chunk.
+
+    Each run files every product in its own category's folder, except a random ``misfiled`` share put in another
+    category's folder, and a random ``share`` of the non-products in random folders; then the runner's rules
+    decide: the photo's own evidence (``semantic_reason``), then its folder (``folder_verdict``: a photo unlike the
+    others of its folder is junk when the model disagrees with the folder too; one as like them as they are like
+    each other overrules a ``hint_mismatch``). ``kinds[i]`` names
+    row ``i``'s tally ('dev', 'test' for products, anything else for non-products; ``hinted[i]`` is -1 there).
+    Returns {tally: (junked, placed)}."""
+    rng = np.random.default_rng(seed)
+    cats = clf.categories
+    out: dict[str, list[int]] = {}
+    products = np.flatnonzero(hinted >= 0)
+    others = np.flatnonzero(hinted < 0)
+    for _ in range(runs):
+        rows, folders, tally = [], [], []
+        for i in products:
+            if rng.random() < misfiled:
+                folders.append(int(rng.choice([c for c in shop if c != hinted[i]])))
+                tally.append(f"{kinds[i]} products misfiled")
+            else:
+                folders.append(int(hinted[i]))
+                tally.append(f"{kinds[i]} products in their own folder")
+            rows.append(int(i))
+        for i in rng.choice(others, round(share * len(others)), replace=False):
+            rows.append(int(i))
+            folders.append(int(rng.choice(shop)))
+            tally.append(kinds[i])
+        hints = [cats[f] for f in folders]
+        likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
+        for j, (i, hint) in enumerate(zip(rows, hints)):
+            p = preds.probs[i]
+            label = cats[int(p.argmax())]
+            reason = semantic_reason(label, float(p.max()), p, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                                     clf.taxonomy.groups, hint, cfg)
+            reason = folder_verdict(reason, likeness.get(j), label, hint, cfg)[0]
+            counts = out.setdefault(tally[j], [0, 0])
+            counts[0] += reason is not None
+            counts[1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--splits", type=int, default=200)
     ap.add_argument("--wallpapers", action="store_true", help="also score held-out non-products (Debian wallpapers)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="labelcat-decisions-"))
-    photos = saleor_photos(work)
+    photos = saleor_photos(work) + more_shop_photos(work)
     junk = skimage_photos(work)
     held_out = wallpaper_photos(work) if args.wallpapers else []
     clf = load_classifier("efficientnet_lite0", precision="float32")
@@ -161,7 +258,7 @@ def main() -> None:
     folders = sorted({f for _, f, _ in photos})
     y = np.array([folders.index(f) for _, f, _ in photos])
     part = np.array([s for _, _, s in photos])
-    print(f"{n} Saleor product photos ({(part == 'dev').sum()} dev, {(part == 'test').sum()} test), "
+    print(f"{n} product photos ({(part == 'dev').sum()} dev, {(part == 'test').sum()} test), "
           f"{len(folders)} categories; {len(junk)} scikit-image non-products")
     print("\nZero-shot (ImageNet Lite0 + taxonomy): label == the folder's category")
     hinted = np.array([clf.categories.index(clf.hint_category(f)) for _, f, _ in photos])
@@ -197,6 +294,15 @@ def main() -> None:
             caught = sum(junked(i, h) for i in rows for h in shop)
             print(f"  {label} filed in each category's folder, junked {caught}/{len(rows) * len(shop)} = "
                   f"{caught / (len(rows) * len(shop)):.1%}")
+    kinds = [s for _, _, s in photos] + ["scikit-image non-products"] * len(junk) + [
+        "held-out non-products (Debian wallpapers)"] * len(held_out)
+    runs = max(10, args.splits // 4)
+    trees = folder_trees(preds, clf, np.concatenate([hinted, -np.ones(len(junk) + len(held_out), int)]), kinds, shop,
+                         cfg, runs)
+    print(f"\nAs `labelcat run` decides on a folder per category ({runs} random trees, all photos in one chunk: 15% of "
+          f"the products misfiled, half the non-products filed in random folders), junked:")
+    for name, (j, t) in trees.items():
+        print(f"  {name}: {j}/{t} = {j / t:.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):

@@ -44,8 +44,8 @@ from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import (HintReference, JunkConfig, hint_outliers, hint_posterior, open_set_reason,
-                                  quality_reason, semantic_reason)
+from pipeline.stages.junk import (HintReference, JunkConfig, folder_likeness, folder_verdict, hint_posterior,
+                                  open_set_reason, quality_reason, semantic_reason)
 from pipeline.stages.nearpairs import BatchIndex, NearPairs
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -530,7 +530,7 @@ def assemble(
     # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
     alone_labels, alone_scores = top_k(preds.probs, cats, cfg.top_k)
     labels, scores = top_k(hinted, cats, cfg.top_k)
-    outliers = hint_outliers(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
+    likeness = folder_likeness(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
     for rec in records:
@@ -575,16 +575,13 @@ def assemble(
         label, confidence = alone_labels[i][0], alone_scores[i][0]  # what the photo alone looks like
         row.update(product_evidence=float(preds.product_mass[i]), imagenet_top=preds.imagenet_top[i],
                    embedding=preds.embeddings[i] if preds.embeddings.shape[1] else None)
-        reason = quality_junk.get(rec.row) or semantic_reason(
-            label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
-            preds.group_mass[i], groups, hint_cat, cfg.junk,
-        ) or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk)
-        review_note = None
-        if not reason and i in outliers:
-            if hint_cat is not None and label != hint_cat:  # the model disagrees with the folder too
-                reason = outliers[i]
-            else:  # the model agrees with the folder: a person decides
-                review_note = outliers[i]
+        reason, review_note = quality_junk.get(rec.row), None
+        if not reason:
+            reason, review_note = folder_verdict(semantic_reason(
+                label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
+                preds.group_mass[i], groups, hint_cat, cfg.junk,
+            ) or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk),
+                likeness.get(i), label, hint_cat, cfg.junk)
         if reason:  # junk keeps what the photo looks like, for the reviewer to overrule
             row.update(label=label, confidence=confidence, topk_labels=alone_labels[i], topk_scores=alone_scores[i],
                        label_source="model")

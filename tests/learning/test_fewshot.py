@@ -12,7 +12,7 @@ from pipeline.cli import cli
 from pipeline.learning.fewshot import class_outliers, fit
 from pipeline.models.embeddings import leave_one_out_similarity
 from pipeline.models.card import read_card
-from pipeline.stages.junk import HintReference, JunkConfig, hint_outliers
+from pipeline.stages.junk import HintReference, JunkConfig, Likeness, folder_likeness, folder_verdict
 
 #: Real product photos per class in sample_catalog (near copies and misfiled photos excluded).
 PRODUCTS = {
@@ -99,9 +99,35 @@ def test_hint_outliers_need_a_coherent_folder():
     emb = np.concatenate([tv + rng.normal(size=(6, 64)), -tv[None, :] + rng.normal(size=(1, 64)),
                           rng.normal(size=(5, 64)) * 4])  # six TVs, a remote, five unrelated 'misc' photos
     hints = ["tv"] * 7 + ["misc"] * 5
-    out = hint_outliers(emb, hints, JunkConfig())
-    assert list(out) == [6] and out[6].startswith("hint_outlier: unlike the other 6 photos filed as tv")
-    assert hint_outliers(emb[:4], hints[:4], JunkConfig()) == {}  # too few to judge
+    assert outliers(emb, hints) == {6: "hint_outlier: unlike the other 6 photos filed as tv"}
+    assert set(folder_likeness(emb, hints, JunkConfig())) == set(range(7))  # misc is no folder to judge by
+    assert folder_likeness(emb[:4], hints[:4], JunkConfig()) == {}  # too few to judge
+
+
+def outliers(emb, hints, ref=None):
+    """The photos ``folder_verdict`` calls folder outliers, with their reason up to the similarity."""
+    cfg = JunkConfig()
+    got = {i: folder_verdict(None, like, "remote", "tv", cfg) for i, like in folder_likeness(emb, hints, cfg, ref).items()}
+    return {i: junk.split(" (similarity")[0] for i, (junk, _) in got.items() if junk}
+
+
+def test_the_folder_has_its_say_on_the_models_reason():
+    """An outlier is junk only when the model disagrees with its folder too; a hint_mismatch is overruled (and
+    shown to a person) when the photo is as like its folder's other photos as a coherent folder's are."""
+    cfg = JunkConfig()
+    mismatch = "hint_mismatch: filed as footwear (0.00) but looks like sports (0.73)"
+    like = Likeness(cfg.outlier_coherent + 0.04, "the other 8 photos filed as sneakers")
+    junk, note = folder_verdict(mismatch, like, "sports", "footwear", cfg)
+    assert junk is None and note == ("hint_vouched: filed as footwear (0.00) but looks like sports (0.73); like the "
+                                     "other 8 photos filed as sneakers (similarity 0.34)")
+    for weak in (None, Likeness(cfg.outlier_coherent - 0.01, "the other 8 photos filed as sneakers")):
+        assert folder_verdict(mismatch, weak, "sports", "footwear", cfg) == (mismatch, None)
+    not_product = "not_product: looks like animal (0.90)"  # only the folder's category contradicted is overruled
+    assert folder_verdict(not_product, like, "animal", "footwear", cfg) == (not_product, None)
+    unlike = Likeness(cfg.outlier_similarity - 0.2, "the other 5 photos filed as drinks")
+    assert folder_verdict(None, unlike, "food_drink", "food_drink", cfg)[1].startswith("hint_outlier: unlike")
+    assert folder_verdict(None, unlike, "kitchen", "food_drink", cfg)[0].startswith("hint_outlier: unlike")
+    assert folder_verdict(None, like, "food_drink", "food_drink", cfg) == (None, None)
 
 
 @pytest.mark.slow
@@ -166,6 +192,5 @@ def test_reference_photos_join_their_hint_and_the_centre():
     got = ref.for_hints(["tv", "misc"])
     assert got.hints == ["tv"] * 3 and np.allclose(got.embeddings, earlier[2:]) and got.count == 6
     tonight = np.stack([tv + rng.normal(size=32), -tv + rng.normal(size=32)])  # a TV and a remote
-    assert hint_outliers(tonight, ["tv", "tv"], JunkConfig()) == {}
-    out = hint_outliers(tonight, ["tv", "tv"], JunkConfig(), got)
-    assert list(out) == [1] and "3 of them earlier" in out[1]
+    assert outliers(tonight, ["tv", "tv"]) == {}
+    assert outliers(tonight, ["tv", "tv"], got) == {1: "hint_outlier: unlike the other 4 photos filed as tv, 3 of them earlier"}
