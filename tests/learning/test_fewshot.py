@@ -194,3 +194,25 @@ def test_reference_photos_join_their_hint_and_the_centre():
     tonight = np.stack([tv + rng.normal(size=32), -tv + rng.normal(size=32)])  # a TV and a remote
     assert outliers(tonight, ["tv", "tv"]) == {}
     assert outliers(tonight, ["tv", "tv"], got) == {1: "hint_outlier: unlike the other 4 photos filed as tv, 3 of them earlier"}
+
+
+@pytest.mark.slow
+def test_a_folder_of_like_photos_overrules_a_contradicted_hint_but_not_an_intruder(tmp_path):
+    """With a strict --mismatch-confidence, the photo alone would junk two Saleor juice bottles in their own folder
+    (ImageNet: lotion, beauty_health 0.68-0.74, food_drink 0.03-0.04); they look like the other juices, so they
+    are labelled by their folder and shown to a person. A paint tin moved among the juices (the same
+    contradiction, beauty_health 0.77) is unlike them and stays junk, as do the sneaker in the hoodies."""
+    shutil.copytree(SAMPLE / "images", tmp_path / "in")
+    shutil.move(tmp_path / "in" / "paints" / "paints_01.jpg", tmp_path / "in" / "juices" / "paints_01.jpg")
+    out = tmp_path / "out.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(out), "-q", "--mismatch-confidence", "0.6"])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(out).to_pandas().set_index("path")
+    row = {name: rows.loc[str(tmp_path / "in" / name)] for name in (
+        "juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg", "juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg")}
+    for name in ("juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg"):
+        assert row[name].status == "labelled" and row[name].label == "food_drink" and row[name].needs_review
+        assert row[name].review_reason.startswith("hint_vouched: filed as food_drink"), row[name].review_reason
+        assert "like the other 6 photos filed as juices" in row[name].review_reason
+    for name in ("juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg"):
+        assert row[name].status == "junk" and row[name].junk_reason.startswith("hint_mismatch"), row[name].junk_reason
