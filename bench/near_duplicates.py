@@ -1,9 +1,10 @@
 """Near duplicates on real photos: recall and false pairs per kind of copy, beside imagededup and cleanvision.
 
-Originals, all from registry packages: every product photo of the ``saleor==2.10.1`` wheel (47, on plain
-backdrops) and scikit-image's bundled photos (full-frame scenes), split once by name into a *development*
-part (the Saleor photos ``sample_catalog/`` is built from, and half of scikit-image's) and a *test* part never
-looked at while tuning. From each original the script makes copies (they must merge with it) and colour
+Originals, all from registry packages: every product photo of the ``saleor==2.10.1`` wheel (45, on plain
+backdrops), the shuup cosmetics and Venia dresses of ``bench/decisions.py`` (22 shop photos, added in session
+10) and scikit-image's bundled photos (full-frame scenes), split once by name into a *development* part (the
+Saleor photos ``sample_catalog/`` is built from, every other shuup and Venia photo, and half of scikit-image's)
+and a *test* part never looked at while tuning. From each original the script makes copies (they must merge with it) and colour
 variants (other articles to a shop: they must not), writes them all to one folder and hands the same files to
 
 - labelcat: ``ingest`` and ``scan_records`` (one decode, every hash) and ``find_duplicates`` with the default thresholds
@@ -12,6 +13,7 @@ variants (other articles to a shop: they must not), writes them all to one folde
 - imagededup 0.3.3 PHash at its default distance 10 (CNN needs torch, not installed here);
 - cleanvision 0.3.7 ``near_duplicates`` and ``exact_duplicates`` at their defaults.
 
+With the test part, the four colourways of Cartridge's test product (``colourways``) must stay apart too.
 A copy counts as found when a chain of pairs inside its own group links it to its original; a false pair is
 a pair across groups (two distinct photos, or a variant and its original). Peers are optional: install them
 with ``pip install cleanvision==0.3.7 PyWavelets scikit-learn matplotlib && pip install --no-deps
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
 from build import flatten, sale_badge
-from decisions import saleor_photos, skimage_photos
+from decisions import more_shop_photos, pypi_file, saleor_photos, skimage_photos
 
 from pipeline.models.classifier import load_classifier
 from pipeline.stages.classify import predict
@@ -120,6 +122,8 @@ def originals(workdir: Path, part: str) -> list[tuple[str, Image.Image]]:
     """(name, RGB image) of every original in ``part``: Saleor products, then scikit-image scenes."""
     out = [(p.stem.removeprefix("saleordemoproduct_"), flatten(Image.open(p)))  # on white, as the shop shows them
            for p, _, split in saleor_photos(workdir) if part in ("all", split)]
+    out += [(f"{folder}_{p.stem}", Image.open(p).convert("RGB"))
+            for p, folder, split in more_shop_photos(workdir) if part in ("all", split)]
     scenes = skimage_photos(workdir)
     for i, p in enumerate(scenes):
         if part == "all" or (i % 2 == 0) == (part == "dev"):
@@ -127,8 +131,25 @@ def originals(workdir: Path, part: str) -> list[tuple[str, Image.Image]]:
     return out
 
 
-def build(folder: Path, sources: list[tuple[str, Image.Image]]) -> dict[str, tuple[str, str]]:
-    """Write originals, copies and variants into ``folder``; file name -> (group, kind)."""
+def colourways(workdir: Path) -> list[tuple[str, Image.Image]]:
+    """(colour, RGB on white) of a real shop package's one article in four colourways: the drawn test product of
+    ``Cartridge==1.3.4`` (Mezzanine's shop), blue, green, red and yellow. Genuinely different products to a
+    shop, made by its designer rather than by a hue turn of ours; none may merge with another."""
+    import tarfile
+
+    sdist = pypi_file("Cartridge", "Cartridge-1.3.4.tar.gz",
+                      "badcb3f08c7be1c0d371195fcf017562b95898cad8931c49fa7faff7a5ef78ae", workdir)
+    with tarfile.open(sdist) as tf:
+        members = sorted((m for m in tf.getmembers() if m.name.startswith("Cartridge-1.3.4/cartridge/shop/static/test/product/")
+                          and m.name.endswith(".png")), key=lambda m: m.name)
+        tf.extractall(workdir, members=members, filter="data")
+    return [(Path(m.name).stem, flatten(Image.open(workdir / m.name))) for m in members]
+
+
+def build(folder: Path, sources: list[tuple[str, Image.Image]],
+          colours: list[tuple[str, Image.Image]] = ()) -> dict[str, tuple[str, str]]:
+    """Write originals, copies and variants, and ``colours`` (an article's colourways), into ``folder``; file
+    name -> (group, kind)."""
     truth: dict[str, tuple[str, str]] = {}
 
     def save(img: Image.Image, name: str, group: str, kind: str, fmt: str = "JPEG", **opts) -> None:
@@ -149,6 +170,8 @@ def build(folder: Path, sources: list[tuple[str, Image.Image]]) -> dict[str, tup
             variant = make(img)
             if visibly_recoloured(img, variant):
                 save(variant, f"{i:03d}_variant{k}", f"{name}/{kind}", kind, quality=90)
+    for colour, img in colours:
+        save(img, f"colourway_{colour}", f"colourway/{colour}", "colourway", quality=90)
     return truth
 
 
@@ -248,7 +271,8 @@ def main() -> None:
         work.mkdir()
         folder.mkdir()
         sources = originals(work, args.part)
-        truth = build(folder, sources)
+        colours = colourways(work) if args.part in ("test", "all") else []
+        truth = build(folder, sources, colours)
         hashed, both, seconds = labelcat_pairs(folder)
         results: dict[str, tuple[set[frozenset[str]], float | None]] = {
             "labelcat before the model": (hashed, seconds), "labelcat with the copy check": (both, None)}
@@ -270,6 +294,11 @@ def main() -> None:
     print("| **all copies** | " + " | ".join(f"**{total[k]}/{n * len(COPIES)} ({total[k] / (n * len(COPIES)):.1%})**"
                                            for k in scored) + " |")
     print("| false pairs (variant with its original) | " + " | ".join(f"{s[1]} ({s[2]})" for s in scored.values()) + " |")
+    if colours:
+        names = [f for f, (_, kind) in truth.items() if kind == "colourway"]
+        print(f"| genuine colourways ({len(names)} colours of Cartridge's test product), pairs merged | " + " | ".join(
+            str(sum(frozenset((a, b)) in pairs for i, a in enumerate(names) for b in names[i + 1:]))
+            for pairs, _ in results.values()) + " |")
     print()
     for name, (_, seconds) in results.items():
         if seconds:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from pipeline.models.embeddings import leave_one_out_similarity
+from pipeline.models.embeddings import leave_one_out_similarity, normalise
 
 
 @dataclass(frozen=True)
@@ -180,10 +180,12 @@ class Reference(NamedTuple):
 
 
 class Likeness(NamedTuple):
-    """How much a photo looks like the other photos of its folder (CL2N cosine to their mean), and who they are."""
+    """How much a photo looks like the other photos of its folder, and who they are. ``nearest``: the folder is
+    too mixed to have a typical photo, so ``similarity`` is to its most alike folder mate, not to their mean."""
 
     similarity: float
     others: str  # "the other 7 photos filed as shoes, 4 of them earlier"
+    nearest: bool = False
 
 
 def folder_likeness(embeddings: np.ndarray, hints: list[str | None], cfg: JunkConfig,
@@ -194,9 +196,13 @@ def folder_likeness(embeddings: np.ndarray, hints: list[str | None], cfg: JunkCo
     are centred on every photo known (tonight's and the ``reference``'s,
     photos labelled earlier: see ``HintReference``) and scaled to unit length;
     each of tonight's photos is compared with the mean of the *other* photos
-    of its hint. Only hints with ``outlier_min_group`` photos whose median
-    similarity shows they agree (``outlier_coherent``) are judged; smaller or
-    mixed folders fall back to the model's evidence (no entry).
+    of its hint. Only hints with ``outlier_min_group`` photos are judged
+    (smaller folders fall back to the model's evidence: no entry). A folder
+    whose median similarity shows its photos agree (``outlier_coherent``) has
+    a typical photo to compare with; a mixed one (a beauty folder of
+    perfumes, lipsticks and brushes) has none, so there each photo is compared
+    with its most alike folder mate instead (``Likeness.nearest``): a sneaker
+    filed among the cosmetics is unlike every one of them.
     """
     if embeddings.ndim != 2 or embeddings.shape[1] == 0:
         return {}
@@ -218,12 +224,25 @@ def folder_likeness(embeddings: np.ndarray, hints: list[str | None], cfg: JunkCo
         idx = np.flatnonzero(groups == g)
         if len(idx) < cfg.outlier_min_group:
             continue
-        sim = similarity[idx]
+        sim, nearest = similarity[idx], False
         if float(np.median(sim)) < cfg.outlier_coherent:
-            continue
+            sim, nearest = _nearest_mate(normalise(x[idx], centre)), True
         earlier = int((idx >= n).sum())
-        others = f"the other {len(idx) - 1} photos filed as {hint}" + (f", {earlier} of them earlier" if earlier else "")
-        out.update({int(i): Likeness(float(s), others) for i, s in zip(idx, sim) if i < n})
+        others = (f"{'each of ' if nearest else ''}the other {len(idx) - 1} photos filed as {hint}"
+                  + (f", {earlier} of them earlier" if earlier else ""))
+        out.update({int(i): Likeness(float(s), others, nearest) for i, s in zip(idx, sim) if i < n})
+    return out
+
+
+def _nearest_mate(z: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Each unit row's cosine to the most alike *other* row, in blocks of rows (a folder of thousands stays a
+    few MB at a time)."""
+    z = z.astype(np.float32)
+    out = np.empty(len(z), np.float32)
+    for start in range(0, len(z), block):
+        sims = z[start:start + block] @ z.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        out[start:start + block] = sims.max(axis=1)
     return out
 
 
@@ -238,14 +257,17 @@ def folder_verdict(reason: str | None, likeness: Likeness | None, label: str, hi
       each other (``outlier_coherent``): a sneaker shot from the sole, which ImageNet calls a knee pad with
       footwear at 0.00, still looks like the other sneakers, while a product misfiled in another category's
       folder or a non-product does not (none of the bench's development photos reaches 0.30 there). It
-      is labelled by its folder and shown to a person.
+      is labelled by its folder and shown to a person. Only a coherent folder's typical photo vouches: in a
+      mixed folder (``Likeness.nearest``), two misfiled photos of one kind would vouch for each other.
     """
-    if reason and reason.startswith("hint_mismatch") and likeness and likeness.similarity >= cfg.outlier_coherent:
+    if (reason and reason.startswith("hint_mismatch") and likeness and not likeness.nearest
+            and likeness.similarity >= cfg.outlier_coherent):
         return None, (f"hint_vouched: {reason.split(': ', 1)[1]}; like {likeness.others} "
                       f"(similarity {likeness.similarity:.2f})")
     if reason or likeness is None or likeness.similarity >= cfg.outlier_similarity:
         return reason, None
-    outlier = f"hint_outlier: unlike {likeness.others} (similarity {likeness.similarity:.2f} < {cfg.outlier_similarity})"
+    outlier = (f"hint_outlier: unlike {likeness.others} ({'most alike ' if likeness.nearest else 'similarity '}"
+               f"{likeness.similarity:.2f} < {cfg.outlier_similarity})")
     if hint_category is not None and label != hint_category:
         return outlier, None
     return None, outlier

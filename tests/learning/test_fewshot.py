@@ -93,22 +93,40 @@ def test_fit_prefers_the_rule_that_cross_validates_and_finds_outliers():
     assert ((z @ fitted.weights + fitted.bias).argmax(axis=1) == y[keep]).all()
 
 
-def test_hint_outliers_need_a_coherent_folder():
+def test_hint_outliers_need_a_folder_to_judge_by():
     rng = np.random.default_rng(1)
     tv = rng.normal(size=64) * 4
     emb = np.concatenate([tv + rng.normal(size=(6, 64)), -tv[None, :] + rng.normal(size=(1, 64)),
-                          rng.normal(size=(5, 64)) * 4])  # six TVs, a remote, five unrelated 'misc' photos
-    hints = ["tv"] * 7 + ["misc"] * 5
+                          rng.normal(size=(4, 64)) * 4])  # six TVs, a remote, four unrelated 'misc' photos
+    hints = ["tv"] * 7 + ["misc"] * 4
     assert outliers(emb, hints) == {6: "hint_outlier: unlike the other 6 photos filed as tv"}
-    assert set(folder_likeness(emb, hints, JunkConfig())) == set(range(7))  # misc is no folder to judge by
-    assert folder_likeness(emb[:4], hints[:4], JunkConfig()) == {}  # too few to judge
+    assert set(folder_likeness(emb, hints, JunkConfig())) == set(range(7))  # four photos: too few to judge by
+    assert folder_likeness(emb[:4], hints[:4], JunkConfig()) == {}
+
+
+def test_a_mixed_folder_judges_each_photo_by_its_most_alike_mate():
+    """A beauty folder of perfumes, brushes and oils has no typical photo (its photos agree under
+    ``outlier_coherent``), but each of them has a mate like it; the sneaker filed there has none."""
+    rng = np.random.default_rng(3)
+    kinds = rng.normal(size=(4, 64)) * 4  # perfume, brush, oil, sneaker
+    emb = np.concatenate([kinds[k] + rng.normal(size=(2, 64)) for k in range(3)] + [kinds[3:] + rng.normal(size=(1, 64))])
+    hints = ["beauty"] * 7
+    cfg = JunkConfig()
+    likeness = folder_likeness(emb, hints, cfg)
+    assert all(like.nearest for like in likeness.values()) and set(likeness) == set(range(7))
+    assert outliers(emb, hints) == {6: "hint_outlier: unlike each of the other 6 photos filed as beauty"}
+    assert "most alike" in folder_verdict(None, likeness[6], "footwear", "beauty_health", cfg)[0]
+    # a mate's likeness never vouches for a contradicted hint: two misfiled sneakers would vouch for each other
+    mismatch = "hint_mismatch: filed as beauty_health (0.00) but looks like footwear (0.95)"
+    assert folder_verdict(mismatch, likeness[0], "footwear", "beauty_health", cfg) == (mismatch, None)
 
 
 def outliers(emb, hints, ref=None):
-    """The photos ``folder_verdict`` calls folder outliers, with their reason up to the similarity."""
+    """The photos ``folder_verdict`` calls folder outliers (the model disagreeing with every folder), with
+    their reason up to the similarity."""
     cfg = JunkConfig()
-    got = {i: folder_verdict(None, like, "remote", "tv", cfg) for i, like in folder_likeness(emb, hints, cfg, ref).items()}
-    return {i: junk.split(" (similarity")[0] for i, (junk, _) in got.items() if junk}
+    got = {i: folder_verdict(None, like, "remote", hints[i], cfg) for i, like in folder_likeness(emb, hints, cfg, ref).items()}
+    return {i: junk.split(" (")[0] for i, (junk, _) in got.items() if junk}
 
 
 def test_the_folder_has_its_say_on_the_models_reason():
@@ -216,3 +234,26 @@ def test_a_folder_of_like_photos_overrules_a_contradicted_hint_but_not_an_intrud
         assert "like the other 6 photos filed as juices" in row[name].review_reason
     for name in ("juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg"):
         assert row[name].status == "junk" and row[name].junk_reason.startswith("hint_mismatch"), row[name].junk_reason
+
+
+@pytest.mark.slow
+def test_a_mixed_folder_of_real_photos_flags_the_photo_with_no_mate(tmp_path):
+    """A 'gifts' folder of hoodies, juices, sneakers and wine (two of each) has no typical photo; the astronaut
+    filed there is like none of them and goes to a person (the folder names no category, so no junk)."""
+    (tmp_path / "in" / "gifts").mkdir(parents=True)
+    for folder, stem in (("hoodies", "cl_bogo01_1"), ("hoodies", "cl_bogo03_1"), ("juices", "fd_juice_01"),
+                         ("juices", "fd_juice_03"), ("sneakers", "sneakers_01_1"), ("sneakers", "sneakers_02_3"),
+                         ("wine", "wine-red"), ("wine", "wine-white"), ("t-shirts", "astronaut")):
+        shutil.copy(SAMPLE / "images" / folder / f"{stem}.jpg", tmp_path / "in" / "gifts")
+    shutil.copytree(SAMPLE / "images" / "polos", tmp_path / "in" / "polos")  # the shop's other photos
+    out = tmp_path / "out.parquet"
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(out).to_pandas()
+    gifts = rows[rows.path.str.contains("/gifts/")]
+    gifts = gifts.set_index(gifts.path.str.rsplit("/", n=1).str[-1])
+    flagged = gifts[gifts.review_reason.fillna("").str.startswith("hint_outlier")]
+    assert list(flagged.index) == ["astronaut.jpg"], gifts.review_reason
+    assert flagged.review_reason.iloc[0].startswith("hint_outlier: unlike each of the other 8 photos filed as gifts "
+                                                    "(most alike ")
+    assert (gifts.status == "labelled").all()
