@@ -257,7 +257,8 @@ def folder_verdict(reason: str | None, likeness: Likeness | None, label: str, hi
       each other (``outlier_coherent``): a sneaker shot from the sole, which ImageNet calls a knee pad with
       footwear at 0.00, still looks like the other sneakers, while a product misfiled in another category's
       folder or a non-product does not (none of the bench's development photos reaches 0.30 there). It
-      is labelled by its folder and shown to a person. Only a coherent folder's typical photo vouches: in a
+      is kept, labelled as the photo and its folder say together (``hint_posterior``), and shown to a
+      person. Only a coherent folder's typical photo vouches: in a
       mixed folder (``Likeness.nearest``), two misfiled photos of one kind would vouch for each other.
     """
     if (reason and reason.startswith("hint_mismatch") and likeness and not likeness.nearest
