@@ -307,3 +307,30 @@ def test_a_badge_at_the_edge_is_an_overlay_and_one_in_the_middle_another_print(p
     middle = compute_hashes(_jpeg(sale_badge(img, 0.02, centred=True), 90)).thumb[None]
     assert aligned_match(thumb, corner)[0] or aligned_match(corner, thumb)[0]
     assert not aligned_match(thumb, middle)[0] and not aligned_match(middle, thumb)[0]
+
+
+@pytest.mark.parametrize("photo", ["polos/cl_polo03-woman.jpg", "t-shirts/cl_boot06_1.jpg"])
+def test_a_coloured_badge_is_left_out_of_the_brightness_fit_too(photo, monkeypatch):
+    """The SALE badge over these articles skews the gain and offset fitted over the product, so even with the
+    badge's window left out the rest agreed on too few of its pixels (under 0.95). Fitted again without the
+    window, where the window holds colour the other photo lacks, they are copies; without that refit not."""
+    from build import sale_badge
+
+    import pipeline.stages.dedupe as dedupe
+
+    img = decode((SAMPLE / "images" / photo).read_bytes())
+    thumb = compute_hashes(img).thumb[None]
+    badged = compute_hashes(_jpeg(sale_badge(img), 90)).thumb[None]
+    assert dedupe.aligned_match(thumb, badged)[0] or dedupe.aligned_match(badged, thumb)[0]
+    monkeypatch.setattr(dedupe, "OVERLAY_CHROMA", np.inf)
+    assert not dedupe.aligned_match(thumb, badged)[0] and not dedupe.aligned_match(badged, thumb)[0]
+
+
+def test_greyscale_bottles_of_one_design_are_not_an_overlay_apart():
+    """Greyscale variants of the orange and carrot juice bottles differ only in their labels' print: a window
+    left out of the fit as well would join them (it did in the bench), so a window without colour is not."""
+    from pipeline.stages.dedupe import aligned_match
+
+    grey = [compute_hashes(_jpeg(decode((SAMPLE / "images" / f"juices/fd_juice_0{k}.jpg").read_bytes())
+                                 .convert("L").convert("RGB"), 90)).thumb[None] for k in (2, 3)]
+    assert not aligned_match(grey[0], grey[1])[0] and not aligned_match(grey[1], grey[0])[0]
