@@ -299,7 +299,8 @@ def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT
     least ``overlap``) is kept. Where leaving out one window at the frame's
     border (``_overlay_window``) lets the rest agree ``OVERLAY_AGREEMENT``,
     that share is the score and the window is left out of the colour test
-    too. A copy passes with ``agreement`` and, on those pixels, the colour
+    too (and, where it holds colour the other photo lacks, out of the
+    brightness fit: ``_coloured_overlay_refit``). A copy passes with ``agreement`` and, on those pixels, the colour
     test (``color_distance``), so a recoloured variant still stays apart.
     Distinct products of one design differ over
     their labels (juice bottles agree on 84-86% of their pixels at best),
