@@ -1,7 +1,7 @@
 """Decisions on real photos: zero-shot accuracy, few-shot learning curves, junk recall and products lost.
 
 Data, all from registry packages (PyPI, npm and Debian, through their own clients or indexes):
-- every product photo of the ``saleor==2.10.1`` wheel (47 photos, 9 categories), split once by name into
+- every product photo of the ``saleor==2.10.1`` wheel (45 photos, 9 categories), split once by name into
   a *development* part (the photos ``sample_catalog/`` is built from, on which thresholds such as
   ``fewshot.OUTLIER_SIMILARITY`` were set) and a *test* part (the 13 Saleor photos sample_catalog leaves
   out, never looked at while tuning);
