@@ -12,7 +12,7 @@ cosine up to 0.99. So the features only *propose* candidates (cosine at least
 is the photo's first or second), and the same aligned check that ``dedupe`` uses
 (``aligned_match``: the thumbnails line up pixel for pixel after a crop and a
 brightness fit, and pass the colour test) decides. Measured on the bench's
-development part: 454 of its 507 copies found before the model, 495 with this
+development part: 579 of its 650 copies found before the model, 633 with this
 check, no false pair added (README).
 
 The walk mirrors ``dedupe.find_duplicates``: tonight's classified photos in
