@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -201,47 +202,57 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
     return caught / n_junk, lost / n_prod
 
 
+def file_in_folders(rng: np.random.Generator, own: Sequence[int], kinds: Sequence[str], folders: Sequence[int],
+                    others: Sequence[str], misfiled: float, share: float) -> list[tuple[int, int, str]]:
+    """One random night's folder tree: (photo, folder, tally) for each product ``p`` (in its own folder
+    ``own[p]``, or with probability ``misfiled`` in another of ``folders``; tallied as ``kinds[p]`` misfiled or
+    in their own folder) and for a random ``share`` of the non-products (photo ``len(own) + j``, tallied as
+    ``others[j]``), each in a random folder."""
+    placed = []
+    for p, (folder, kind) in enumerate(zip(own, kinds)):
+        if rng.random() < misfiled:
+            placed.append((p, int(rng.choice([c for c in folders if c != folder])), f"{kind} misfiled"))
+        else:
+            placed.append((p, int(folder), f"{kind} in their own folder"))
+    for j in rng.choice(len(others), round(share * len(others)), replace=False):
+        placed.append((len(own) + int(j), int(rng.choice(folders)), others[j]))
+    return placed
+
+
+def _count(tallies: dict[str, list[int]], name: str, junked: bool) -> None:
+    counts = tallies.setdefault(name, [0, 0])
+    counts[0] += junked
+    counts[1] += 1
+
+
 def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[int], cfg: JunkConfig, runs: int,
                  misfiled: float = 0.15, share: float = 0.5, seed: int = 2) -> dict[str, tuple[int, int]]:
     """Junk decisions as ``labelcat run`` makes them on a folder per category, all photos in one chunk.
 
-    Each run files every product in its own category's folder, except a random ``misfiled`` share put in another
-    category's folder, and a random ``share`` of the non-products in random folders; then the runner's rules
-    decide: the photo's own evidence (``semantic_reason``), then its folder (``folder_verdict``: a photo unlike the
-    others of its folder is junk when the model disagrees with the folder too; one as like them as they are like
-    each other overrules a ``hint_mismatch``). ``kinds[i]`` names
+    Each run files the photos (``file_in_folders``: every product in its own category's folder, except a random
+    ``misfiled`` share put in another category's folder, and a random ``share`` of the non-products in random
+    folders); then the runner's rules decide: the photo's own evidence (``semantic_reason``), then its folder
+    (``folder_verdict``: a photo unlike the others of its folder is junk when the model disagrees with the
+    folder too; one as like them as they are like each other overrules a ``hint_mismatch``). ``kinds[i]`` names
     row ``i``'s tally ('dev', 'test' for products, anything else for non-products; ``hinted[i]`` is -1 there).
     Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     cats = clf.categories
     out: dict[str, list[int]] = {}
-    products = np.flatnonzero(hinted >= 0)
-    others = np.flatnonzero(hinted < 0)
+    photos = np.concatenate([np.flatnonzero(hinted >= 0), np.flatnonzero(hinted < 0)])
+    n_products = int((hinted >= 0).sum())
     for _ in range(runs):
-        rows, folders, tally = [], [], []
-        for i in products:
-            if rng.random() < misfiled:
-                folders.append(int(rng.choice([c for c in shop if c != hinted[i]])))
-                tally.append(f"{kinds[i]} products misfiled")
-            else:
-                folders.append(int(hinted[i]))
-                tally.append(f"{kinds[i]} products in their own folder")
-            rows.append(int(i))
-        for i in rng.choice(others, round(share * len(others)), replace=False):
-            rows.append(int(i))
-            folders.append(int(rng.choice(shop)))
-            tally.append(kinds[i])
-        hints = [cats[f] for f in folders]
+        placed = file_in_folders(rng, hinted[photos[:n_products]], [f"{kinds[i]} products" for i in photos[:n_products]],
+                                 shop, [kinds[i] for i in photos[n_products:]], misfiled, share)
+        rows = [int(photos[p]) for p, _, _ in placed]
+        hints = [cats[f] for _, f, _ in placed]
         likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
-        for j, (i, hint) in enumerate(zip(rows, hints)):
+        for j, (i, hint, (_, _, tally)) in enumerate(zip(rows, hints, placed)):
             p = preds.probs[i]
             label = cats[int(p.argmax())]
             reason = semantic_reason(label, float(p.max()), p, cats, float(preds.product_mass[i]), preds.group_mass[i],
                                      clf.taxonomy.groups, hint, cfg)
-            reason = folder_verdict(reason, likeness.get(j), label, hint, cfg)[0]
-            counts = out.setdefault(tally[j], [0, 0])
-            counts[0] += reason is not None
-            counts[1] += 1
+            _count(out, tally, folder_verdict(reason, likeness.get(j), label, hint, cfg)[0] is not None)
     return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
 
@@ -250,8 +261,7 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
     """A shop model trained on ``k`` photos a class, then a night on a folder per class as ``labelcat run
     --model`` decides: the model's own evidence (``open_set_reason``) and the folder's (``folder_verdict``) on
     the embeddings the model's logits layer reads. Tonight's photos are the products it was not trained on
-    (a ``misfiled`` share in another class's folder) and a random ``share`` of ``junk_emb`` in random folders.
-    Returns {tally: (junked, placed)}."""
+    and a random ``share`` of ``junk_emb``, filed by ``file_in_folders``. Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
     names = [str(c) for c in range(len(classes))]
@@ -262,25 +272,16 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
         f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
         card = open_set_card(f)
         rows = [i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)]
-        z, folders, tally = [], [], []
-        for i in rows:
-            wrong = rng.random() < misfiled
-            folders.append(int(rng.choice([c for c in range(len(classes)) if c != yk[i]])) if wrong else int(yk[i]))
-            tally.append("held-out products misfiled" if wrong else "held-out products in their own folder")
-            z.append(emb[i])
-        for e in junk_emb[rng.choice(len(junk_emb), round(share * len(junk_emb)), replace=False)]:
-            folders.append(int(rng.integers(len(classes))))
-            tally.append("non-products")
-            z.append(e)
-        zz = normalise(np.stack(z), f.mean)
-        hints = [names[c] for c in folders]
+        placed = file_in_folders(rng, yk[rows], ["held-out products"] * len(rows), list(range(len(classes))),
+                                 ["non-products"] * len(junk_emb), misfiled, share)
+        photos = np.concatenate([emb[rows], junk_emb])
+        zz = normalise(photos[[p for p, _, _ in placed]], f.mean)
+        hints = [names[c] for _, c, _ in placed]
         likeness = folder_likeness(zz, hints, cfg)
-        for j, (e, hint) in enumerate(zip(zz, hints)):
+        for j, (e, hint, (_, _, tally)) in enumerate(zip(zz, hints, placed)):
             label = names[int((e @ f.weights + f.bias).argmax())]
             reason = folder_verdict(open_set_reason(e, card, names, label, hint, cfg), likeness.get(j), label, hint, cfg)[0]
-            counts = out.setdefault(tally[j], [0, 0])
-            counts[0] += reason is not None
-            counts[1] += 1
+            _count(out, tally, reason is not None)
     return {key: (v[0], v[1]) for key, v in sorted(out.items())}
 
 
