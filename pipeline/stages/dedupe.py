@@ -350,16 +350,7 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     n_inter, n_union = inter.sum(axis=(-2, -1)), union.sum(axis=(-2, -1))
     iou = n_inter / np.maximum(n_union, 1)
     w = inter.astype(np.float32)
-    n = np.maximum(n_inter, 1)[..., None, None]
-
-    def total(x: np.ndarray) -> np.ndarray:  # over the product's pixels
-        return (w * x).sum(axis=(-2, -1), keepdims=True)
-
-    dx, dy = ga - total(ga) / n, gb - total(gb) / n
-    gain = total(dx * dy) / np.maximum(total(dx * dx), 1e-6)  # least squares: gb ~ gain * ga + offset
-    spread = np.sqrt(total(dy * dy) / n)
-    close = np.abs(gain * dx - dy) < 0.15 * np.maximum(spread, 1.0) + 4.0
-    score = total(close)[..., 0, 0] / n[..., 0, 0]
+    close, score = _brightness_agreement(ga, gb, w)
     score = np.where((iou >= overlap) & (n_inter >= 8), score, -1.0)
     best = score.argmax(axis=1)
     pick = np.arange(len(a))
@@ -379,9 +370,7 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     if len(sel):  # the colour test, on the best comparison's product pixels (an overlay's left out), in colour
         ca = _cut(a[sel], _CROP_MATRICES[_PAIRS_A[best[sel]]])
         cb = _cut(b[sel], _CROP_MATRICES[_PAIRS_B[best[sel]]])
-        y0, x0, y1, x1 = np.moveaxis(window[sel], -1, 0)[..., None, None]
-        rows, cols = np.arange(ALIGN_SIDE)[:, None], np.arange(ALIGN_SIDE)[None, :]
-        covered = overlaid[sel, None, None] & (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        covered = overlaid[sel, None, None] & _window_mask(window[sel])
         colour[sel] = color_distance(ca / 255.0, cb / 255.0, where=product[sel] & ~covered)
     return top, colour
 
@@ -398,22 +387,36 @@ def _coloured_overlay_refit(a: np.ndarray, b: np.ndarray, best: np.ndarray, ga: 
     bottles of one design (their labels differ in print, not colour) agreed as copies in the bench, and
     nothing else tells those apart.
     """
-    y0, x0, y1, x1 = np.moveaxis(window, -1, 0)[..., None, None]
-    rows, cols = np.arange(ALIGN_SIDE)[:, None], np.arange(ALIGN_SIDE)[None, :]
-    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    inside = _window_mask(window)
     chroma = [np.hypot(*np.moveaxis(lab(_cut(x, _CROP_MATRICES[pairs[best]]) / 255.0)[..., 1:], -1, 0))
               for x, pairs in ((a, _PAIRS_A), (b, _PAIRS_B))]
     cells = np.maximum(inside.sum(axis=(-2, -1)), 1)
     coloured = np.abs((chroma[0] * inside).sum(axis=(-2, -1)) - (chroma[1] * inside).sum(axis=(-2, -1))) / cells
-    rest = w * ~inside
-    n = np.maximum(rest.sum(axis=(-2, -1), keepdims=True), 1)
-    dx = ga - (rest * ga).sum(axis=(-2, -1), keepdims=True) / n
-    dy = gb - (rest * gb).sum(axis=(-2, -1), keepdims=True) / n
-    gain = (rest * dx * dy).sum(axis=(-2, -1), keepdims=True) / np.maximum((rest * dx * dx).sum(axis=(-2, -1), keepdims=True), 1e-6)
-    spread = np.sqrt((rest * dy * dy).sum(axis=(-2, -1), keepdims=True) / n)
-    close = np.abs(gain * dx - dy) < 0.15 * np.maximum(spread, 1.0) + 4.0
-    share = (rest * close).sum(axis=(-2, -1)) / n[..., 0, 0]
+    _, share = _brightness_agreement(ga, gb, w * ~inside)
     return np.where(coloured >= OVERLAY_CHROMA, share, -1.0)
+
+
+def _brightness_agreement(ga: np.ndarray, gb: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which pixels of (..., 24, 24) greyscale comparisons agree once a gain and offset are fitted from ``ga``
+    to ``gb`` over the pixels that ``w`` (0/1) marks (least squares: gb ~ gain * ga + offset; within 15% of
+    the spread plus 4 levels), and the share of the marked pixels that agree."""
+    n = np.maximum(np.count_nonzero(w, axis=(-2, -1)), 1)[..., None, None]
+
+    def total(x: np.ndarray) -> np.ndarray:  # over the marked pixels
+        return (w * x).sum(axis=(-2, -1), keepdims=True)
+
+    dx, dy = ga - total(ga) / n, gb - total(gb) / n
+    gain = total(dx * dy) / np.maximum(total(dx * dx), 1e-6)
+    spread = np.sqrt(total(dy * dy) / n)
+    close = np.abs(gain * dx - dy) < 0.15 * np.maximum(spread, 1.0) + 4.0
+    return close, total(close)[..., 0, 0] / n[..., 0, 0]
+
+
+def _window_mask(window: np.ndarray) -> np.ndarray:
+    """(n, 4) windows as (top, left, bottom, right) → (n, ALIGN_SIDE, ALIGN_SIDE) masks of the pixels inside."""
+    y0, x0, y1, x1 = np.moveaxis(window, -1, 0)[..., None, None]
+    rows, cols = np.arange(ALIGN_SIDE)[:, None], np.arange(ALIGN_SIDE)[None, :]
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
 def _window_sums(x: np.ndarray, h: int, w: int) -> np.ndarray:
