@@ -92,10 +92,21 @@ def pypi_file(project: str, filename: str, sha256: str, workdir: Path) -> Path:
     return path
 
 
+def tar_members(archive: Path, prefix: str, suffix: str, workdir: Path) -> list[Path]:
+    """The files of a tar archive whose names start with ``prefix`` and end with ``suffix``, extracted into
+    ``workdir`` (the archive's own paths, nothing outside it), sorted by name."""
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        members = sorted((m for m in tf.getmembers() if m.name.startswith(prefix) and m.name.endswith(suffix)),
+                         key=lambda m: m.name)
+        tf.extractall(workdir, members=members, filter="data")
+    return [workdir / m.name for m in members]
+
+
 def more_shop_photos(workdir: Path) -> list[tuple[Path, str, str]]:
     """(path, category folder, dev|test) for the shuup cosmetics and the Venia dresses, every other photo of
     each set (sorted by name) in the test part."""
-    import tarfile
     import zipfile
 
     wheel = pypi_file("shuup", "shuup-3.1.0-py2.py3-none-any.whl",
@@ -104,11 +115,8 @@ def more_shop_photos(workdir: Path) -> list[tuple[Path, str, str]]:
         beauty = [Path(zf.extract(n, workdir)) for n in sorted(zf.namelist())
                   if n.startswith("shuup/testing/modules/sample_data/images/default/product")]
     _fetch(["npm", "pack", "-q", "@magento/venia-ui@11.7.3"], workdir)
-    with tarfile.open(workdir / "magento-venia-ui-11.7.3.tgz") as tf:
-        members = sorted((m for m in tf.getmembers() if m.name.startswith("package/lib/RootComponents/Category/images/")
-                          and m.name.endswith(".jpg")), key=lambda m: m.name)
-        tf.extractall(workdir, members=members, filter="data")
-    dresses = [workdir / m.name for m in members]
+    dresses = tar_members(workdir / "magento-venia-ui-11.7.3.tgz", "package/lib/RootComponents/Category/images/", ".jpg",
+                          workdir)
     assert len(beauty) == 10 and len(dresses) == 12, (len(beauty), len(dresses))
     return [(path, folder, ("dev", "test")[i % 2]) for folder, paths in (("beauty", beauty), ("dresses", dresses))
             for i, path in enumerate(paths)]

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
 from build import flatten, sale_badge
-from decisions import more_shop_photos, pypi_file, saleor_photos, skimage_photos
+from decisions import more_shop_photos, pypi_file, saleor_photos, skimage_photos, tar_members
 
 from pipeline.models.classifier import load_classifier
 from pipeline.stages.classify import predict
@@ -135,15 +135,10 @@ def colourways(workdir: Path) -> list[tuple[str, Image.Image]]:
     """(colour, RGB on white) of a real shop package's one article in four colourways: the drawn test product of
     ``Cartridge==1.3.4`` (Mezzanine's shop), blue, green, red and yellow. Genuinely different products to a
     shop, made by its designer rather than by a hue turn of ours; none may merge with another."""
-    import tarfile
-
     sdist = pypi_file("Cartridge", "Cartridge-1.3.4.tar.gz",
                       "badcb3f08c7be1c0d371195fcf017562b95898cad8931c49fa7faff7a5ef78ae", workdir)
-    with tarfile.open(sdist) as tf:
-        members = sorted((m for m in tf.getmembers() if m.name.startswith("Cartridge-1.3.4/cartridge/shop/static/test/product/")
-                          and m.name.endswith(".png")), key=lambda m: m.name)
-        tf.extractall(workdir, members=members, filter="data")
-    return [(Path(m.name).stem, flatten(Image.open(workdir / m.name))) for m in members]
+    return [(path.stem, flatten(Image.open(path)))
+            for path in tar_members(sdist, "Cartridge-1.3.4/cartridge/shop/static/test/product/", ".png", workdir)]
 
 
 def build(folder: Path, sources: list[tuple[str, Image.Image]],
