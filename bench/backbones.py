@@ -16,20 +16,20 @@ import argparse
 import importlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import bench_model  # noqa: E402
 from decisions import few_shot_curve, junk_rates, saleor_photos, skimage_photos  # noqa: E402
 
 from pipeline.models import backbones as bb  # noqa: E402
 from pipeline.models.classifier import Classifier, load_classifier  # noqa: E402
 from pipeline.models.preprocess import Preprocess  # noqa: E402
 from pipeline.models.torchpickle import load_state_dict  # noqa: E402
-from pipeline.stages.classify import make_step, predict  # noqa: E402
+from pipeline.stages.classify import predict  # noqa: E402
 from pipeline.stages.junk import JunkConfig, hint_posterior  # noqa: E402
 
 BLOCKS = {0: bb.LITE0_BLOCKS, 1: bb.LITE1_BLOCKS, 2: bb.LITE2_BLOCKS}
@@ -48,17 +48,6 @@ def lite(variant: int, size: int, lite0: Classifier):
     weights = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     bb._torch_to_keras_lite0(net, load_state_dict(weights), BLOCKS[variant])
     return net
-
-
-def model_rate(clf: Classifier, batch: int = 32, repeats: int = 5) -> float:
-    """Images/s of the compiled step alone on ready batches (after one warm-up call)."""
-    step = make_step(clf)
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, *clf.preprocess.shape), dtype=np.uint8)
-    step(pixels)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step(pixels)
-    return batch * repeats / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -92,7 +81,7 @@ def main() -> None:
         auto = {k: v for (k, rule), v in curve.items() if rule.startswith("labelcat auto")}
         caught, lost = junk_rates(emb[:n], y, emb[n:], 3, max(20, args.splits // 5))
         print(f"| Lite{variant} | {size} px | {alone[0]:.1%} / {alone[1]:.1%} | {folder[0]:.1%} / {folder[1]:.1%} "
-              f"| {auto[1]:.1%} | {auto[3]:.1%} | {caught:.1%} / {lost:.1%} | {model_rate(clf):.0f} |", flush=True)
+              f"| {auto[1]:.1%} | {auto[3]:.1%} | {caught:.1%} / {lost:.1%} | {bench_model(clf, 32, 5):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
