@@ -154,8 +154,9 @@ def cli() -> None:
               show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
               help="Confidence below which `review export` picks rows (default: the model card's, else 0.6).")
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="History store: only new photos are classified, chunks are committed, one run at a time.")
+@click.option("--store", default=None, callback=lambda ctx, param, value: _store_location(value),
+              help="History store (a folder, or a pyarrow.fs URI such as s3://bucket/labelcat with --runner ray): "
+                   "only new photos are classified, chunks are committed, one run at a time.")
 @click.option("--chunk-size", type=click.IntRange(1), default=DEFAULT_CHUNK, show_default=True,
               help="Rows per unit of work (memory holds two: this one and the next, scanned meanwhile; with --store, the unit a killed run resumes from).")
 @click.option("--relabel", is_flag=True, help="With --store: classify again photos an older model version labelled.")
@@ -171,7 +172,7 @@ def cli() -> None:
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
     batch_size: int, top_k: int, embeddings: bool, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, corrections: Path,
-    review_threshold: float | None, store: Path | None, chunk_size: int, relabel: bool, skip_seen: bool,
+    review_threshold: float | None, store: Path | str | None, chunk_size: int, relabel: bool, skip_seen: bool,
     allow_outside: bool, log_file: Path | None, fail_on_row_errors: bool, runner: str, ray_address: str | None,
     quiet: bool,
 ) -> None:
@@ -220,8 +221,7 @@ def run(
     )
     if store is not None:  # refuse a foreign or locked store before spending seconds on the model
         try:
-            with Store(store).lock():
-                pass
+            Store(store).check(cluster=runner == "ray")
         except StoreError as exc:
             raise click.UsageError(str(exc)) from None
         except StoreLocked as exc:
@@ -263,6 +263,16 @@ def run(
         click.echo(summary.render())
     if fail_on_row_errors and summary.by_status.get("error"):
         sys.exit(4)
+
+
+def _store_location(value: str | None) -> Path | str | None:
+    """A folder as a ``Path``; a filesystem URI (``s3://``, ``gs://``, ``hdfs://``) as given, for ``pyarrow.fs``."""
+    if value is None or ("://" in value and not value.startswith("file://")):
+        return value
+    path = Path(value.removeprefix("file://"))
+    if path.is_file():
+        raise click.BadParameter(f"{value} is a file, not a folder", param_hint="--store")
+    return path
 
 
 def _locked(exc: Exception, log: Callable[[dict], None]) -> None:

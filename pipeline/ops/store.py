@@ -18,10 +18,15 @@ the job, so no row is lost or written twice. A run over different input
 discards the stale staging first. The publish step itself is recorded
 (``state: publishing``) and completed by the next run if it was interrupted.
 
-The lock is an ``flock`` on ``DIR/lock``: the kernel releases it when the
-holder dies, however it dies, so a stale lock cannot outlive its process;
-the file records who holds it for the "locked" message. (flock is local to
-one machine: do not share a store over NFS between hosts.)
+``DIR`` may be a local or NFS folder or a URI of any filesystem ``pyarrow.fs``
+reads (``s3://``, ``gs://``, ``hdfs://``): every read and write goes through
+it (``Store``). On a local or NFS folder the lock is an ``flock`` on
+``DIR/lock``: the kernel releases it when the holder dies, however it dies,
+so a stale lock cannot outlive its process, and Linux NFS clients forward it
+to the server's lock manager, so it holds between hosts; the file records who
+holds it for the "locked" message. An object store has no lock a process can
+take: the Ray runner holds one in its cluster (``runners/ray.py``,
+``cluster_lock``), and the local runner refuses such a store.
 """
 
 from __future__ import annotations
@@ -30,19 +35,21 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.contract import BY_NAME, LABEL_FIELDS
@@ -137,10 +144,10 @@ def dequantise(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(codes, np.float32) * np.asarray(scale, np.float32)[..., None]
 
 
-def read_index(part: Path) -> list[dict[str, Any]]:
+def read_index(part: str | Path, filesystem: pafs.FileSystem | None = None) -> list[dict[str, Any]]:
     """An index part's records; ``embedding_q8`` as an int8 array (one Python int per dimension would
     cost 30x the memory of the codes for a long history)."""
-    table = pq.read_table(part, schema=INDEX_SCHEMA)
+    table = pq.read_table(part, schema=INDEX_SCHEMA, filesystem=filesystem)
     codes = table.column("embedding_q8").combine_chunks()
     records = table.drop_columns(["embedding_q8"]).to_pylist()
     if codes.null_count == len(codes):
@@ -177,11 +184,104 @@ class History:
 
 
 class Store:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.labels = self.root / "labels"
-        self.index = self.root / "index"
-        self.staging = self.root / "staging"
+    """A history store at a local path, a URI (``s3://bucket/labelcat``, ``gs://...``, ``hdfs://...``,
+    ``file:///...``) or a path on a ``pyarrow.fs`` filesystem the caller configured (credentials, endpoint).
+
+    Every read and write goes through ``pyarrow.fs``. What differs by
+    filesystem is only what it can promise: a local (or NFS) folder is locked
+    by ``flock`` and published by one directory rename; an object store has
+    neither, so it needs a lock held elsewhere (``lock(cluster=...)``: the Ray
+    runner's cluster lock) and publishes file by file (``_move_tree``).
+    """
+
+    def __init__(self, root: str | Path, filesystem: pafs.FileSystem | None = None) -> None:
+        if filesystem is not None:
+            self.fs, base = filesystem, str(root)
+        elif isinstance(root, str) and "://" in root:
+            try:
+                self.fs, base = pafs.FileSystem.from_uri(root)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise StoreError(f"--store {root}: {exc}") from None
+        else:
+            self.fs, base = pafs.LocalFileSystem(), str(Path(root).absolute())
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.root = base.rstrip("/") or ("/" if self.local else "")
+        if not self.root:
+            raise StoreError(f"--store {root} names no folder in its filesystem")
+        self.location = str(root) if filesystem is None or self.local else f"{self.fs.type_name}:{self.root}"
+        self.labels = f"{self.root}/labels"
+        self.index = f"{self.root}/index"
+        self.staging = f"{self.root}/staging"
+
+    # -- filesystem primitives ---------------------------------------------------
+
+    def _type(self, path: str) -> pafs.FileType:
+        return self.fs.get_file_info(path).type
+
+    def _listing(self, folder: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """What ``folder`` holds (nothing if it does not exist), sorted by path."""
+        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=recursive)
+        return sorted(self.fs.get_file_info(selector), key=lambda info: info.path)
+
+    def _parts(self, folder: str, pattern: str = "part-*.parquet") -> list[str]:
+        return [i.path for i in self._listing(folder) if i.type == pafs.FileType.File and fnmatch(i.base_name, pattern)]
+
+    def _read_text(self, path: str) -> str | None:
+        if self._type(path) != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def _write(self, path: str, write: Callable[[str], None]) -> None:
+        """``write(tmp)`` writes the file through ``self.fs``; the result replaces ``path`` in one step.
+
+        Local: ``atomic_path`` (fsync, rename, temporaries of dead writers swept).
+        Elsewhere: a dot-named temporary beside it, then ``move``: a rename
+        where the filesystem has one, a single-object copy on object stores,
+        whose objects appear whole or not at all.
+        """
+        if self.local:
+            with atomic_path(path, suffix=Path(path).suffix) as tmp:
+                write(str(tmp))
+            return
+        folder, name = path.rsplit("/", 1)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            write(tmp)
+            self.fs.move(tmp, path)
+        finally:
+            if self._type(tmp) != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
+
+    def _write_text(self, path: str, text: str) -> None:
+        def write(tmp: str) -> None:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(text.encode())
+        self._write(path, write)
+
+    def _move_tree(self, src: str, dst: str) -> None:
+        """Move folder ``src`` to ``dst``: one rename where the filesystem can (local, NFS, HDFS), else
+        file by file (object stores have no folders to rename). Safe to repeat after a kill: files moved
+        already are gone from ``src`` and a file moved twice is the same file."""
+        if self._type(src) == pafs.FileType.NotFound:
+            return
+        if self._type(dst) == pafs.FileType.NotFound:
+            self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+            try:
+                self.fs.move(src, dst)
+                return
+            except (OSError, NotImplementedError):
+                if self.local:
+                    raise
+        for info in self._listing(src, recursive=True):
+            if info.type == pafs.FileType.File and not info.base_name.startswith("."):
+                target = dst + info.path[len(src):]
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                self.fs.move(info.path, target)
+        self.fs.delete_dir(src)
+
+    # -- claiming and locking ------------------------------------------------------
 
     def claim(self) -> None:
         """Make sure the folder is a labelcat store (or empty, or new) before anything is written in it.
@@ -191,39 +291,66 @@ class Store:
         state, is refused with ``StoreError``. An earlier version's store (only
         known entries, no marker) gets the marker.
         """
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"--store {self.root} is not a folder")
-        entries = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
+        kind = self._type(self.root)
+        if kind == pafs.FileType.File:
+            raise StoreError(f"--store {self.location} is not a folder")
+        entries = {i.base_name for i in self._listing(self.root)} if kind == pafs.FileType.Directory else set()
         foreign = sorted(entries - STORE_ENTRIES)
         if foreign:
-            raise StoreError(f"--store {self.root} holds files labelcat did not create ({', '.join(foreign[:5])}); "
+            raise StoreError(f"--store {self.location} holds files labelcat did not create ({', '.join(foreign[:5])}); "
                              "use an empty or new folder")
-        if self.staging.exists() and not (self.staging / "run.json").is_file():
+        if "staging" in entries and self._type(self._state_file()) != pafs.FileType.File:
             raise StoreError(f"{self.staging} exists but is not labelcat's staging (no run.json); move it away")
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / MARKER).touch()
+        self.fs.create_dir(self.root, recursive=True)
+        if MARKER not in entries:
+            self._write_text(f"{self.root}/{MARKER}", "")
+
+    def check(self, cluster: bool = False) -> None:
+        """Refuse, before any work, a store that is foreign (``StoreError``), locked (``StoreLocked``) or
+        that no lock can guard: a store off the local filesystem needs the cluster's lock (``cluster``)."""
+        with self.lock(cluster=(lambda key: contextlib.nullcontext()) if cluster else None):
+            pass
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, cluster: Callable[[str], contextlib.AbstractContextManager] | None = None) -> Iterator[None]:
         """Hold the store's lock for the whole run; ``StoreLocked`` if another run has it.
 
-        The lock file is opened without following symlinks, so a link planted
-        as ``DIR/lock`` cannot make labelcat overwrite its target.
+        A local or NFS folder: ``flock`` on ``DIR/lock`` (on Linux NFS mounts,
+        with the default ``local_lock=none``, the client forwards it to the
+        server's lock manager, so it holds across hosts). ``cluster(key)``, when
+        given, is held as well: the Ray runner's lock, a named actor in the
+        cluster, which holds across the cluster's hosts on any filesystem. An
+        object store without a cluster lock is refused: nothing in it can be
+        locked.
         """
         self.claim()
+        if not self.local and cluster is None:
+            raise StoreError(f"--store {self.location} is on {self.fs.type_name}, where labelcat cannot take a lock "
+                             "from one process; run it with --runner ray, whose cluster holds the lock")
+        with contextlib.ExitStack() as stack:
+            if self.local:
+                stack.enter_context(self._flock())
+            if cluster is not None:
+                stack.enter_context(cluster(f"{self.fs.type_name}:{self.root}"))
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        """The lock file is opened without following symlinks, so a link planted
+        as ``DIR/lock`` cannot make labelcat overwrite its target."""
+        path = f"{self.root}/lock"
         try:
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot use {self.root / 'lock'} as the store's lock: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot use {path} as the store's lock: {exc.strerror or exc}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-                raise StoreLocked(f"store {self.root} is locked by {holder}") from None
-            info = f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+                raise StoreLocked(f"store {self.location} is locked by {holder}") from None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
+            os.pwrite(fd, holder_info().encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -235,16 +362,20 @@ class Store:
         are left out, so they are classified again rather than seen or matched.
         """
         history = History()
-        for part in sorted(self.index.glob("*/part-*.parquet")):
-            for rec in read_index(part):
+        runs = [i.path for i in self._listing(self.index) if i.type == pafs.FileType.Directory]
+        for part in (p for run in runs for p in self._parts(run)):
+            for rec in read_index(part, self.fs):
                 if only_version is None or rec["model_version"] == only_version:
                     history.add(rec)
         return history
 
     # -- staging ---------------------------------------------------------------
 
-    def _state_file(self) -> Path:
-        return self.staging / "run.json"
+    def _state_file(self) -> str:
+        return f"{self.staging}/run.json"
+
+    def _part(self, kind: str, n: int, ext: str = "parquet") -> str:
+        return f"{self.staging}/{kind}/part-{n:06d}.{ext}"
 
     def open_staging(self, fingerprint: str, model_version: str, chunk_size: int, new_run_id: str,
                      run_date: str, log) -> tuple[str, str, set[int] | None]:
@@ -264,7 +395,7 @@ class Store:
                 return state["run_id"], state["run_date"], None
             state = None
         if state and same:
-            done = {int(p.stem.split("-")[1]) for p in (self.staging / "labels").glob("part-*.parquet")}
+            done = {int(p.rsplit("/", 1)[1].split("-")[1].split(".")[0]) for p in self._parts(f"{self.staging}/labels")}
             changed = self.files_unchanged(done)
             if changed is None:
                 log(f"resuming run {state['run_id']}: {len(done)} chunks already committed")
@@ -272,22 +403,22 @@ class Store:
             log(f"not resuming run {state['run_id']}: {changed} changed since it was read")
         elif state:
             log(f"discarding unfinished run {state['run_id']} (its input or model differ)")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        (self.staging / "labels").mkdir(parents=True)
-        (self.staging / "index").mkdir(parents=True)
+        if self._type(self.staging) != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.staging)
+        for kind in ("labels", "index"):
+            self.fs.create_dir(f"{self.staging}/{kind}", recursive=True)
         self._write_state({"run_id": new_run_id, "run_date": run_date, "fingerprint": fingerprint,
                            "model_version": model_version, "chunk_size": chunk_size, "state": "running"})
         return new_run_id, run_date, set()
 
     def _read_state(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self._state_file().read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return json.loads(self._read_text(self._state_file()) or "null")
+        except json.JSONDecodeError:
             return None
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        with atomic_path(self._state_file(), suffix=".json") as tmp:
-            tmp.write_text(json.dumps(state))
+        self._write_text(self._state_file(), json.dumps(state))
 
     def commit_chunk(self, n: int, rows: pa.Table, index_records: list[dict[str, Any]],
                      files: list[tuple[str, int, int]] | None = None) -> None:
@@ -297,20 +428,18 @@ class Store:
         checks them, so a photo replaced under the same name is not taken from
         a committed chunk (``files_unchanged``).
         """
-        with atomic_path(self.staging / "files" / f"part-{n:06d}.json", suffix=".json") as tmp:
-            tmp.write_text(json.dumps(files or []))
-        with atomic_path(self.staging / "index" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
-            pq.write_table(pa.Table.from_pylist(index_records, schema=INDEX_SCHEMA), tmp)
-        with atomic_path(self.staging / "labels" / f"part-{n:06d}.parquet", suffix=".parquet") as tmp:
-            pq.write_table(rows, tmp)
+        self._write_text(self._part("files", n, "json"), json.dumps(files or []))
+        index = pa.Table.from_pylist(index_records, schema=INDEX_SCHEMA)
+        self._write(self._part("index", n), lambda tmp: pq.write_table(index, tmp, filesystem=self.fs))
+        self._write(self._part("labels", n), lambda tmp: pq.write_table(rows, tmp, filesystem=self.fs))
 
     def files_unchanged(self, chunks: set[int]) -> str | None:
         """None if every file the committed ``chunks`` read still has its size and modification time;
         else the first path that changed (the resume must start afresh)."""
         for n in sorted(chunks):
             try:
-                files = json.loads((self.staging / "files" / f"part-{n:06d}.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
+                files = json.loads(self._read_text(self._part("files", n, "json")) or "")
+            except json.JSONDecodeError:
                 return f"chunk {n}'s file list"
             for path, size, mtime_ns in files:
                 try:
@@ -323,29 +452,33 @@ class Store:
         return None
 
     def read_chunk(self, n: int) -> tuple[pa.Table, list[dict[str, Any]]]:
-        rows = pq.read_table(self.staging / "labels" / f"part-{n:06d}.parquet")
-        return rows, read_index(self.staging / "index" / f"part-{n:06d}.parquet")
+        rows = pq.read_table(self._part("labels", n), filesystem=self.fs)
+        return rows, read_index(self._part("index", n), self.fs)
 
-    def published_parts(self, run_date: str, run_id: str) -> list[Path]:
-        return sorted((self.labels / f"run_date={run_date}" / run_id).glob("part-*.parquet"))
+    def published_parts(self, run_date: str, run_id: str) -> list[str]:
+        return self._parts(f"{self.labels}/run_date={run_date}/{run_id}")
 
-    def publish(self) -> Path:
+    def read_published(self, part: str) -> pa.Table:
+        return pq.read_table(part, filesystem=self.fs)
+
+    def publish(self) -> str:
         """Make tonight's run visible: rename the staged folders into the dataset."""
         state = self._read_state()
         state["state"] = "publishing"
         self._write_state(state)
         return self._publish(state)
 
-    def _publish(self, state: dict[str, Any]) -> Path:
+    def _publish(self, state: dict[str, Any]) -> str:
         # The run folder has no "key=" so readers do not add a second run_id column.
-        target = self.labels / f"run_date={state['run_date']}" / state["run_id"]
-        index_target = self.index / state["run_id"]
-        if (self.staging / "index").exists() and not index_target.exists():
-            index_target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.staging / "index", index_target)
+        target = f"{self.labels}/run_date={state['run_date']}/{state['run_id']}"
+        self._move_tree(f"{self.staging}/index", f"{self.index}/{state['run_id']}")
         fault_point("mid-publish")
-        if (self.staging / "labels").exists() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.staging / "labels", target)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._move_tree(f"{self.staging}/labels", target)
+        if self._type(self.staging) != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.staging)
         return target
+
+
+def holder_info() -> str:
+    """Who holds a lock, for the "locked" message."""
+    return f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}"

@@ -70,7 +70,7 @@ class RunConfig:
     corrections: Path | None = None  # the review store; rows a person labelled get the person's label
     review_threshold: float | None = None  # recorded for `review export`; default: the model card's
     chunk_size: int = DEFAULT_CHUNK
-    store: Path | None = None  # history store: incremental, resumable, locked
+    store: Path | str | Store | None = None  # history store (a folder, a URI or a ``Store``): incremental, resumable, locked
     relabel: bool = False  # with a store: classify again photos an older model version labelled
     skip_seen: bool = False  # with a store: leave already-labelled photos out of the output
     embeddings: bool = False  # write each classified photo's embedding to the output
@@ -141,6 +141,7 @@ class Engine:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
     device: str = ""
     scan_ahead: bool = False  # scan the next chunk on a thread while this one is classified (``scanned_ahead``)
+    lock: Callable[[str], contextlib.AbstractContextManager] | None = None  # a store lock beyond flock (``Store.lock``)
 
 
 def local_engine() -> Engine:
@@ -409,9 +410,9 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
     started = datetime.now(timezone.utc)
     source = Path(source)
     batch = ingest(source, allow_outside=cfg.allow_outside)
-    store = Store(cfg.store) if cfg.store else None
+    store = cfg.store if isinstance(cfg.store, Store) or cfg.store is None else Store(cfg.store)
     engine = engine or local_engine()
-    with store.lock() if store else contextlib.nullcontext():
+    with store.lock(engine.lock) if store else contextlib.nullcontext():
         chunks: Iterator[list[Record]] = chunked(batch.records, cfg.chunk_size)
         early: dict[int, Scan | tuple[str, str]] | None = None
         if isinstance(classifier, Future):
@@ -451,7 +452,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                                      lambda n: published is None and n not in done, early, engine.scan_ahead)
             for n, records, scans in scanning:
                 if published is not None:  # the work was done before a kill mid-publish
-                    table = pq.read_table(published[n])
+                    table = store.read_published(published[n])
                 elif n in done:
                     table, index_records = store.read_chunk(n)
                     for rec in index_records:  # this run's committed photos, under their row keys
@@ -478,7 +479,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
             fault_point("before-publish")
             cfg.log({"stage": "publish", "path": str(store.publish())})
     summary = counter.summary(
-        run_id=run_id, out=str(out) if out is not None else str(cfg.store), seconds=time.perf_counter() - t0,
+        run_id=run_id, out=str(out) if out is not None else store.location, seconds=time.perf_counter() - t0,
         model=classifier.name, model_version=classifier.version,
         device=engine.device or ("GPU" if has_gpu() else "CPU"),
     )

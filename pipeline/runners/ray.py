@@ -15,7 +15,9 @@ those pairs is ``find_duplicates`` itself (README, "Runners").
 With ``--store`` the night is the local runner's loop (``run``) with this
 module's ``Engine``: chunks, the store's index for photos seen and kept on
 earlier nights, commits into staging, the lock, resume and publish are the
-same code, so both runners make the same decisions by construction.
+same code, so both runners make the same decisions by construction. The
+store's lock is also held in the cluster (``cluster_lock``): a named actor,
+safe across the cluster's hosts on any filesystem, object stores included.
 
 Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
 that takes every CPU starves the read tasks and hangs silently, so the pool
@@ -25,11 +27,14 @@ costs a few seconds, so the local runner stays the default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ import numpy as np
 
 from pipeline.models.classifier import Classifier, load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
+from pipeline.ops.store import StoreLocked, holder_info
 from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
 from pipeline.stages.dedupe import VIEW_NAMES, Candidate, DedupeConfig, Hashes
@@ -92,6 +98,59 @@ def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -
         out["aspect_ratio"].append(s.quality.aspect_ratio)
     return {k: np.array(v, dtype=object) if k in ("rotated", "color", "phash_whole", "thumb") else np.array(v)
             for k, v in out.items()}
+
+
+class LockHolder:
+    """Ray actor that is the store's lock while it lives: its name (one per store) is unique in the cluster.
+
+    Why an actor: a store on an object store has no ``flock``, and a lock file
+    there cannot be created atomically. Ray's GCS registers actor names
+    atomically, and an actor that is not detached dies with the driver that
+    created it, however the driver dies (SIGKILL included), so the lock is
+    released exactly as an ``flock`` is.
+    """
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+
+    def who(self) -> str:
+        return self.holder
+
+
+LOCK_NAMESPACE = "labelcat"
+
+
+@contextlib.contextmanager
+def cluster_lock(key: str, wait_s: float = 30.0) -> Iterator[None]:
+    """Hold the store ``key``'s lock in the connected Ray cluster; ``StoreLocked`` if a live run holds it.
+
+    A holder whose driver was just killed may take Ray a moment to clean up:
+    a name whose actor no longer answers is retried for up to ``wait_s``.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    name = "store-lock-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+    remote = ray.remote(num_cpus=0)(LockHolder).options(name=name, namespace=LOCK_NAMESPACE, lifetime="non_detached")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            actor = remote.remote(f"{holder_info()} (Ray job {ray.get_runtime_context().get_job_id()})")
+            ray.get(actor.who.remote())
+            break
+        except ValueError:  # the name is taken
+            try:
+                holder = ray.get(ray.get_actor(name, namespace=LOCK_NAMESPACE).who.remote(), timeout=10)
+            except (ValueError, RayActorError, GetTimeoutError):  # its driver died: Ray is removing it
+                if time.monotonic() > deadline:
+                    raise StoreLocked(f"store {key} is locked in the Ray cluster by a run that does not answer") from None
+                time.sleep(0.5)
+                continue
+            raise StoreLocked(f"store {key} is locked by {holder}") from None
+    try:
+        yield
+    finally:
+        ray.kill(actor)
 
 
 class ClassifierActor:
@@ -231,7 +290,7 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
-        scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)), scan_ahead=True,
+        scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)), scan_ahead=True, lock=cluster_lock,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
         device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -352,3 +354,141 @@ def test_the_copy_check_groups_photos_by_the_label_their_rows_carry(tmp_path):
     copy = night2[night2.path.str.endswith("b_badge.jpg")].iloc[0]
     assert copy.status == "duplicate" and copy.duplicate_kind == "near", (copy.status, copy.junk_reason)
     assert (copy.duplicate_of, copy.duplicate_of_run) == (first.row, first.run_id)
+
+
+class ObjectStoreLike(pafs.FileSystemHandler):
+    """A ``pyarrow.fs`` handler over an in-memory filesystem that behaves as an object store does where it
+    matters to the store: folders cannot be renamed (S3 and GCS move objects one by one, if at all)."""
+
+    def __init__(self):
+        from pyarrow._fs import _MockFileSystem
+
+        self.fs = _MockFileSystem()
+        self.moved = []
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def get_type_name(self):
+        return "objects"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        if self.fs.get_file_info(src).type == pafs.FileType.Directory:
+            raise NotImplementedError("objects: folders cannot be renamed")
+        self.moved.append(dest)
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def test_a_store_on_an_object_store_makes_the_folder_stores_rows(tmp_path, card_model, monkeypatch):
+    """The store through ``pyarrow.fs`` on a filesystem that has no folder rename and no flock: the local
+    runner refuses it without a cluster's lock (exit 2 from the CLI); with one (a lock held elsewhere, as the
+    Ray runner's named actor), two nights give the rows of a store in a local folder, an interrupted publish
+    is completed file by file by the next run, and a second run is refused while the lock is held."""
+    import contextlib
+    import dataclasses
+    import threading
+
+    from pipeline.models.classifier import load_classifier
+    from pipeline.ops import store as store_module
+    from pipeline.ops.store import StoreLocked
+    from pipeline.runners.local import RunConfig, local_engine, run
+
+    r = cli_run(tmp_path, "--store", "mock:///store", "--model", card_model, "-q")
+    assert r.exit_code == 2 and "on mock" in r.output and "--runner ray" in r.output
+    r = cli_run(tmp_path, "--store", "mock://", "--model", card_model, "-q")
+    assert r.exit_code == 2 and "names no folder" in r.output
+
+    held = threading.Lock()
+
+    @contextlib.contextmanager
+    def cluster(key):
+        assert key == "py::objects:shop/store"
+        if not held.acquire(blocking=False):
+            raise StoreLocked(f"store {key} is locked")
+        try:
+            yield
+        finally:
+            held.release()
+
+    handler = ObjectStoreLike()
+    remote = Store("shop/store", filesystem=pafs.PyFileSystem(handler))
+    engine = dataclasses.replace(local_engine(), lock=cluster)
+    clf = load_classifier(str(card_model), None, "float32")
+    shop = tmp_path / "uploads"
+    make_shop(shop, 5)
+    folder = tmp_path / "store"
+
+    def night(n, store, eng=None):
+        out = tmp_path / f"{n}-{'remote' if store is remote else 'folder'}.parquet"
+        run(shop, out, clf, RunConfig(quiet=True, store=store, chunk_size=2), eng)
+        return pd.read_parquet(out).drop(columns=["run_id", "processed_at", "seen_in", "duplicate_of_run"])
+
+    pd.testing.assert_frame_equal(night(1, remote, engine), night(1, folder))
+    make_shop(shop, 2, start=5)
+    Image.open(shop / "p001.jpg").resize((180, 180)).save(shop / "p001_small.jpg")
+
+    def interrupted(name):
+        if name == "mid-publish":
+            raise OSError("connection reset")
+
+    monkeypatch.setattr(store_module, "fault_point", interrupted)
+    handler.moved.clear()
+    with pytest.raises(OSError, match="connection reset"):
+        night(2, remote, engine)
+    monkeypatch.undo()
+
+    def published(folder):
+        return [p for p in handler.moved if p.startswith(f"shop/store/{folder}/")]
+
+    assert len(published("index")) == 4 and not published("labels")  # tonight's index is out, its rows are not
+    second = night(2, remote, engine)  # completes the publish, and there is nothing left to do
+    pd.testing.assert_frame_equal(second, night(2, folder))
+    assert set(second.status) >= {"seen", "duplicate"}
+    assert len(published("labels")) == 4  # each part moved as one object (8 rows in chunks of 2)
+    table = pq.read_table("shop/store/labels", filesystem=pafs.PyFileSystem(handler)).to_pandas()
+    assert len(table) == 5 + 8 and not [i for i in pafs.PyFileSystem(handler).get_file_info(
+        pafs.FileSelector("shop/store", recursive=True)) if "staging" in i.path]
+    with cluster("py::objects:shop/store"), pytest.raises(StoreLocked):
+        night(3, remote, engine)

@@ -183,9 +183,11 @@ def test_pair_search_on_ray_actors_makes_the_local_decisions():
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_on_a_real_cluster(tmp_path, local_cluster, card_model):
-    """--runner ray --store on a real ``ray start --head`` cluster: the driver SIGKILLed after its second
-    chunk, then run again, leaves the store with the rows of an uninterrupted run (the lock, staging and
-    publish are the local runner's loop; the cluster's workers of the killed job go with its driver)."""
+    """--runner ray --store on a real ``ray start --head`` cluster: while the driver works, the store's lock is
+    held in the cluster too (another client of the cluster is refused, as a run on another host would be);
+    the driver SIGKILLed after its second chunk releases it, and a run again leaves the store with the rows
+    of an uninterrupted run (the lock, staging and publish are the local runner's loop; the cluster's workers
+    of the killed job go with its driver)."""
     import shutil
 
     address, env = local_cluster
@@ -193,20 +195,44 @@ def test_a_killed_driver_resumes_on_a_real_cluster(tmp_path, local_cluster, card
     for cls in ("sneakers", "polos"):
         shutil.copytree(SAMPLE / "images" / cls, shop / cls)
 
-    def run(store: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    def start(store: str, fault: str | None = None) -> subprocess.Popen:
         e = {k: v for k, v in env.items() if k != "LABELCAT_FAULT"} | ({"LABELCAT_FAULT": fault} if fault else {})
-        return subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(shop),
-                               "--store", str(tmp_path / store), "--out", str(tmp_path / f"{store}.parquet"),
-                               "--model", str(card_model), "--chunk-size", "4", "-q", "--runner", "ray",
-                               "--ray-address", address], cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(shop),
+                                 "--store", str(tmp_path / store), "--out", str(tmp_path / f"{store}.parquet"),
+                                 "--model", str(card_model), "--chunk-size", "4", "-q", "--runner", "ray",
+                                 "--ray-address", address], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
-    p = run("ref")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run("store", "kill@after-chunk:1")
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    def run(store: str) -> None:
+        p = start(store)
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+
+    run("ref")
+    p = start("store", "pause@after-chunk:1")  # sleeps holding the store's locks once chunk 1 is committed
+    committed = tmp_path / "store" / "staging" / "labels" / "part-000001.parquet"
+    deadline = time.time() + 300
+    while not committed.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert committed.exists(), p.communicate()[1][-3000:]
+    # Another client of the cluster (a fresh process: a client keeps the first auth token it read) asks for the
+    # store's cluster lock, as a run on another host would: refused, naming the Ray job that holds it.
+    other = subprocess.run([sys.executable, "-c", (
+        "import sys, ray\n"
+        "from pipeline.ops.store import StoreLocked\n"
+        "from pipeline.runners.ray import cluster_lock\n"
+        f"ray.init(address={address!r}, log_to_driver=False, logging_level='ERROR')\n"
+        "try:\n"
+        f"    with cluster_lock({'local:' + str(tmp_path / 'store')!r}):\n"
+        "        sys.exit(0)\n"
+        "except StoreLocked as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 3 and "(Ray job" in other.stdout, other.stdout + other.stderr[-3000:]
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
     assert not (tmp_path / "store" / "labels").exists()  # readers see nothing of the killed night
-    p = run("store")
-    assert p.returncode == 0, p.stderr[-3000:]
+    run("store")  # the killed driver's locks went with it
 
     def rows(store: str) -> pd.DataFrame:
         d = pd.read_parquet(tmp_path / store / "labels").drop(columns=["run_id", "processed_at", "run_date"])
