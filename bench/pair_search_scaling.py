@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.stages.dedupe import DedupeConfig, find_duplicates
-from pipeline.stages.nearpairs import VIEWS, HashArrays, NearPairs, PairSearch
+from pipeline.stages.nearpairs import VIEWS, BatchIndex, HashArrays, NearPairs, PairSearch
 
 
 def random_arrays(n: int, seed: int = 0) -> HashArrays:
@@ -98,12 +98,12 @@ def compare(n: int) -> None:
         import ray
     except ImportError:
         return
-    from pipeline.runners.ray import ray_pair_index
+    from pipeline.runners.ray import ray_segment_search
 
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    build = ray_pair_index(ray.cluster_resources().get("CPU", 1))
+    search = ray_segment_search(DedupeConfig(), ray.cluster_resources().get("CPU", 1))
     t = time.perf_counter()
-    distributed = find_duplicates(cands, index=build(cands, DedupeConfig()))
+    distributed = find_duplicates(cands, index=BatchIndex(search=search))  # one chunk, searched on the actors
     print(f"| `PairSearch` on Ray actors (one per CPU, {os.cpu_count()} CPUs, start-up included) | {time.perf_counter() - t:.1f} | {distributed == local} |")
 
 

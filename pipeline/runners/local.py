@@ -46,7 +46,7 @@ from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
 from pipeline.stages.junk import (HintReference, JunkConfig, folder_likeness, folder_verdict, hint_posterior,
                                   open_set_reason, quality_reason, semantic_reason)
-from pipeline.stages.nearpairs import BatchIndex, NearPairs
+from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
 from pipeline.contract import LABEL_FIELDS
@@ -137,7 +137,7 @@ class Engine:
 
     scan: Callable[[list[Record], RunConfig, Preprocess], dict[int, Scan | tuple[str, str]]]
     classify: Callable[[list[Path], list, Classifier, RunConfig, Callable[[int], Any]], Any]
-    pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None  # whole-input runs only
+    segment_search: Callable[[DedupeConfig], SegmentSearch] | None = None  # where ``BatchIndex`` searches (default: here)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
     device: str = ""
     scan_ahead: bool = False  # scan the next chunk on a thread while this one is classified (``scanned_ahead``)
@@ -263,14 +263,8 @@ def file_identity(rec: Record) -> str:
     return "\t".join(map(str, st)) if st is not None else f"{os.fsdecode(rec.resolved)}\t-\t-"
 
 
-def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], ctx: Context,
-               pair_index: Callable[[list[Candidate], DedupeConfig], NearPairs] | None = None) -> Plan:
-    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified.
-
-    ``pair_index`` (the Ray runner's) finds the near pairs of the whole chunk
-    beforehand, in parallel, instead of querying ``ctx.index`` photo by photo;
-    the decisions are the same.
-    """
+def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], ctx: Context) -> Plan:
+    """Quality junk, photos seen on earlier nights and duplicates; what is left gets classified."""
     cfg = ctx.cfg
     t = time.perf_counter()
     good = {row: s for row, s in scans.items() if isinstance(s, Scan)}
@@ -289,7 +283,7 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
                     seen[rec.row] = key
     candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
-    duplicates = find_duplicates(candidates, cfg.dedupe, pair_index(candidates, cfg.dedupe) if pair_index else ctx.index)
+    duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
     cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
              "seconds": round(time.perf_counter() - t, 3)})
     to_classify = sorted(row for row in good if row not in duplicates and row not in seen)
@@ -356,7 +350,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                   scans: dict[int, Scan | tuple[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One scanned chunk through every other stage: (output rows, index records of its kept photos)."""
     cfg, clf = ctx.cfg, ctx.classifier
-    plan = plan_chunk(records, scans, ctx, ctx.engine.pair_index if cfg.store is None else None)
+    plan = plan_chunk(records, scans, ctx)
 
     t = time.perf_counter()
     by_row = {r.row: r for r in records}
@@ -434,7 +428,8 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
         published = None if done is not None else store.published_parts(run_date, run_id)
         history = store.load_history(classifier.version if cfg.relabel else None) if store else History()
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
-        ctx = Context(classifier, cfg, run_id, BatchIndex(cfg.dedupe), history, corrections, engine=engine,
+        search = engine.segment_search(cfg.dedupe) if engine.segment_search else None
+        ctx = Context(classifier, cfg, run_id, BatchIndex(cfg.dedupe, search), history, corrections, engine=engine,
                       hint_reference=HintReference(cfg.junk.outlier_reference))
         for key, rec in history.entries.items():  # in publishing order: the most recent stay in the reference
             ctx.recall(key, rec)

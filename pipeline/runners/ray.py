@@ -6,17 +6,18 @@ quality) is ``map_batches`` over stateless tasks; classification runs on
 plain actors started once per run, so each actor loads the model once and runs
 the same ``tf.data`` loop (``stages.classify.predict``) on its batches, with a GPU per
 actor when the cluster has them; assembling rows, junk rules and the Parquet
-writer are the local runner's. Near duplicates: the hashes go into the
-object store as flat arrays once, an actor pool searches ranges of photos
-against all of them (``nearpairs.PairSearch``, multi-index hashing, never all
-pairs) and returns only the verified pairs; the driver's kept-first walk over
-those pairs is ``find_duplicates`` itself (README, "Runners").
+writer are the local runner's. Near duplicates: the kept photos' hashes go
+into the object store as flat arrays once per segment, an actor pool keeps
+their bucket tables and searches ranges of each chunk's photos against all of
+them (``nearpairs.PairSearch``, multi-index hashing, never all pairs) and
+returns only the verified pairs; the driver's kept-first walk over those pairs
+is ``find_duplicates`` itself (README, "Runners").
 
-With ``--store`` the night is the local runner's loop (``run``) with this
-module's ``Engine``: chunks, the store's index for photos seen and kept on
-earlier nights, commits into staging, the lock, resume and publish are the
-same code, so both runners make the same decisions by construction. The
-store's lock is also held in the cluster (``cluster_lock``): a named actor,
+The night is the local runner's loop (``run``) with this module's
+``Engine``: chunks (the driver holds one at a time), with ``--store`` the
+store's index for photos seen and kept on earlier nights, commits into
+staging, the lock, resume and publish are the same code, so both runners make
+the same decisions by construction. The store's lock is also held in the cluster (``cluster_lock``): a named actor,
 safe across the cluster's hosts on any filesystem, object stores included.
 
 Known traps on small machines (seen with Ray 2.60 on 2 cores): an actor pool
@@ -28,13 +29,12 @@ costs a few seconds, so the local runner stays the default.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
+import itertools
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ from pipeline.ops.device import has_gpu
 from pipeline.ops.store import StoreLocked, holder_info
 from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
-from pipeline.stages.dedupe import VIEW_NAMES, Candidate, DedupeConfig, Hashes
+from pipeline.stages.dedupe import VIEW_NAMES, DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
-from pipeline.stages.nearpairs import HashArrays, NearPairs, PairSearch, one_per_file
+from pipeline.stages.nearpairs import HashArrays, PairSearch, SegmentSearch
 from pipeline.stages.scan import Scan, scan_one
 
 SCAN_BATCH = 16  # the fewest photos a scan task takes
@@ -185,48 +185,61 @@ def concat_predictions(parts: list[Predictions], n_categories: int, n_groups: in
         embeddings=np.concatenate([p.embeddings for p in parts]))
 
 
-class PairSearchActor:
-    """Ray actor: builds ``PairSearch`` once over the shared hash arrays, then searches ranges of photos.
+class SegmentSearchActor:
+    """Ray actor: the kept photos' segments as bucket tables, built once per segment and kept for the run,
+    searched with a range of each chunk's photos (``BatchIndex``'s search, ``nearpairs.SearchHere`` on a
+    cluster).
 
     A plain actor, not a Ray Data operator: the search needs no dataset, and
     Ray Data's restartable actors log an error for every constructor that
     takes an object-store argument (ray-project/ray#57733), noise in cron mail.
     """
 
-    def __init__(self, arrays: HashArrays, cfg: DedupeConfig) -> None:
-        self.search = PairSearch(arrays, cfg)  # Ray resolves the reference: zero-copy from the node's object store
+    def __init__(self, cfg: DedupeConfig) -> None:
+        self.cfg = cfg
+        self.built: dict[int, PairSearch] = {}
 
-    def pairs(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return self.search.search(start, stop)
+    def search(self, keys: list[int], segments: list, queries: HashArrays, start: int,
+               stop: int) -> list[dict[str, np.ndarray]]:
+        import ray
+
+        # segments: object references (a list's are not resolved by Ray): zero-copy from the node's object store
+        self.built = {k: self.built[k] if k in self.built else PairSearch(ray.get(ref), self.cfg)
+                      for k, ref in zip(keys, segments)}
+        return [self.built[k].search(start, stop, queries) for k in keys] + [
+            PairSearch(queries, self.cfg).search(start, stop, earlier_only=True)]
 
 
-def ray_pair_index(cpus: float) -> Callable[[list[Candidate], DedupeConfig], NearPairs]:
-    """``plan_chunk``'s pair finder on Ray: the photos' hashes go to the object store once
-    (zero-copy for every actor on a node); one actor per CPU (nothing else runs
-    while duplicates are grouped) searches row ranges against all of them and
-    only the verified pairs come back."""
+def ray_segment_search(cfg: DedupeConfig, cpus: float) -> SegmentSearch:
+    """``BatchIndex``'s search on Ray: each kept segment goes to the object store once, an actor per CPU
+    builds its tables once and searches a range of each chunk's photos against them (and against the
+    chunk's earlier photos); only the verified pairs come back to the driver, whose walk decides.
 
-    def build(cands: list[Candidate], cfg: DedupeConfig) -> NearPairs:
+    The actors reserve no CPU (``num_cpus=0``, spread over the nodes): they work only while the driver
+    waits for them, and a pool holding CPUs for the whole run would starve the scan tasks and the
+    classifier actors (on 2 CPUs that hangs silently).
+    """
+    actors: list = []
+    stored: list[tuple[HashArrays, int, Any]] = []  # (segment, key, object reference) of the live segments
+    keys = itertools.count()
+
+    def search(segments: list[HashArrays], queries: HashArrays) -> list[dict[str, np.ndarray]]:
         import ray
         from ray.util import ActorPool
 
-        cands, borrowing = one_per_file(cands, {})
-        arrays = HashArrays.from_candidates(cands)
-        actors = max(1, int(cpus))
-        shard = max(256, -(-len(cands) // (actors * 8)))
-        ranges = [(a, min(a + shard, len(cands))) for a in range(0, len(cands), shard)]
-        if len(ranges) < 2:  # one shard: not worth an actor's start-up
-            index = NearPairs(arrays, PairSearch(arrays, cfg).search(0, len(cands)))
-        else:
-            ref = ray.put(arrays)
-            remote = ray.remote(num_cpus=1)(PairSearchActor)
-            pool = ActorPool([remote.remote(ref, cfg) for _ in range(min(actors, len(ranges)))])
-            parts = list(pool.map_unordered(lambda actor, r: actor.pairs.remote(*r), ranges))
-            index = NearPairs(arrays, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-        index.borrow(borrowing)
-        return index
+        live = [next((e for e in stored if e[0] is s), None) or (s, next(keys), ray.put(s)) for s in segments]
+        stored[:] = live  # segments merged away are dropped here, and by the actors at their next search
+        if not actors:
+            remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(SegmentSearchActor)
+            actors.extend(remote.remote(cfg) for _ in range(max(1, int(cpus))))
+        shard = max(256, -(-len(queries) // len(actors)))
+        ranges = [(a, min(a + shard, len(queries))) for a in range(0, len(queries), shard)]
+        ref = ray.put(queries)
+        parts = list(ActorPool(actors[:len(ranges)]).map(
+            lambda actor, r: actor.search.remote([k for _, k, _ in live], [o for _, _, o in live], ref, *r), ranges))
+        return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(live) + 1)]
 
-    return build
+    return search
 
 
 def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
@@ -238,8 +251,8 @@ def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
 
 
 def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, address: str | None = None) -> Engine:
-    """The Ray runner's engine: scans as Ray Data tasks, classification on an actor pool, and (for a
-    whole-input run) the distributed pair search; ``run`` does the rest, store included."""
+    """The Ray runner's engine: scans as Ray Data tasks, classification on an actor pool, near pairs on
+    another (``ray_segment_search``), the store's lock in the cluster; ``run`` does the rest."""
     import ray
 
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
@@ -290,7 +303,8 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
-        scan, classify, pair_index=ray_pair_index(resources.get("CPU", 1)), scan_ahead=True, lock=cluster_lock,
+        scan, classify, segment_search=lambda dedupe: ray_segment_search(dedupe, resources.get("CPU", 1)),
+        scan_ahead=True, lock=cluster_lock,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
         device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
@@ -300,14 +314,12 @@ def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: st
             cfg: RunConfig, address: str | None = None, classifier: Classifier | None = None):
     """Run the pipeline with the Ray engine; same rows, schema, store and exit codes as the local runner.
 
-    Without ``--store`` the whole input is one chunk, so near pairs are found by
-    the distributed pair search; with a store, chunks are matched against every
-    earlier chunk and night through the store's index, as locally.
-    ``classifier``: the driver's copy of the model (labels, taxonomy, version)
-    when the caller loaded it already (the CLI does, to report a bad model as a
-    usage error); the actors load their own.
+    Chunks as the local runner's, with or without ``--store``: the driver holds
+    one chunk at a time (and the next one's scans), and each chunk's near pairs
+    against every earlier chunk and night are searched on the cluster
+    (``ray_segment_search``). ``classifier``: the driver's copy of the model
+    (labels, taxonomy, version) when the caller loaded it already (the CLI
+    does, to report a bad model as a usage error); the actors load their own.
     """
     classifier = classifier or load_classifier(model, taxonomy, precision)
-    if cfg.store is None:
-        cfg = dataclasses.replace(cfg, chunk_size=sys.maxsize)
     return run(source, out, classifier, cfg, ray_engine(model, taxonomy, classifier, cfg, address))

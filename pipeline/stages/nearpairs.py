@@ -20,6 +20,7 @@ runners group photos identically (a test checks it).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -290,27 +291,50 @@ class NearPairs:
         return None
 
 
+#: ``BatchIndex``'s search: (kept segments, tonight's queries) → the verified pairs of the queries against each
+#: segment, then of the queries against the earlier queries (``PairSearch.search``'s columns, ``photo`` an index
+#: into the queries, ``other`` into the segment or the queries).
+SegmentSearch = Callable[[list[HashArrays], HashArrays], list[dict[str, np.ndarray]]]
+
+
+class SearchHere:
+    """``BatchIndex``'s search in this process: each segment's bucket tables built once, while it lives.
+
+    (The Ray runner's ``ray_segment_search`` does the same on actors.)
+    """
+
+    def __init__(self, cfg: DedupeConfig = DedupeConfig()) -> None:
+        self.cfg = cfg
+        self._built: list[PairSearch] = []
+
+    def __call__(self, segments: list[HashArrays], queries: HashArrays) -> list[dict[str, np.ndarray]]:
+        self._built = [next((b for b in self._built if b.a is s), None) or PairSearch(s, self.cfg) for s in segments]
+        return [b.search(0, len(queries), queries) for b in self._built] + [
+            PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True)]
+
+
 class BatchIndex(NearPairs):
     """The nightly runners' match index: ``DedupeIndex``'s decisions, searched a chunk at a time.
 
     Why: asking the multi-index hash one photo and one view at a time costs
     about 4 ms a query in Python against a million kept photos, so 10,000 new
     photos against a long history would take minutes. Here the kept photos
-    (earlier nights, earlier chunks) sit in a few ``PairSearch`` segments;
+    (earlier nights, earlier chunks) sit in a few segments of ``HashArrays``;
     ``prepare`` searches all of a chunk's candidates against every segment and
-    against each other in bulk, and ``find_duplicates`` then walks the pairs
-    exactly as ``NearPairs`` does. Photos kept during a walk become a new
-    segment at the next ``prepare``; a segment at least as large as the one
-    before it is merged into it, so there are O(log n) segments and each photo
-    is re-sorted O(log n) times.
+    against each other in bulk (``search``: here, or on Ray actors), and
+    ``find_duplicates`` then walks the pairs exactly as ``NearPairs`` does.
+    Photos kept during a walk become a new segment at the next ``prepare``; a
+    segment at least as large as the one before it is merged into it, so
+    there are O(log n) segments and each photo is re-sorted O(log n) times.
     """
 
-    def __init__(self, cfg: DedupeConfig = DedupeConfig()) -> None:
+    def __init__(self, cfg: DedupeConfig = DedupeConfig(), search: SegmentSearch | None = None) -> None:
         self.cfg = cfg
         self.by_sha = {}
         self.kept = set()
         self._pending: list[Candidate] = []
-        self._segments: list[PairSearch] = []
+        self._segments: list[HashArrays] = []
+        self._search = search or SearchHere(cfg)
         self._slice: dict[int, tuple[int, int]] = {}
 
     def add(self, key: int, sha256: str, hashes: Hashes | None = None) -> None:
@@ -322,9 +346,9 @@ class BatchIndex(NearPairs):
             return
         arrays = HashArrays.from_candidates(self._pending)
         self._pending = []
-        while self._segments and len(self._segments[-1].a) <= len(arrays):
-            arrays = HashArrays.concat([self._segments.pop().a, arrays])
-        self._segments.append(PairSearch(arrays, self.cfg))
+        while self._segments and len(self._segments[-1]) <= len(arrays):
+            arrays = HashArrays.concat([self._segments.pop(), arrays])
+        self._segments.append(arrays)
 
     def prepare(self, cands: list[Candidate]) -> None:
         """Search ``cands`` against every kept photo and each other, before ``find_duplicates`` walks them."""
@@ -334,9 +358,7 @@ class BatchIndex(NearPairs):
             self._slice = {}
             return
         queries = HashArrays.from_candidates(searched)
-        found = [(search.search(0, len(queries), queries), search.a.rows) for search in self._segments]
-        found.append((PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True),  # tonight's own
-                      queries.rows))
+        found = list(zip(self._search(self._segments, queries), [s.rows for s in self._segments] + [queries.rows]))
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)

@@ -166,19 +166,32 @@ def test_scan_tasks_are_sized_to_about_four_per_cpu():
 
 
 def test_pair_search_on_ray_actors_makes_the_local_decisions():
-    """Enough photos for several shards, so the actor pool really runs; same groups as the local index."""
+    """The chunked index searching on Ray actors (earlier nights, then uneven chunks large enough for several
+    shards, the kept photos' segments built and merged on the actors) decides as asking photo by photo."""
     from conftest import clustered_candidates
 
-    from pipeline.stages.dedupe import DedupeConfig, find_duplicates
-    from pipeline.runners.ray import ray_pair_index
+    from pipeline.runners.ray import ray_segment_search
+    from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, find_duplicates
+    from pipeline.stages.nearpairs import BatchIndex
 
-    cands = clustered_candidates(1200, seed=4)
+    cands = clustered_candidates(2400, seed=4)
+    history = [Candidate(-1 - c.row, c.sha256, c.area, c.hashes) for c in cands[:600]]
+    tonight = [Candidate(c.row - 600, c.sha256, c.area, c.hashes) for c in cands[600:]]
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        index = ray_pair_index(2)(cands, DedupeConfig())
+        walk, batch = DedupeIndex(), BatchIndex(search=ray_segment_search(DedupeConfig(), 2))
+        for h in history:
+            walk.add(h.row, h.sha256, h.hashes)
+            batch.add(h.row, h.sha256, h.hashes)
+        found = 0
+        bounds = [0, 700, 701, 1200, 1800]
+        for a, b in zip(bounds, bounds[1:]):
+            expected = find_duplicates(tonight[a:b], index=walk)
+            assert find_duplicates(tonight[a:b], index=batch) == expected
+            found += sum(m.kept < 0 for m in expected.values())
     finally:
         ray.shutdown()
-    assert find_duplicates(cands, index=index) == find_duplicates(cands)
+    assert found > 50 and len(batch._segments) <= 3
 
 
 @pytest.mark.slow

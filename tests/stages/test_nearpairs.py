@@ -112,7 +112,7 @@ def test_copies_of_one_file_are_searched_once_and_decided_as_the_walk_decides():
     assert {m.kept for r, m in expected.items() if r < 300} == {-1}  # every copy repeats the earlier night's photo
     assert 300 not in expected and {(m.kept, m.kind) for r, m in expected.items() if r > 300} == {(300, "exact")}
     assert len(batch._other_row) < 10  # the first copy's pairs, not 300 * 299 / 2
-    # The whole-input pair index (the Ray runner's) searches one photo per file the same way.
+    # A whole-input pair index (`NearPairs` over one `PairSearch`) searches one photo per file the same way.
     everything = [kept_earlier, *chunk]
     searched, borrowing = one_per_file(everything, {})
     assert len(searched) == 3 and len(borrowing) == 299 + 2
