@@ -98,10 +98,10 @@ def compare(n: int) -> None:
         import ray
     except ImportError:
         return
-    from pipeline.runners.ray import ray_segment_search
+    from pipeline.runners.ray import RaySegmentSearch
 
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    search = ray_segment_search(DedupeConfig(), ray.cluster_resources().get("CPU", 1))
+    search = RaySegmentSearch(DedupeConfig(), ray.cluster_resources().get("CPU", 1))
     t = time.perf_counter()
     distributed = find_duplicates(cands, index=BatchIndex(search=search))  # one chunk, searched on the actors
     print(f"| `PairSearch` on Ray actors (one per CPU, {os.cpu_count()} CPUs, start-up included) | {time.perf_counter() - t:.1f} | {distributed == local} |")

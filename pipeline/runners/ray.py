@@ -47,7 +47,7 @@ from pipeline.runners.local import Engine, RunConfig, run
 from pipeline.stages.classify import Predictions, predict
 from pipeline.stages.dedupe import VIEW_NAMES, DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
-from pipeline.stages.nearpairs import HashArrays, PairSearch, SegmentSearch
+from pipeline.stages.nearpairs import HashArrays, PairSearch
 from pipeline.stages.scan import Scan, scan_one
 
 SCAN_BATCH = 16  # the fewest photos a scan task takes
@@ -187,8 +187,7 @@ def concat_predictions(parts: list[Predictions], n_categories: int, n_groups: in
 
 class SegmentSearchActor:
     """Ray actor: the kept photos' segments as bucket tables, built once per segment and kept for the run,
-    searched with a range of each chunk's photos (``BatchIndex``'s search, ``nearpairs.SearchHere`` on a
-    cluster).
+    searched with a range of each chunk's photos (``RaySegmentSearch``).
 
     A plain actor, not a Ray Data operator: the search needs no dataset, and
     Ray Data's restartable actors log an error for every constructor that
@@ -199,47 +198,54 @@ class SegmentSearchActor:
         self.cfg = cfg
         self.built: dict[int, PairSearch] = {}
 
-    def search(self, keys: list[int], segments: list, queries: HashArrays, start: int,
-               stop: int) -> list[dict[str, np.ndarray]]:
+    def keep(self, keys: list[int], segments: list) -> None:
         import ray
 
         # segments: object references (a list's are not resolved by Ray): zero-copy from the node's object store
         self.built = {k: self.built[k] if k in self.built else PairSearch(ray.get(ref), self.cfg)
                       for k, ref in zip(keys, segments)}
-        return [self.built[k].search(start, stop, queries) for k in keys] + [
+
+    def search(self, queries: HashArrays, start: int, stop: int) -> list[dict[str, np.ndarray]]:
+        return [b.search(start, stop, queries) for b in self.built.values()] + [
             PairSearch(queries, self.cfg).search(start, stop, earlier_only=True)]
 
 
-def ray_segment_search(cfg: DedupeConfig, cpus: float) -> SegmentSearch:
-    """``BatchIndex``'s search on Ray: each kept segment goes to the object store once, an actor per CPU
-    builds its tables once and searches a range of each chunk's photos against them (and against the
-    chunk's earlier photos); only the verified pairs come back to the driver, whose walk decides.
+class RaySegmentSearch:
+    """``BatchIndex``'s search on Ray (``nearpairs.SearchHere`` on a cluster): each kept segment goes to the
+    object store once, an actor per CPU builds its tables once (in parallel, when the segment is kept) and
+    searches a range of each chunk's photos against them and against the chunk's earlier photos; only the
+    verified pairs come back to the driver, whose walk decides.
 
     The actors reserve no CPU (``num_cpus=0``, spread over the nodes): they work only while the driver
     waits for them, and a pool holding CPUs for the whole run would starve the scan tasks and the
     classifier actors (on 2 CPUs that hangs silently).
     """
-    actors: list = []
-    stored: list[tuple[HashArrays, int, Any]] = []  # (segment, key, object reference) of the live segments
-    keys = itertools.count()
 
-    def search(segments: list[HashArrays], queries: HashArrays) -> list[dict[str, np.ndarray]]:
+    def __init__(self, cfg: DedupeConfig, cpus: float) -> None:
+        import ray
+
+        remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(SegmentSearchActor)
+        self.actors = [remote.remote(cfg) for _ in range(max(1, int(cpus)))]
+        self.kept: list[tuple[HashArrays, int, Any]] = []  # (segment, key, object reference)
+        self._keys = itertools.count()
+
+    def keep(self, segments: list[HashArrays]) -> None:
+        import ray
+
+        self.kept = [next((e for e in self.kept if e[0] is s), None) or (s, next(self._keys), ray.put(s))
+                     for s in segments]
+        keys, refs = [k for _, k, _ in self.kept], [r for _, _, r in self.kept]
+        ray.get([actor.keep.remote(keys, refs) for actor in self.actors])
+
+    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
         import ray
         from ray.util import ActorPool
 
-        live = [next((e for e in stored if e[0] is s), None) or (s, next(keys), ray.put(s)) for s in segments]
-        stored[:] = live  # segments merged away are dropped here, and by the actors at their next search
-        if not actors:
-            remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(SegmentSearchActor)
-            actors.extend(remote.remote(cfg) for _ in range(max(1, int(cpus))))
-        shard = max(256, -(-len(queries) // len(actors)))
+        shard = max(256, -(-len(queries) // len(self.actors)))
         ranges = [(a, min(a + shard, len(queries))) for a in range(0, len(queries), shard)]
         ref = ray.put(queries)
-        parts = list(ActorPool(actors[:len(ranges)]).map(
-            lambda actor, r: actor.search.remote([k for _, k, _ in live], [o for _, _, o in live], ref, *r), ranges))
-        return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(live) + 1)]
-
-    return search
+        parts = list(ActorPool(self.actors[:len(ranges)]).map(lambda actor, r: actor.search.remote(ref, *r), ranges))
+        return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(self.kept) + 1)]
 
 
 def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
@@ -252,7 +258,7 @@ def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
 
 def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, address: str | None = None) -> Engine:
     """The Ray runner's engine: scans as Ray Data tasks, classification on an actor pool, near pairs on
-    another (``ray_segment_search``), the store's lock in the cluster; ``run`` does the rest."""
+    another (``RaySegmentSearch``), the store's lock in the cluster; ``run`` does the rest."""
     import ray
 
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
@@ -303,7 +309,7 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
-        scan, classify, segment_search=lambda dedupe: ray_segment_search(dedupe, resources.get("CPU", 1)),
+        scan, classify, segment_search=lambda dedupe: RaySegmentSearch(dedupe, resources.get("CPU", 1)),
         scan_ahead=True, lock=cluster_lock,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
@@ -317,7 +323,7 @@ def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: st
     Chunks as the local runner's, with or without ``--store``: the driver holds
     one chunk at a time (and the next one's scans), and each chunk's near pairs
     against every earlier chunk and night are searched on the cluster
-    (``ray_segment_search``). ``classifier``: the driver's copy of the model
+    (``RaySegmentSearch``). ``classifier``: the driver's copy of the model
     (labels, taxonomy, version) when the caller loaded it already (the CLI
     does, to report a bad model as a usage error); the actors load their own.
     """

@@ -20,8 +20,8 @@ runners group photos identically (a test checks it).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 
@@ -291,24 +291,31 @@ class NearPairs:
         return None
 
 
-#: ``BatchIndex``'s search: (kept segments, tonight's queries) → the verified pairs of the queries against each
-#: segment, then of the queries against the earlier queries (``PairSearch.search``'s columns, ``photo`` an index
-#: into the queries, ``other`` into the segment or the queries).
-SegmentSearch = Callable[[list[HashArrays], HashArrays], list[dict[str, np.ndarray]]]
+class SegmentSearch(Protocol):
+    """Where ``BatchIndex`` searches: its kept segments, then each chunk's photos against them."""
+
+    def keep(self, segments: list[HashArrays]) -> None:
+        """Be ready to search these segments (the kept photos so far); segments no longer listed are dropped."""
+
+    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
+        """The verified pairs of ``queries`` against each kept segment, then against the earlier queries
+        (``PairSearch.search``'s columns; ``photo`` indexes the queries, ``other`` the segment or queries)."""
 
 
 class SearchHere:
-    """``BatchIndex``'s search in this process: each segment's bucket tables built once, while it lives.
+    """``BatchIndex``'s search in this process: each segment's bucket tables built once, while it is kept.
 
-    (The Ray runner's ``ray_segment_search`` does the same on actors.)
+    (The Ray runner's ``RaySegmentSearch`` does the same on actors.)
     """
 
     def __init__(self, cfg: DedupeConfig = DedupeConfig()) -> None:
         self.cfg = cfg
         self._built: list[PairSearch] = []
 
-    def __call__(self, segments: list[HashArrays], queries: HashArrays) -> list[dict[str, np.ndarray]]:
+    def keep(self, segments: list[HashArrays]) -> None:
         self._built = [next((b for b in self._built if b.a is s), None) or PairSearch(s, self.cfg) for s in segments]
+
+    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
         return [b.search(0, len(queries), queries) for b in self._built] + [
             PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True)]
 
@@ -349,6 +356,7 @@ class BatchIndex(NearPairs):
         while self._segments and len(self._segments[-1]) <= len(arrays):
             arrays = HashArrays.concat([self._segments.pop(), arrays])
         self._segments.append(arrays)
+        self._search.keep(self._segments)
 
     def prepare(self, cands: list[Candidate]) -> None:
         """Search ``cands`` against every kept photo and each other, before ``find_duplicates`` walks them."""
@@ -358,7 +366,7 @@ class BatchIndex(NearPairs):
             self._slice = {}
             return
         queries = HashArrays.from_candidates(searched)
-        found = list(zip(self._search(self._segments, queries), [s.rows for s in self._segments] + [queries.rows]))
+        found = list(zip(self._search(queries), [s.rows for s in self._segments] + [queries.rows]))
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)

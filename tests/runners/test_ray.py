@@ -170,7 +170,7 @@ def test_pair_search_on_ray_actors_makes_the_local_decisions():
     shards, the kept photos' segments built and merged on the actors) decides as asking photo by photo."""
     from conftest import clustered_candidates
 
-    from pipeline.runners.ray import ray_segment_search
+    from pipeline.runners.ray import RaySegmentSearch
     from pipeline.stages.dedupe import Candidate, DedupeConfig, DedupeIndex, find_duplicates
     from pipeline.stages.nearpairs import BatchIndex
 
@@ -179,7 +179,7 @@ def test_pair_search_on_ray_actors_makes_the_local_decisions():
     tonight = [Candidate(c.row - 600, c.sha256, c.area, c.hashes) for c in cands[600:]]
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        walk, batch = DedupeIndex(), BatchIndex(search=ray_segment_search(DedupeConfig(), 2))
+        walk, batch = DedupeIndex(), BatchIndex(search=RaySegmentSearch(DedupeConfig(), 2))
         for h in history:
             walk.add(h.row, h.sha256, h.hashes)
             batch.add(h.row, h.sha256, h.hashes)
