@@ -76,7 +76,7 @@ def scaling(sizes: list[int], sample: int) -> None:
 
 def synthetic_candidates(n: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_nearpairs import clustered_candidates
+    from conftest import clustered_candidates
 
     return clustered_candidates(n, seed=0)
 
