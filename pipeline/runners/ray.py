@@ -205,9 +205,9 @@ class SegmentSearchActor:
         self.built = {k: self.built[k] if k in self.built else PairSearch(ray.get(ref), self.cfg)
                       for k, ref in zip(keys, segments)}
 
-    def search(self, queries: HashArrays, start: int, stop: int) -> list[dict[str, np.ndarray]]:
+    def search(self, queries: HashArrays, before: np.ndarray, start: int, stop: int) -> list[dict[str, np.ndarray]]:
         return [b.search(start, stop, queries) for b in self.built.values()] + [
-            PairSearch(queries, self.cfg).search(start, stop, earlier_only=True)]
+            PairSearch(queries, self.cfg).search(start, stop, before=before)]
 
 
 class RaySegmentSearch:
@@ -237,14 +237,15 @@ class RaySegmentSearch:
         keys, refs = [k for _, k, _ in self.kept], [r for _, _, r in self.kept]
         ray.get([actor.keep.remote(keys, refs) for actor in self.actors])
 
-    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
+    def __call__(self, queries: HashArrays, before: np.ndarray) -> list[dict[str, np.ndarray]]:
         import ray
         from ray.util import ActorPool
 
         shard = max(256, -(-len(queries) // len(self.actors)))
         ranges = [(a, min(a + shard, len(queries))) for a in range(0, len(queries), shard)]
-        ref = ray.put(queries)
-        parts = list(ActorPool(self.actors[:len(ranges)]).map(lambda actor, r: actor.search.remote(ref, *r), ranges))
+        ref, before_ref = ray.put(queries), ray.put(before)
+        parts = list(ActorPool(self.actors[:len(ranges)]).map(
+            lambda actor, r: actor.search.remote(ref, before_ref, *r), ranges))
         return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(len(self.kept) + 1)]
 
 

@@ -174,11 +174,12 @@ class PairSearch:
         return pair // len(self.a), pair % len(self.a)
 
     def search(self, start: int, stop: int, queries: HashArrays | None = None,
-               earlier_only: bool = False) -> dict[str, np.ndarray]:
+               before: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Verified near pairs of photos ``start:stop`` of ``queries`` (default: the searched photos
-        themselves, each then skipping itself) against all searched photos. ``earlier_only`` (searching
-        the photos themselves, in walk order): only pairs with an earlier photo, the only ones the walk
-        can use, so each pair is checked once, not twice.
+        themselves, each then skipping itself) against all searched photos. ``before`` (searching the
+        photos themselves, in walk order): photo i is paired only with photos at positions under
+        ``before[i]``, the only ones the walk can use when it reaches it (``walk_horizon``), so most
+        pairs are checked once, not twice.
 
         Returns columns ``photo`` (index into ``queries``), ``view``, ``distance``
         (the nearer of the trimmed and whole pHash distances), ``other`` (index
@@ -194,7 +195,7 @@ class PairSearch:
                 sel = idx[q.has_view[idx, view]]
                 photo, other = self._candidates(q, sel, view)
                 if queries is None:
-                    keep = other < photo if earlier_only else photo != other
+                    keep = other < before[photo] if before is not None else photo != other
                     photo, other = photo[keep], other[keep]
                 fine_d = np.bitwise_count(q.fine[photo, view] ^ a.fine[other, 0]).sum(axis=1)
                 turned = view_of(q.color[photo], view)  # the view's colour, as in DedupeIndex.match
@@ -233,6 +234,28 @@ def one_per_file(cands: list[Candidate], known: dict[str, int]) -> tuple[list[Ca
         else:
             borrowing.append((c.row, first[c.sha256]))
     return searched, borrowing
+
+
+def walk_horizon(walk: list[Candidate], searched: list[Candidate], borrowing: list[tuple[int, int]]) -> np.ndarray:
+    """For each searched photo (``one_per_file``'s, in walk order), how many searched photos the walk has met
+    by the time it reaches this photo's file for the last time: the photos its pairs may be needed with.
+
+    Why not just the earlier photos: a later copy of the same file borrows the first one's pairs
+    (``NearPairs.borrow``), and when the first was not kept (a near duplicate itself), the copy must still
+    find the photos kept between the two in the walk (photos of the same size, by row), as asking photo by
+    photo does.
+    """
+    position = {c.row: i for i, c in enumerate(searched)}
+    first_of = dict(borrowing)
+    before = np.arange(len(searched))
+    met = 0
+    for c in walk:
+        if c.row in position:
+            met = position[c.row] + 1
+        elif c.row in first_of:
+            i = position[first_of[c.row]]
+            before[i] = max(before[i], met)
+    return before
 
 
 class NearPairs:
@@ -297,9 +320,10 @@ class SegmentSearch(Protocol):
     def keep(self, segments: list[HashArrays]) -> None:
         """Be ready to search these segments (the kept photos so far); segments no longer listed are dropped."""
 
-    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
-        """The verified pairs of ``queries`` against each kept segment, then against the earlier queries
-        (``PairSearch.search``'s columns; ``photo`` indexes the queries, ``other`` the segment or queries)."""
+    def __call__(self, queries: HashArrays, before: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The verified pairs of ``queries`` against each kept segment, then against the queries before
+        each one's ``before`` (``PairSearch.search``'s columns; ``photo`` indexes the queries, ``other``
+        the segment or the queries)."""
 
 
 class SearchHere:
@@ -315,9 +339,9 @@ class SearchHere:
     def keep(self, segments: list[HashArrays]) -> None:
         self._built = [next((b for b in self._built if b.a is s), None) or PairSearch(s, self.cfg) for s in segments]
 
-    def __call__(self, queries: HashArrays) -> list[dict[str, np.ndarray]]:
+    def __call__(self, queries: HashArrays, before: np.ndarray) -> list[dict[str, np.ndarray]]:
         return [b.search(0, len(queries), queries) for b in self._built] + [
-            PairSearch(queries, self.cfg).search(0, len(queries), earlier_only=True)]
+            PairSearch(queries, self.cfg).search(0, len(queries), before=before)]
 
 
 class BatchIndex(NearPairs):
@@ -366,7 +390,8 @@ class BatchIndex(NearPairs):
             self._slice = {}
             return
         queries = HashArrays.from_candidates(searched)
-        found = list(zip(self._search(queries), [s.rows for s in self._segments] + [queries.rows]))
+        before = walk_horizon(cands, searched, borrowing)
+        found = list(zip(self._search(queries, before), [s.rows for s in self._segments] + [queries.rows]))
         cols = {k: np.concatenate([p[k] for p, _ in found]) for k in ("photo", "view", "distance")}
         other_row = np.concatenate([rows[p["other"]] for p, rows in found])
         self._lookup(queries.rows, cols["photo"], cols["view"], cols["distance"], other_row)

@@ -95,6 +95,32 @@ def test_the_chunked_index_decides_as_the_local_walk_across_chunks_and_nights(se
     assert find_duplicates([], index=batch) == {}
 
 
+def test_a_later_copy_of_a_file_finds_what_was_kept_between_it_and_the_first_copy():
+    """A file uploaded twice whose first copy is a near duplicate (of A): between the two copies in the walk
+    (same size, by row) C is kept, nearer than A. Asking photo by photo, the second copy points at C; the
+    chunked search must have kept the first copy's pair with C, though C comes after it in the walk."""
+    from pipeline.stages.dedupe import Hashes
+
+    rng = np.random.default_rng(7)
+
+    def bits(*positions):
+        return sum(1 << p for p in positions)
+
+    def photo(phash, fine):
+        rotated = tuple((int.from_bytes(rng.bytes(8), "big"), int.from_bytes(rng.bytes(32), "big")) for _ in range(3))
+        return Hashes(phash, fine, rotated, np.full((4, 4, 3), 0.5, np.float32))
+
+    p0, f0 = int.from_bytes(rng.bytes(8), "big"), int.from_bytes(rng.bytes(32), "big")
+    a = photo(p0, f0)
+    b = photo(p0 ^ bits(*range(8)), f0 ^ bits(*range(10)))  # 8 bits from A: a near duplicate of it
+    c = photo(p0 ^ bits(*range(11)), f0 ^ bits(*range(12)))  # 3 bits from B, 11 from A: kept
+    chunk = [Candidate(1, "a", 300, a), Candidate(10, "b", 200, b), Candidate(20, "c", 200, c),
+             Candidate(30, "b", 200, b)]
+    expected = find_duplicates(chunk)
+    assert expected[10].kept == 1 and 20 not in expected and expected[30].kept == 20
+    assert find_duplicates(chunk, index=BatchIndex()) == expected
+
+
 def test_copies_of_one_file_are_searched_once_and_decided_as_the_walk_decides():
     """A chunk of many copies of one file (a shop re-uploading one photo under every SKU) must not search
     all their pairs; each copy repeats the first one, or what the first one repeats."""
