@@ -250,9 +250,10 @@ class Store:
         try:
             write(tmp)
             self.fs.move(tmp, path)
-        finally:
+        except BaseException:  # only then is there a temporary left: no extra request per write on object stores
             if self._type(tmp) != pafs.FileType.NotFound:
                 self.fs.delete_file(tmp)
+            raise
 
     def _write_text(self, path: str, text: str) -> None:
         def write(tmp: str) -> None:

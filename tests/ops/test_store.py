@@ -488,7 +488,8 @@ def test_a_store_on_an_object_store_makes_the_folder_stores_rows(tmp_path, card_
     assert set(second.status) >= {"seen", "duplicate"}
     assert len(published("labels")) == 4  # each part moved as one object (8 rows in chunks of 2)
     table = pq.read_table("shop/store/labels", filesystem=pafs.PyFileSystem(handler)).to_pandas()
-    assert len(table) == 5 + 8 and not [i for i in pafs.PyFileSystem(handler).get_file_info(
-        pafs.FileSelector("shop/store", recursive=True)) if "staging" in i.path]
+    left = pafs.PyFileSystem(handler).get_file_info(pafs.FileSelector("shop/store", recursive=True))
+    assert len(table) == 5 + 8 and not [i for i in left if "staging" in i.path]
+    assert not [i for i in left if i.base_name.startswith(".") and i.base_name != ".labelcat-store"]  # no temporaries
     with cluster("py::objects:shop/store"), pytest.raises(StoreLocked):
         night(3, remote, engine)
