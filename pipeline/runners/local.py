@@ -135,8 +135,12 @@ class Engine:
     the Ray runner make the same decisions by construction.
     """
 
-    scan: Callable[[list[Record], RunConfig, Preprocess], dict[int, Scan | tuple[str, str]]]
+    scan: Callable[[list[Record], RunConfig, Preprocess], dict[int, Scan | tuple[str, str]]] | None
     classify: Callable[[list[Path], list, Classifier, RunConfig, Callable[[int], Any]], Any]
+    # or the whole input read and scanned as one stream: (source, cfg, wanted) -> (n, records, scans) per
+    # chunk, in order, ``scans`` None for chunks not wanted (the Ray runner's one Ray Data job)
+    stream: Callable[[Path, RunConfig, Callable[[int], bool]],
+                     Iterator[tuple[int, list[Record], dict[int, Scan | tuple[str, str]] | None]]] | None = None
     segment_search: Callable[[DedupeConfig], SegmentSearch] | None = None  # where ``BatchIndex`` searches (default: here)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in the run's metadata
     device: str = ""
@@ -410,7 +414,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
         chunks: Iterator[list[Record]] = chunked(batch.records, cfg.chunk_size)
         early: dict[int, Scan | tuple[str, str]] | None = None
         if isinstance(classifier, Future):
-            first = next(chunks, None)
+            first = next(chunks, None) if engine.stream is None else None
             if first is not None:
                 chunks = itertools.chain([first], chunks)
                 if preprocess is not None:
@@ -443,8 +447,12 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                 tmp = stack.enter_context(atomic_path(out, suffix=".parquet"))
                 writer = stack.enter_context(pq.ParquetWriter(tmp, schema_with_meta(batch.extra_columns, meta),
                                                               compression="zstd"))
-            scanning = scanned_ahead(chunks, lambda recs: scan_chunk(recs, cfg, engine, classifier.preprocess),
-                                     lambda n: published is None and n not in done, early, engine.scan_ahead)
+            wanted = (lambda n: False) if published is not None else (lambda n, done=frozenset(done): n not in done)
+            if engine.stream is not None:
+                scanning = engine.stream(source, cfg, wanted)
+            else:
+                scanning = scanned_ahead(chunks, lambda recs: scan_chunk(recs, cfg, engine, classifier.preprocess),
+                                         wanted, early, engine.scan_ahead)
             for n, records, scans in scanning:
                 if published is not None:  # the work was done before a kill mid-publish
                     table = store.read_published(published[n])

@@ -1,8 +1,11 @@
 """``--runner ray``: the same stages as Ray Data operations, for more than one machine.
 
 Why this shape: nothing here re-implements a stage. Ray Data only decides
-*where* the stage functions run: the scan (read, sha256, decode, hashes,
-quality) is ``map_batches`` over stateless tasks; classification runs on
+*where* the stage functions run: the input is one Ray dataset for the whole
+run, read by ``ingest`` itself in one light task on the driver's node
+(``IngestDatasource``) and scanned (read, sha256, decode, hashes, quality) by
+``map_batches`` over stateless tasks as it streams, the driver taking one
+chunk's records and scans at a time; classification runs on
 plain actors started once per run, so each actor loads the model once and runs
 the same ``tf.data`` loop (``stages.classify.predict``) on its batches, with a GPU per
 actor when the cluster has them; assembling rows, junk rules and the Parquet
@@ -14,7 +17,8 @@ returns only the verified pairs; the driver's kept-first walk over those pairs
 is ``find_duplicates`` itself (README, "Runners").
 
 The night is the local runner's loop (``run``) with this module's
-``Engine``: chunks (the driver holds one at a time), with ``--store`` the
+``Engine``: chunks (the driver holds one at a time; Ray Data's backpressure
+bounds how far the scans run ahead, in the object store), with ``--store`` the
 store's index for photos seen and kept on earlier nights, commits into
 staging, the lock, resume and publish are the same code, so both runners make
 the same decisions by construction. The store's lock is also held in the cluster (``cluster_lock``): a named actor,
@@ -31,26 +35,32 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.models.classifier import Classifier, load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
 from pipeline.ops.store import StoreLocked, holder_info
-from pipeline.runners.local import Engine, RunConfig, run
+from pipeline.runners.local import Engine, RunConfig, chunked, run
+from pipeline.stages.ingest import Record, ingest
 from pipeline.stages.classify import Predictions, predict
-from pipeline.stages.dedupe import VIEW_NAMES, DedupeConfig, Hashes
+from pipeline.stages.dedupe import DedupeConfig, Hashes
 from pipeline.stages.junk import Quality
 from pipeline.stages.nearpairs import HashArrays, PairSearch
 from pipeline.stages.scan import Scan, scan_one
 
 SCAN_BATCH = 16  # the fewest photos a scan task takes
+HASH_FIELDS = ("phash", "phash256", "rotated", "color", "phash_whole", "thumb")  # ``Hashes.to_fields``
 
 
 def scan_batch_size(photos: int, cpus: float) -> int:
@@ -63,41 +73,95 @@ def scan_batch_size(photos: int, cpus: float) -> int:
     return max(SCAN_BATCH, -(-photos // max(1, int(4 * cpus))))
 
 
-def _scan_batch(batch: dict[str, np.ndarray], max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
-    """Ray task: ``scan_one`` (the scan every runner uses) on each path of the batch."""
-    out: dict[str, list[Any]] = {k: [] for k in ("row", "ok", "error", "error_detail", "sha256", "width", "height",
-                                                 "phash", "phash256", "rotated", "color", "phash_whole", "thumb",
-                                                 "pixel_std", "aspect_ratio")}
-    for row, path, pre_error in zip(batch["row"], batch["resolved"], batch["pre_error"]):
-        out["row"].append(int(row))
-        known = tuple(str(pre_error).split("\t", 1)) if pre_error else None
-        result = scan_one(Path(os.fsdecode(bytes(path))), max_pixels, max_bytes, known)  # type: ignore[arg-type]
+RECORD_SCHEMA = pa.schema([("row", pa.int64()), ("path", pa.string()), ("resolved", pa.binary()),
+                           ("absolute", pa.binary()), ("sku", pa.string()), ("category_hint", pa.string()),
+                           ("extra", pa.string()), ("pre_error", pa.string()), ("wanted", pa.bool_())])
+SCAN_SCHEMA = pa.schema([("ok", pa.bool_()), ("error", pa.string()), ("error_detail", pa.string()),
+                         ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                         ("pixel_std", pa.float64()), ("aspect_ratio", pa.float64()), ("phash", pa.string()),
+                         ("phash256", pa.string()), ("rotated", pa.list_(pa.string())),
+                         ("color", pa.list_(pa.float32())), ("phash_whole", pa.list_(pa.string())),
+                         ("thumb", pa.binary())])  # ``Scan`` with ``Hashes.to_fields``, or the scan's error
+
+
+def record_columns(records: list[Record], wanted: bool) -> pa.Table:
+    """A chunk's ingest records as a block of the input dataset; ``absolute``: where any node of the
+    cluster reads the file (the records keep the path as the local runner resolves it)."""
+    return pa.table({"row": [r.row for r in records], "path": [r.path for r in records],
+                     "resolved": [os.fsencode(r.resolved) for r in records],
+                     "absolute": [os.fsencode(os.path.abspath(r.resolved)) for r in records],
+                     "sku": [r.sku for r in records], "category_hint": [r.category_hint for r in records],
+                     "extra": [json.dumps(r.extra) for r in records],
+                     "pre_error": ["\t".join(r.error) if r.error else "" for r in records],
+                     "wanted": [wanted] * len(records)}, schema=RECORD_SCHEMA)
+
+
+def records_from_columns(batch: dict[str, list[Any]]) -> list[Record]:
+    """Inverse of ``record_columns``: the records the local runner's ingest gives for these rows."""
+    return [Record(row, path, Path(os.fsdecode(resolved)), sku, hint, json.loads(extra),
+                   tuple(pre.split("\t", 1)) if pre else None)  # type: ignore[arg-type]
+            for row, path, resolved, sku, hint, extra, pre in zip(
+                batch["row"], batch["path"], batch["resolved"], batch["sku"], batch["category_hint"], batch["extra"],
+                batch["pre_error"])]
+
+
+class IngestDatasource(Datasource):
+    """The input (manifest or folder tree) as a Ray dataset: ``ingest`` itself, run by one read task on the
+    driver's node, streaming its records in blocks of one chunk.
+
+    Why not ``ray.data.read_csv``: pyarrow's CSV reader fails or skips a whole row on what ``ingest`` turns
+    into that row's own error (bytes that are not UTF-8, a cell too long, a row with more cells than the
+    header, a quoting error), infers types (an SKU ``00123`` would become 123) and knows nothing of
+    folder trees; a night's promise is that every input row comes out with a status. The read task is
+    sequential (so rows keep their numbers) and light (no file is opened but the manifest), so it
+    reserves no CPU; it runs on the driver's node, in the driver's working folder, so relative paths
+    resolve as the driver sees them.
+    """
+
+    def __init__(self, source: Path, cwd: str, allow_outside: bool, chunk_size: int,
+                 wanted: Callable[[int], bool]) -> None:
+        super().__init__()
+        self.source, self.cwd, self.allow_outside, self.chunk_size, self.wanted = (
+            source, cwd, allow_outside, chunk_size, wanted)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        unknown = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(self._blocks, unknown)]
+
+    def _blocks(self) -> Iterator[pa.Table]:
+        here = os.getcwd()
+        os.chdir(self.cwd)  # this worker runs only this task until it ends
+        try:
+            for n, records in enumerate(chunked(ingest(self.source, self.allow_outside).records, self.chunk_size)):
+                yield record_columns(records, self.wanted(n))
+        finally:
+            os.chdir(here)
+
+
+def _scan_batch(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
+    """Ray task: ``scan_one`` (the scan every runner uses) on each photo of the batch that is wanted (not in
+    a chunk committed before a kill), as ``SCAN_SCHEMA`` columns beside the records' columns."""
+    out: dict[str, list[Any]] = {f.name: [] for f in SCAN_SCHEMA}
+    for path, pre_error, wanted in zip(batch.column("absolute").to_pylist(), batch.column("pre_error").to_pylist(),
+                                       batch.column("wanted").to_pylist()):
+        known = tuple(pre_error.split("\t", 1)) if pre_error else None
+        result = scan_one(Path(os.fsdecode(path)), max_pixels, max_bytes, known) if wanted \
+            else ("skipped", "")  # type: ignore[arg-type]
         if isinstance(result, tuple):
-            out["ok"].append(False)
-            out["error"].append(result[0])
-            out["error_detail"].append(result[1])
-            for k in ("sha256", "phash", "phash256"):
-                out[k].append("")
-            out["rotated"].append([""] * (len(VIEW_NAMES) - 1))
-            out["color"].append([0.0] * 48)
-            out["phash_whole"].append([])
-            out["thumb"].append(None)
-            for k in ("width", "height", "pixel_std", "aspect_ratio"):
-                out[k].append(0)
-            continue
-        s = result
-        out["ok"].append(True)
-        out["error"].append("")
-        out["error_detail"].append("")
-        out["sha256"].append(s.sha256)
-        out["width"].append(s.width)
-        out["height"].append(s.height)
-        for k, v in s.hashes.to_fields().items():
-            out[k].append(v)
-        out["pixel_std"].append(s.quality.pixel_std)
-        out["aspect_ratio"].append(s.quality.aspect_ratio)
-    return {k: np.array(v, dtype=object) if k in ("rotated", "color", "phash_whole", "thumb") else np.array(v)
-            for k, v in out.items()}
+            scanned: dict[str, Any] = {"ok": False, "error": result[0], "error_detail": result[1]}
+        else:
+            scanned = {"ok": True, "sha256": result.sha256, "width": result.width, "height": result.height,
+                       "pixel_std": result.quality.pixel_std, "aspect_ratio": result.quality.aspect_ratio,
+                       **result.hashes.to_fields()}
+        for name, column in out.items():
+            column.append(scanned.get(name))
+    for f in SCAN_SCHEMA:
+        batch = batch.append_column(f, pa.array(out[f.name], f.type))
+    return batch
 
 
 class LockHolder:
@@ -271,26 +335,41 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
                  logging_level="ERROR", runtime_env={"env_vars": env} if env else None)
     ctx_data = ray.data.DataContext.get_current()
     ctx_data.enable_progress_bars = not cfg.quiet
+    ctx_data.execution_options.preserve_order = True  # the input streams in rows' order, chunk by chunk
     # per-operator INFO lines (and, under --quiet, the "progress bars disabled" warning) are noise in cron mail
     logging.getLogger("ray.data").setLevel(logging.ERROR if cfg.quiet else logging.WARNING)
     resources = ray.cluster_resources()
     actors, actor_cpus = pool_size(resources.get("CPU", 1), resources.get("GPU", 0))
 
-    def scan(records: list, cfg: RunConfig, preprocess) -> dict[int, Scan | tuple[str, str]]:
-        items = [{"row": r.row, "resolved": os.fsencode(r.resolved), "pre_error": "\t".join(r.error) if r.error else ""}
-                 for r in records]
-        scanned = (ray.data.from_items(items)
-                   .map_batches(_scan_batch, batch_size=scan_batch_size(len(items), resources.get("CPU", 1)),
-                                fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}, num_cpus=1)
-                   .take_all()) if items else []
-        scans: dict[int, Scan | tuple[str, str]] = {}
-        for s in scanned:
-            if not s["ok"]:
-                scans[int(s["row"])] = (str(s["error"]), str(s["error_detail"]))
-                continue
-            scans[int(s["row"])] = Scan(str(s["sha256"]), int(s["width"]), int(s["height"]), Hashes.from_fields(s),
-                                        Quality(float(s["pixel_std"]), float(s["aspect_ratio"])))
-        return scans
+    def stream(source: Path, cfg: RunConfig, wanted: Callable[[int], bool]) -> Iterator[
+            tuple[int, list[Record], dict[int, Scan | tuple[str, str]] | None]]:
+        """The run's one Ray Data job: the input read (``IngestDatasource``) and scanned as it streams; the
+        driver takes one chunk's records and scans at a time, in input order."""
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # as Ray Data's own local:// reads
+        dataset = (ray.data.read_datasource(IngestDatasource(source, os.getcwd(), cfg.allow_outside, cfg.chunk_size,
+                                                             wanted), num_cpus=0, label_selector=here)
+                   .map_batches(_scan_batch, batch_size=scan_batch_size(cfg.chunk_size, resources.get("CPU", 1)),
+                                batch_format="pyarrow", num_cpus=1,
+                                fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}))
+        t = time.perf_counter()  # each chunk's "scan" seconds: how long the driver waited for it
+        for n, table in enumerate(dataset.iter_batches(batch_size=cfg.chunk_size, batch_format="pyarrow")):
+            batch = table.to_pydict()
+            records = records_from_columns(batch)
+            if records[0].row != n * cfg.chunk_size:  # the chunks must be the local runner's, or resume breaks
+                raise RuntimeError(f"chunk {n} starts at row {records[0].row}: the input stream lost its order")
+            scans = None
+            if wanted(n):
+                scans = {}
+                for i, rec in enumerate(records):
+                    if not batch["ok"][i]:
+                        scans[rec.row] = (str(batch["error"][i]), str(batch["error_detail"][i]))
+                        continue
+                    scans[rec.row] = Scan(str(batch["sha256"][i]), int(batch["width"][i]), int(batch["height"][i]),
+                                          Hashes.from_fields({k: batch[k][i] for k in HASH_FIELDS}),
+                                          Quality(float(batch["pixel_std"][i]), float(batch["aspect_ratio"][i])))
+                cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
+            yield n, records, scans
+            t = time.perf_counter()
 
     pool: list = []  # the classifier actors, started on the first chunk that needs them, kept for the run
 
@@ -302,7 +381,7 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
             pool.extend(remote.remote(model, taxonomy, clf.precision, cfg.batch_size, cfg.max_pixels)
                         for _ in range(actors))
         step = max(cfg.batch_size, 8) * 4
-        batches = [[os.fsencode(p) for p in paths[i:i + step]] for i in range(0, len(paths), step)]
+        batches = [[os.fsencode(os.path.abspath(p)) for p in paths[i:i + step]] for i in range(0, len(paths), step)]
         parts = []
         for part in ActorPool(pool).map(lambda actor, b: actor.classify.remote(b), batches) if batches else []:
             parts.append(part)
@@ -310,8 +389,8 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
     return Engine(
-        scan, classify, segment_search=lambda dedupe: RaySegmentSearch(dedupe, resources.get("CPU", 1)),
-        scan_ahead=True, lock=cluster_lock,
+        None, classify, stream=stream, segment_search=lambda dedupe: RaySegmentSearch(dedupe, resources.get("CPU", 1)),
+        lock=cluster_lock,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
         device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
