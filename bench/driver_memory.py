@@ -5,8 +5,8 @@ manifests name files that do not exist (every row becomes an ``error`` row after
 read it), so the figure is the driver's own bookkeeping per row, not the photos'. The CLI runs in a
 fresh process; its peak resident memory (``VmHWM`` in ``/proc/PID/status``, the kernel's own high-water
 mark, read every 0.5 s until it exits), the peak of its private part (``RssAnon``) and wall time are
-printed as a Markdown table. Ray's workers are
-other processes and not counted: they are the cluster's, not the driver's.
+printed as a Markdown table. Ray's workers are other processes and not counted: they are the cluster's,
+not the driver's.
 
 Usage: ``python bench/driver_memory.py [--rows 100000 1000000] [--runner ray|local] [--store]
 [--chunk-size N]``.
