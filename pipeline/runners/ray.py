@@ -50,7 +50,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.models.classifier import Classifier, load_classifier, resolve_model
 from pipeline.ops.device import has_gpu
-from pipeline.ops.store import StoreLocked, holder_info
+from pipeline.ops.store import INDEX_SCHEMA, StoreLocked, holder_info
 from pipeline.runners.local import Engine, RunConfig, chunked, run
 from pipeline.stages.ingest import Record, ingest
 from pipeline.stages.classify import Predictions, predict
@@ -78,10 +78,9 @@ RECORD_SCHEMA = pa.schema([("row", pa.int64()), ("path", pa.string()), ("resolve
                            ("extra", pa.string()), ("pre_error", pa.string()), ("wanted", pa.bool_())])
 SCAN_SCHEMA = pa.schema([("ok", pa.bool_()), ("error", pa.string()), ("error_detail", pa.string()),
                          ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-                         ("pixel_std", pa.float64()), ("aspect_ratio", pa.float64()), ("phash", pa.string()),
-                         ("phash256", pa.string()), ("rotated", pa.list_(pa.string())),
-                         ("color", pa.list_(pa.float32())), ("phash_whole", pa.list_(pa.string())),
-                         ("thumb", pa.binary())])  # ``Scan`` with ``Hashes.to_fields``, or the scan's error
+                         ("pixel_std", pa.float64()), ("aspect_ratio", pa.float64()),
+                         # the hashes travel as the store's index keeps them
+                         *(INDEX_SCHEMA.field(name) for name in HASH_FIELDS)])  # ``Scan``, or the scan's error
 
 
 def record_columns(records: list[Record], wanted: bool) -> pa.Table:
