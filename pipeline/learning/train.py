@@ -142,7 +142,7 @@ def photo_dataset(paths: list[Path], labels: np.ndarray, preprocess: Preprocess,
     validation split (not shuffled) is decoded once and cached."""
     import tensorflow as tf
 
-    from pipeline.stages.classify import decode_indices
+    from pipeline.stages.classify import PREFETCH_BATCHES, decode_indices
 
     targets = tf.constant(labels.astype(np.int32))
     indices = tf.data.Dataset.range(len(paths))
@@ -152,7 +152,7 @@ def photo_dataset(paths: list[Path], labels: np.ndarray, preprocess: Preprocess,
                                                                                 tf.gather(targets, i)))
     if not shuffle:
         d = d.cache()
-    return d.batch(batch).prefetch(tf.data.AUTOTUNE)
+    return d.batch(batch).prefetch(PREFETCH_BATCHES)
 
 
 def build_transfer_model(features, num_classes: int, size: int):

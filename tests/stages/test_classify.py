@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import product_photo, tiny_test
 from pipeline.stages.decode import load_for_model
-from pipeline.stages.classify import predict, top_k
+from pipeline.stages.classify import dataset, predict, top_k
 
 
 @pytest.fixture()
@@ -28,6 +28,18 @@ def test_batched_pipeline_matches_the_model_image_by_image(tiny_classifier, phot
     cats, _, _ = tiny_classifier.taxonomy.aggregate(expected)
     np.testing.assert_allclose(preds.probs, cats, rtol=1e-4, atol=1e-6)
     assert preds.errors == [None] * 11
+
+
+def test_the_photo_loader_runs_without_the_autotuner(tiny_classifier, photos):
+    # With AUTOTUNE, about every other iterator ended by waiting up to 20 s for the autotuner's next
+    # wake-up (README, "Benchmark"); the loader's parallelism and prefetch are fixed instead.
+    from pipeline.learning.train import photo_dataset
+
+    for ds in (dataset(photos, tiny_classifier.preprocess, 4),
+               photo_dataset(photos, np.zeros(len(photos)), tiny_classifier.preprocess, 4, shuffle=True, seed=0)):
+        assert ds.options().autotune.enabled is False
+    batches = list(dataset(photos, tiny_classifier.preprocess, 4))
+    assert [int(i) for idx, _, _ in batches for i in idx] == list(range(11))
 
 
 def test_a_file_that_breaks_between_scan_and_classify_is_an_error_row(tiny_classifier, photos):
