@@ -467,8 +467,10 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                     rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc), scans)
                     table = to_table(rows, batch.extra_columns, meta)
                     if store:
+                        t = time.perf_counter()
                         store.commit_chunk(n, table, index_records, file_stats(records))
-                        cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows})
+                        cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows,
+                                 "seconds": round(time.perf_counter() - t, 3)})
                         fault_point(f"after-chunk:{n}")
                 counter.update_table(table)
                 if writer is not None:
