@@ -11,6 +11,7 @@ the way a person does.
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import struct
@@ -219,7 +220,7 @@ def decode_opened(img: Image.Image, min_side: int | None = None) -> Image.Image:
             img.draft(None, (min_side, min_side))
         img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy of every photo that is upright already
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _decoder_error(exc) from None
     return to_rgb(img)
@@ -246,6 +247,22 @@ def load_for_model(
     return center_crop_resize(img, size, resize_short)
 
 
+def thumbnail_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """The size Pillow's ``thumbnail((side, side))`` gives an image of ``size`` (its own rounding, so the
+    pixels, and the hashes made from them, stay the same), without the copy ``thumbnail`` works on."""
+    w, h = size
+    if w <= side and h <= side:
+        return w, h
+    aspect = w / h
+
+    def nearest(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if aspect <= 1:
+        return nearest(side * aspect, lambda n: abs(aspect - n / side)), side
+    return side, nearest(side / aspect, lambda n: 0 if n == 0 else abs(aspect - side / n))
+
+
 def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> Image.Image:
     """Crop to the bounding box of pixels that differ from the border colour.
 
@@ -254,8 +271,7 @@ def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float =
     crop or a re-framing left, and keeps a small product's colour from being
     diluted by white. Photos without a plain border are returned unchanged.
     """
-    small = img.copy()
-    small.thumbnail((256, 256), Image.BILINEAR)
+    small = img.resize(thumbnail_size(img.size, 256), Image.BILINEAR, reducing_gap=2.0)  # thumbnail() needs a copy
     # Twice the pixel values, in int16: the border's median is a whole or half value, so the comparison
     # with it stays exact in integers (float64 arithmetic here cost more than every hash together).
     arr = np.asarray(small, dtype=np.int16) * 2

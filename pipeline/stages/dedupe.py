@@ -194,7 +194,7 @@ def view_of(grid: np.ndarray, view: int) -> np.ndarray:
 def compute_hashes(img: Image.Image) -> Hashes:
     """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product;
     the whole photo's pHash views and thumbnail."""
-    small = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    small = (img if img.mode == "RGB" else img.convert("RGB")).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     thumb, whole = np.asarray(small, np.uint8), _coarse_views(np.asarray(small.convert("L")))
     img = trim_background(img)
     gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import EXIF_TRANSFORMS
-from pipeline.stages.decode import DecodeError, decode, load_for_model, read_bytes, upright_size, open_image
+from pipeline.stages.decode import (DecodeError, decode, load_for_model, read_bytes, thumbnail_size, trim_background,
+                                   upright_size, open_image)
 
 
 def _bytes(img, fmt, **kw):
@@ -146,3 +147,18 @@ def test_unreadable_file(tmp_path):
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_trims_thumbnail_is_pillows_without_its_copy():
+    # The trim's box, and so every hash of the product, is made on this thumbnail: its size must stay
+    # Pillow's own, whatever the aspect ratio.
+    rng = np.random.default_rng(0)
+    for w, h in [(1, 1), (256, 256), (257, 256), (300, 372), (4000, 3), (3, 4000), (1023, 767)] + [
+            tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(300)]:
+        im = Image.new("L", (w, h))
+        im.thumbnail((256, 256))
+        assert thumbnail_size((w, h), 256) == im.size, (w, h)
+    photo = Image.new("RGB", (600, 400), "white")
+    photo.paste((200, 30, 30), (200, 100, 380, 300))
+    w, h = trim_background(photo).size  # the product, and the few pixels the thumbnail's blur adds
+    assert 180 <= w <= 190 and 200 <= h <= 210
