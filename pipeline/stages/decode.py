@@ -263,13 +263,14 @@ def thumbnail_size(size: tuple[int, int], side: int) -> tuple[int, int]:
     return side, nearest(side / aspect, lambda n: 0 if n == 0 else abs(aspect - side / n))
 
 
-def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> Image.Image:
-    """Crop to the bounding box of pixels that differ from the border colour.
+def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> tuple[int, int, int, int] | None:
+    """The bounding box of pixels that differ from the border colour, or None (no plain border, blank).
 
     Product photos are an object on a plain backdrop; hashing the object rather
     than the frame makes the fingerprints indifferent to how much backdrop a
     crop or a re-framing left, and keeps a small product's colour from being
-    diluted by white. Photos without a plain border are returned unchanged.
+    diluted by white. A box, not a cropped image: the scan cuts it from each
+    version of the photo it already has (colour and greyscale).
     """
     small = img.resize(thumbnail_size(img.size, 256), Image.BILINEAR, reducing_gap=2.0)  # thumbnail() needs a copy
     # Twice the pixel values, in int16: the border's median is a whole or half value, so the comparison
@@ -278,19 +279,25 @@ def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float =
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
     bg = np.median(border, axis=0).astype(np.int16)
     if np.abs(border - bg).max(axis=1).mean() > 2 * tolerance:  # no uniform backdrop
-        return img
+        return None
     diff = np.abs(arr - bg)
     # per channel, not .max(axis=2): a reduction over 3 values is 10x slower than two elementwise ORs
     mask = (diff[..., 0] > 2 * tolerance) | (diff[..., 1] > 2 * tolerance) | (diff[..., 2] > 2 * tolerance)
     count = int(np.count_nonzero(mask))
     if count == 0 or count < min_fraction * mask.size * 0.1:  # blank, or only specks
-        return img
+        return None
     ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     sx, sy = img.width / small.width, img.height / small.height
     box = (int(xs[0] * sx), int(ys[0] * sy), int(np.ceil((xs[-1] + 1) * sx)), int(np.ceil((ys[-1] + 1) * sy)))
     if (box[2] - box[0]) * (box[3] - box[1]) < min_fraction * img.width * img.height:
-        return img
-    return img.crop(box)
+        return None
+    return box
+
+
+def trim_background(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> Image.Image:
+    """``img`` cropped to its ``trim_box``; unchanged when it has none."""
+    box = trim_box(img, tolerance, min_fraction)
+    return img if box is None else img.crop(box)
 
 
 def to_fashion_mnist(img: Image.Image, background_tolerance: int = 24) -> np.ndarray:

@@ -6,7 +6,7 @@ at 16x16 (256 bits) is a finer second opinion that cuts the 8x8 hash's
 false matches. Both are greyscale, so a red and a teal version of one t-shirt
 hash alike; a 4x4 colour grid compared cell by cell keeps colour variants
 apart, because to a shop they are different products. All three are taken
-from the product trimmed off its plain backdrop (``trim_background``), so a
+from the product trimmed off its plain backdrop (``trim_box``), so a
 crop that removes backdrop changes nothing and a small product's colour is not
 diluted by white.
 
@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from pipeline.stages.decode import trim_background
+from pipeline.stages.decode import trim_box
 
 HASH_BITS = 64
 DEFAULT_PHASH_THRESHOLD = 10  # of 64 bits: the index radius
@@ -191,13 +191,18 @@ def view_of(grid: np.ndarray, view: int) -> np.ndarray:
     return np.flip(grid, axis=-2) if view == 4 else np.rot90(grid, view, axes=(-3, -2))
 
 
-def compute_hashes(img: Image.Image) -> Hashes:
+def compute_hashes(img: Image.Image, grey: Image.Image | None = None) -> Hashes:
     """Both pHashes, those of the other views (rotations, mirror) and the colour grid of the trimmed product;
-    the whole photo's pHash views and thumbnail."""
-    small = (img if img.mode == "RGB" else img.convert("RGB")).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    the whole photo's pHash views and thumbnail. ``grey``: ``img.convert("L")`` when the caller has it
+    already (the scan's quality check needs it too); the product's greyscale is cut from it."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    small = img.resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     thumb, whole = np.asarray(small, np.uint8), _coarse_views(np.asarray(small.convert("L")))
-    img = trim_background(img)
-    gray64 = np.asarray(img.convert("L").resize((64, 64), Image.LANCZOS))
+    box = trim_box(img)
+    grey = grey if grey is not None else img.convert("L")  # per pixel: cropping before or after is the same
+    if box is not None:
+        img, grey = img.crop(box), grey.crop(box)
+    gray64 = np.asarray(grey.resize((64, 64), Image.LANCZOS))
     (phash, fine), *rotated = _phash_views(gray64)
     color = np.asarray(img.resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
     return Hashes(phash, fine, tuple(rotated), color, whole, thumb)

@@ -58,7 +58,8 @@ def scan_file(path: Path, max_pixels: int, max_bytes: int, model_input: Preproce
     rgb = dec.decode_opened(img, min_side=SCAN_SIDE)
     pixels = dec.center_crop_resize(rgb, model_input.size, model_input.resize_short) \
         if shares_scan_decode(model_input) else None
-    return Scan(digest, width, height, compute_hashes(rgb), quality_stats(rgb), pixels)
+    grey = rgb.convert("L")  # one greyscale for the hashes and the quality check
+    return Scan(digest, width, height, compute_hashes(rgb, grey), quality_stats(rgb, grey), pixels)
 
 
 def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError | None = None,
