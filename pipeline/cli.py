@@ -230,9 +230,9 @@ def run(
         if runner == "ray":
             from pipeline.runners.ray import run_ray
 
-            classifier = _load_classifier(model, taxonomy, precision)
-            summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, classifier.precision, cfg,
-                              ray_address, classifier)
+            _check_model(model, taxonomy)  # the model itself loads on the cluster's classifier actors
+            summary = run_ray(input_path, out, model, str(taxonomy) if taxonomy else None, precision, cfg,
+                              ray_address)
         else:
             expected = _expected_preprocess(model)
             # TensorFlow imports and the model loads in a thread while the first chunk is scanned
@@ -315,6 +315,17 @@ def _load_classifier(model: str, taxonomy: Path | None, precision: str):
 
     with _model_errors_are_usage_errors():
         return load_classifier(model, taxonomy, precision)
+
+
+def _check_model(model: str, taxonomy: Path | None) -> None:
+    """What can be checked of a model without TensorFlow (its name or folder and card, the taxonomy), as
+    usage errors; a model file that then fails to load on the cluster fails the run."""
+    from pipeline.models.taxonomy import load_taxonomy
+
+    _expected_preprocess(model)
+    if taxonomy is not None:
+        with _model_errors_are_usage_errors():
+            load_taxonomy(taxonomy)
 
 
 def _expected_preprocess(model: str):

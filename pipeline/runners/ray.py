@@ -33,6 +33,7 @@ costs a few seconds, so the local runner stays the default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -49,7 +50,6 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.models.classifier import Classifier, load_classifier, resolve_model
-from pipeline.ops.device import has_gpu
 from pipeline.ops.store import INDEX_SCHEMA, StoreLocked, holder_info
 from pipeline.runners.local import Engine, RunConfig, chunked, run
 from pipeline.stages.ingest import Record, ingest
@@ -226,9 +226,14 @@ class ClassifierActor:
     """
 
     def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
-        self.classifier = load_classifier(model, taxonomy, precision)
+        self.classifier = load_classifier(model, taxonomy, precision)  # "auto": this worker's GPU decides
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+
+    def describe(self) -> Classifier:
+        """The loaded model's labels, taxonomy, version and precision, without the network: what the driver
+        needs to decide and write rows, so it never imports TensorFlow itself."""
+        return dataclasses.replace(self.classifier, model=None, steps={})
 
     def classify(self, paths: list[bytes]) -> Predictions:
         return predict(self.classifier, [Path(os.fsdecode(p)) for p in paths], batch_size=self.batch_size,
@@ -320,9 +325,15 @@ def pool_size(cluster_cpus: float, gpus: float) -> tuple[int, float]:
     return actors, max(1.0, (cluster_cpus - 1) / actors) if cluster_cpus > 2 else 1.0
 
 
-def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, address: str | None = None) -> Engine:
+def ray_engine(model: str, taxonomy: str | None, precision: str, cfg: RunConfig,
+               address: str | None = None) -> tuple[Engine, Callable[[], Classifier]]:
     """The Ray runner's engine: scans as Ray Data tasks, classification on an actor pool, near pairs on
-    another (``RaySegmentSearch``), the store's lock in the cluster; ``run`` does the rest."""
+    another (``RaySegmentSearch``), the store's lock in the cluster; ``run`` does the rest. With it, a
+    function that waits for the first classifier actor's ``describe``.
+
+    The classifier actors start here, before anything is scanned: each imports TensorFlow and loads the
+    model while the driver opens the store and the scans begin, and the driver itself loads no model.
+    """
     import ray
 
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
@@ -370,15 +381,13 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
             yield n, records, scans
             t = time.perf_counter()
 
-    pool: list = []  # the classifier actors, started on the first chunk that needs them, kept for the run
+    gpus = resources.get("GPU", 0) >= 1
+    remote = ray.remote(num_cpus=actor_cpus, num_gpus=1 if gpus else 0)(ClassifierActor)
+    pool = [remote.remote(model, taxonomy, precision, cfg.batch_size, cfg.max_pixels) for _ in range(actors)]
 
     def classify(paths: list[Path], ready: list, clf, cfg: RunConfig, progress) -> Predictions:
         from ray.util import ActorPool
 
-        if paths and not pool:
-            remote = ray.remote(num_cpus=actor_cpus, num_gpus=1 if resources.get("GPU", 0) >= 1 else 0)(ClassifierActor)
-            pool.extend(remote.remote(model, taxonomy, clf.precision, cfg.batch_size, cfg.max_pixels)
-                        for _ in range(actors))
         step = max(cfg.batch_size, 8) * 4
         batches = [[os.fsencode(os.path.abspath(p)) for p in paths[i:i + step]] for i in range(0, len(paths), step)]
         parts = []
@@ -387,12 +396,13 @@ def ray_engine(model: str, taxonomy: str | None, classifier, cfg: RunConfig, add
             progress(len(part.errors))
         return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
 
-    return Engine(
+    engine = Engine(
         None, classify, stream=stream, segment_search=lambda dedupe: RaySegmentSearch(dedupe, resources.get("CPU", 1)),
         lock=cluster_lock,
         info={"name": "ray", "address": address or "local", "actors": actors, "actor_cpus": actor_cpus,
               "cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}},
-        device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if has_gpu() else 'CPU'})")
+        device=f"Ray ({actors} actor{'s' if actors > 1 else ''}, {'GPU' if gpus else 'CPU'})")
+    return engine, lambda: ray.get(pool[0].describe.remote())
 
 
 def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: str | None, precision: str,
@@ -402,9 +412,10 @@ def run_ray(source: str | Path, out: str | Path | None, model: str, taxonomy: st
     Chunks as the local runner's, with or without ``--store``: the driver holds
     one chunk at a time (and the next one's scans), and each chunk's near pairs
     against every earlier chunk and night are searched on the cluster
-    (``RaySegmentSearch``). ``classifier``: the driver's copy of the model
-    (labels, taxonomy, version) when the caller loaded it already (the CLI
-    does, to report a bad model as a usage error); the actors load their own.
+    (``RaySegmentSearch``). The model loads on the classifier actors only
+    (``precision`` "auto" is resolved there, where the GPUs are); the driver
+    takes the labels, taxonomy and version from the first actor, unless the
+    caller passes a ``classifier`` it loaded already.
     """
-    classifier = classifier or load_classifier(model, taxonomy, precision)
-    return run(source, out, classifier, cfg, ray_engine(model, taxonomy, classifier, cfg, address))
+    engine, describe = ray_engine(model, taxonomy, precision, cfg, address)
+    return run(source, out, classifier or describe(), cfg, engine)

@@ -102,10 +102,14 @@ def test_ray_runner_on_a_real_local_cluster(tmp_path, local_cluster):
     local = tmp_path / "local.parquet"
     assert CliRunner().invoke(cli, ["run", str(data), "--out", str(local), "-q"]).exit_code == 0
     out = tmp_path / "cluster.parquet"
-    p = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "run", str(data), "--out", str(out),
+    # the driver loads no model (the classifier actors do): TensorFlow is never imported in its process
+    driver = ("import sys; from pipeline.cli import cli; cli(standalone_mode=False); "
+              "print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow')")
+    p = subprocess.run([sys.executable, "-c", driver, "run", str(data), "--out", str(out),
                         "-q", "--runner", "ray", "--ray-address", address], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().endswith("no tensorflow"), p.stdout[-1000:]
     _same_rows(local, out)
     assert '"address": "127.0.0.1:' in pq.read_schema(out).metadata[b"labelcat.run"].decode()
 
