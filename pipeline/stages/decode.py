@@ -263,6 +263,11 @@ def thumbnail_size(size: tuple[int, int], side: int) -> tuple[int, int]:
     return side, nearest(side / aspect, lambda n: 0 if n == 0 else abs(aspect - side / n))
 
 
+def thumbnail(img: Image.Image, side: int, resample: Image.Resampling) -> Image.Image:
+    """A new image as ``img.copy()`` then ``thumbnail((side, side), resample)`` gives it, without the copy."""
+    return img.resize(thumbnail_size(img.size, side), resample, reducing_gap=2.0)
+
+
 def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> tuple[int, int, int, int] | None:
     """The bounding box of pixels that differ from the border colour, or None (no plain border, blank).
 
@@ -272,7 +277,7 @@ def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) 
     diluted by white. A box, not a cropped image: the scan cuts it from each
     version of the photo it already has (colour and greyscale).
     """
-    small = img.resize(thumbnail_size(img.size, 256), Image.BILINEAR, reducing_gap=2.0)  # thumbnail() needs a copy
+    small = thumbnail(img, 256, Image.BILINEAR)
     # Twice the pixel values, in int16: the border's median is a whole or half value, so the comparison
     # with it stays exact in integers (float64 arithmetic here cost more than every hash together).
     arr = np.asarray(small, dtype=np.int16) * 2

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.models.embeddings import leave_one_out_similarity, normalise
-from pipeline.stages.decode import thumbnail_size
+from pipeline.stages.decode import thumbnail
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def quality_stats(img: Image.Image, grey: Image.Image | None = None) -> Quality:
     """Greyscale spread and long/short side ratio of an upright RGB image (``grey``: its ``convert("L")``,
     when the caller has it already)."""
     grey = grey if grey is not None else img.convert("L")
-    small = grey.resize(thumbnail_size(grey.size, 128), Image.BICUBIC, reducing_gap=2.0)  # thumbnail()'s, no copy
+    small = thumbnail(grey, 128, Image.BICUBIC)
     std = float(np.asarray(small, dtype=np.float32).std())
     w, h = img.size
     return Quality(pixel_std=std, aspect_ratio=max(w, h) / max(1, min(w, h)))
