@@ -24,6 +24,7 @@ from pipeline.stages.decode import DEFAULT_MAX_PIXELS, DecodeError
 
 PREFETCH_BATCHES = 2  # the model works on one batch while the next is assembled
 
+
 @dataclass
 class Predictions:
     """Per-row model outputs, aligned with the paths given to ``predict``."""
