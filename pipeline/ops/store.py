@@ -5,6 +5,7 @@ Layout of ``--store DIR``::
     DIR/labels/run_date=2026-11-22/<run id>/part-000000.parquet   the dataset (hive-partitioned by run_date)
     DIR/index/<run id>/part-000000.parquet                          hashes + labels of kept photos
     DIR/staging/                                                       tonight's run until it is published
+    DIR/staging/attempts/<attempt>/                                    parts a Ray worker wrote, not yet committed
     DIR/lock                                                           held (flock) while a run works
 
 Why this shape. Readers (pandas, pyarrow, DuckDB, Spark) read ``DIR/labels``
@@ -15,7 +16,12 @@ killed at any moment (SIGKILL, reboot) leaves committed chunks in
 ``staging/``; the next run over the same input (same fingerprint, model
 version and chunk size) reuses its run id, skips those chunks and finishes
 the job, so no row is lost or written twice. A run over different input
-discards the stale staging first. The publish step itself is recorded
+discards the stale staging first. Where workers write the parts (the Ray
+runner), each writes into its driver's own ``staging/attempts/<attempt>/``
+and the driver commits a chunk by moving its parts into ``staging/`` (the
+output-committer pattern of Hadoop and Spark): a worker that outlives its
+killed driver can only write into an attempt folder no run ever commits
+from, which the next run sweeps. The publish step itself is recorded
 (``state: publishing``) and completed by the next run if it was interrupted.
 
 ``DIR`` may be a local or NFS folder or a URI of any filesystem ``pyarrow.fs``
@@ -105,6 +111,7 @@ class StoreError(ValueError):
 MARKER = ".labelcat-store"
 #: What a store folder may hold; anything else means the folder is someone else's.
 STORE_ENTRIES = frozenset({MARKER, "lock", "labels", "index", "staging"})
+ATTEMPTS = "attempts"  # staging/attempts/<attempt>/: parts written by workers, until their driver commits them
 
 
 def index_record(run_id: str, row: dict[str, Any], hash_fields: dict[str, Any], in_dedupe: bool,
@@ -300,11 +307,19 @@ class Store:
         if foreign:
             raise StoreError(f"--store {self.location} holds files labelcat did not create ({', '.join(foreign[:5])}); "
                              "use an empty or new folder")
-        if "staging" in entries and self._type(self._state_file()) != pafs.FileType.File:
+        if "staging" in entries and self._type(self._state_file()) != pafs.FileType.File and not self._only_attempts():
             raise StoreError(f"{self.staging} exists but is not labelcat's staging (no run.json); move it away")
         self.fs.create_dir(self.root, recursive=True)
         if MARKER not in entries:
             self._write_text(f"{self.root}/{MARKER}", "")
+
+    def _only_attempts(self) -> bool:
+        """Whether ``staging`` holds nothing but attempt folders of labelcat's parts: what a worker of a killed
+        Ray driver can leave after the re-run published (``open_staging`` sweeps it under the lock)."""
+        listing = self._listing(self.staging, recursive=True)
+        return bool(listing) and all(i.path.startswith(f"{self.staging}/{ATTEMPTS}") and (
+            i.type == pafs.FileType.Directory or fnmatch(i.base_name, "part-*.*") or i.base_name.startswith("."))
+            for i in listing)
 
     def check(self, cluster: bool = False) -> None:
         """Refuse, before any work, a store that is foreign (``StoreError``), locked (``StoreLocked``) or
@@ -375,8 +390,9 @@ class Store:
     def _state_file(self) -> str:
         return f"{self.staging}/run.json"
 
-    def _part(self, kind: str, n: int, ext: str = "parquet") -> str:
-        return f"{self.staging}/{kind}/part-{n:06d}.{ext}"
+    def _part(self, kind: str, n: int, ext: str = "parquet", attempt: str | None = None) -> str:
+        folder = self.staging if attempt is None else f"{self.staging}/{ATTEMPTS}/{attempt}"
+        return f"{folder}/{kind}/part-{n:06d}.{ext}"
 
     def open_staging(self, fingerprint: str, model_version: str, chunk_size: int, new_run_id: str,
                      run_date: str, log) -> tuple[str, str, set[int] | None]:
@@ -389,6 +405,11 @@ class Store:
         state = self._read_state()
         same = state is not None and (state["fingerprint"], state["model_version"], state["chunk_size"]) == (
             fingerprint, model_version, chunk_size)
+        if self._type(f"{self.staging}/{ATTEMPTS}") != pafs.FileType.NotFound:  # killed drivers' workers' parts
+            try:
+                self.fs.delete_dir(f"{self.staging}/{ATTEMPTS}")
+            except OSError as exc:  # a killed driver's worker still writing: its parts are never committed
+                log(f"could not sweep {self.staging}/{ATTEMPTS}: {exc}")
         if state and state.get("state") == "publishing":
             log(f"completing the interrupted publish of run {state['run_id']}")
             self._publish(state)
@@ -422,17 +443,26 @@ class Store:
         self._write_text(self._state_file(), json.dumps(state))
 
     def commit_chunk(self, n: int, rows: pa.Table, index_records: list[dict[str, Any]],
-                     files: list[tuple[str, int, int]] | None = None) -> None:
+                     files: list[tuple[str, int, int]] | None = None, attempt: str | None = None) -> None:
         """Files record, index part, then the rows part: a chunk counts as done once its rows part exists.
 
         ``files`` (path, size, mtime_ns) are what the chunk read; a resume
         checks them, so a photo replaced under the same name is not taken from
-        a committed chunk (``files_unchanged``).
+        a committed chunk (``files_unchanged``). With ``attempt`` (a worker
+        writing for its driver) the parts go into that attempt's folder and
+        count for nothing until the driver's ``promote_chunk``.
         """
-        self._write_text(self._part("files", n, "json"), json.dumps(files or []))
+        self._write_text(self._part("files", n, "json", attempt), json.dumps(files or []))
         index = pa.Table.from_pylist(index_records, schema=INDEX_SCHEMA)
-        self._write(self._part("index", n), lambda tmp: pq.write_table(index, tmp, filesystem=self.fs))
-        self._write(self._part("labels", n), lambda tmp: pq.write_table(rows, tmp, filesystem=self.fs))
+        self._write(self._part("index", n, attempt=attempt), lambda tmp: pq.write_table(index, tmp, filesystem=self.fs))
+        self._write(self._part("labels", n, attempt=attempt), lambda tmp: pq.write_table(rows, tmp, filesystem=self.fs))
+
+    def promote_chunk(self, n: int, attempt: str) -> None:
+        """Commit chunk ``n`` that a worker wrote into ``attempt``'s folder: its parts move into ``staging``,
+        the rows part last, each in one step (a rename; on an object store, one object's copy)."""
+        for kind, ext in (("files", "json"), ("index", "parquet"), ("labels", "parquet")):
+            self.fs.create_dir(f"{self.staging}/{kind}", recursive=True)
+            self.fs.move(self._part(kind, n, ext, attempt), self._part(kind, n, ext))
 
     def files_unchanged(self, chunks: set[int]) -> str | None:
         """None if every file the committed ``chunks`` read still has its size and modification time;

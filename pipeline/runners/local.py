@@ -13,6 +13,7 @@ output).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -146,6 +148,11 @@ class Engine:
     device: str = ""
     scan_ahead: bool = False  # scan the next chunk on a thread while this one is classified (``scanned_ahead``)
     lock: Callable[[str], contextlib.AbstractContextManager] | None = None  # a store lock beyond flock (``Store.lock``)
+    # where a chunk's parts are written: (store, n, rows, index records, files) -> a wait that returns when the
+    # chunk is committed, with what to log; None: here, before the next chunk (``Store.commit_chunk``)
+    commit: Callable[[Store, int, pa.Table, list[dict[str, Any]], list[tuple[str, int, int]]],
+                     Callable[[], dict[str, Any]]] | None = None
+    commits_ahead: int = 0  # chunks decided while earlier ones are still being written (``commit``)
 
 
 def local_engine() -> Engine:
@@ -390,6 +397,41 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     return rows, index_records
 
 
+class Commits:
+    """The chunks being committed to the store: each is written where the engine says (``Engine.commit``),
+    and its ``commit`` event is logged, and its ``after-chunk`` fault point reached, once it is committed.
+
+    Why a queue: the Ray runner's workers write a chunk's parts while the driver decides the next chunks
+    (``Engine.commits_ahead``); the local runner writes each chunk before it goes on.
+    """
+
+    def __init__(self, store: Store, engine: Engine, cfg: RunConfig) -> None:
+        self.store, self.engine, self.cfg = store, engine, cfg
+        self.pending: collections.deque[tuple[int, int, float, Callable[[], dict[str, Any]]]] = collections.deque()
+
+    def submit(self, n: int, table: pa.Table, index_records: list[dict[str, Any]],
+               files: list[tuple[str, int, int]]) -> None:
+        t = time.perf_counter()
+        if self.engine.commit is None:
+            self.store.commit_chunk(n, table, index_records, files)
+            wait: Callable[[], dict[str, Any]] = dict
+        else:
+            wait = self.engine.commit(self.store, n, table, index_records, files)
+        self.pending.append((n, table.num_rows, time.perf_counter() - t, wait))
+        self.settle(self.engine.commits_ahead)
+
+    def settle(self, ahead: int) -> None:
+        """Wait until at most ``ahead`` chunks are still being written."""
+        while len(self.pending) > ahead:
+            n, rows, spent, wait = self.pending.popleft()
+            t = time.perf_counter()
+            more = wait()
+            # seconds: the driver's own, submitting the chunk and waiting for it
+            self.cfg.log({"stage": "commit", "chunk": n, "rows": rows,
+                          "seconds": round(spent + time.perf_counter() - t, 3), **more})
+            fault_point(f"after-chunk:{n}")
+
+
 def run(source: str | Path, out: str | Path | None, classifier: Classifier | Future, cfg: RunConfig,
         engine: Engine | None = None, preprocess: Preprocess | None = None) -> Summary:
     """Run the whole pipeline on ``source``; write ``out`` and/or the store; return the summary.
@@ -441,6 +483,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
         if engine.info:
             meta["runner"] = engine.info
         counter = SummaryCounter()
+        committing = Commits(store, engine, cfg) if store else None
         with contextlib.ExitStack() as stack:
             writer = None
             if out is not None:
@@ -467,16 +510,14 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
                     rows, index_records = process_chunk(records, ctx, datetime.now(timezone.utc), scans)
                     table = to_table(rows, batch.extra_columns, meta)
                     if store:
-                        t = time.perf_counter()
-                        store.commit_chunk(n, table, index_records, file_stats(records))
-                        cfg.log({"stage": "commit", "chunk": n, "rows": table.num_rows,
-                                 "seconds": round(time.perf_counter() - t, 3)})
-                        fault_point(f"after-chunk:{n}")
+                        committing.submit(n, table, index_records, file_stats(records))
                 counter.update_table(table)
                 if writer is not None:
                     if cfg.skip_seen:
                         table = table.filter(pc.not_equal(table["status"], "seen"))
                     writer.write_table(table)
+            if committing:
+                committing.settle(0)
         # --out is in place before the store publishes: a kill between the two leaves the staging
         # complete, and the re-run rewrites --out from it (never from a published night, where
         # tonight's photos would already count as seen).

@@ -163,6 +163,37 @@ def test_a_photo_replaced_after_a_kill_is_read_again_on_resume(tmp_path, card_mo
     assert rows.loc[0, "sha256"] == new_sha and rows.loc[0, "width"] == 300
 
 
+def test_parts_a_worker_wrote_count_once_its_driver_commits_them(tmp_path, card_model):
+    """The Ray runner's workers write a chunk's parts into their driver's attempt folder; only the driver's
+    ``promote_chunk`` commits them. Parts of a killed driver's attempt are never taken on resume, and an
+    attempt folder a worker recreated after the re-run published (a zombie writer) is swept by the next run."""
+    import pyarrow as pa
+
+    store = Store(tmp_path / "store")
+    store.claim()
+    rows = pa.table({"row": [0, 1]})
+    run_id, _, done = store.open_staging("fp", "v1", 2, "run-a", "2026-11-24", print)
+    assert done == set()
+    store.commit_chunk(0, rows, [], [], attempt="killed")
+    store.commit_chunk(1, rows, [], [], attempt="live")
+    store.promote_chunk(1, "live")
+    _, _, done = store.open_staging("fp", "v1", 2, "run-b", "2026-11-24", print)  # the re-run resumes run-a
+    assert done == {1} and not (tmp_path / "store" / "staging" / "attempts").exists()
+    assert pq.read_table(tmp_path / "store" / "staging" / "labels" / "part-000001.parquet").equals(rows)
+
+    shop = tmp_path / "uploads"
+    make_shop(shop, 3)
+    out = tmp_path / "n1.parquet"
+    assert cli_run(shop, "--store", tmp_path / "night", "--model", card_model, "--out", out, "-q").exit_code == 0
+    zombie = tmp_path / "night" / "staging" / "attempts" / "old" / "labels"
+    zombie.mkdir(parents=True)
+    pq.write_table(rows, zombie / "part-000000.parquet")
+    make_shop(shop, 1, start=3)
+    r = cli_run(shop, "--store", tmp_path / "night", "--model", card_model, "--out", tmp_path / "n2.parquet", "-q")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "night" / "staging").exists() and len(dataset(tmp_path / "night")) == 3 + 4
+
+
 def test_two_runs_at_once_and_a_stale_lock(tmp_path, card_model):
     shop = tmp_path / "uploads"
     make_shop(shop, 7)

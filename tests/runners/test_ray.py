@@ -1,5 +1,6 @@
 """The Ray Data runner: same rows as the local runner, locally and on a real (local) cluster."""
 
+import json
 import os
 import signal
 import socket
@@ -132,7 +133,8 @@ def test_two_nights_with_a_store_make_the_local_runners_rows(tmp_path):
                 shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo01_1.jpg", night1 / "polos" / "again.jpg")
             for runner, store in stores.items():
                 out = tmp_path / f"{runner}-{night}.parquet"
-                args = ["run", str(night1), "--out", str(out), "-q", "--store", str(store), "--chunk-size", "5"]
+                args = ["run", str(night1), "--out", str(out), "-q", "--store", str(store), "--chunk-size", "5",
+                        "--log-file", str(tmp_path / f"{runner}.log")]
                 r = CliRunner().invoke(cli, args + (["--runner", "ray"] if runner == "ray" else []))
                 assert r.exit_code == 0, r.output
                 outs[(runner, night)] = out
@@ -144,6 +146,11 @@ def test_two_nights_with_a_store_make_the_local_runners_rows(tmp_path):
     assert (second.status == "seen").sum() >= 10 and "duplicate" in set(second.status)
     for store in stores.values():
         assert len(list((store / "labels").glob("run_date=*/*"))) == 2
+    # the Ray runner's Parquet parts are written by its workers, not by the driver (this process)
+    commits = [e for e in map(json.loads, (tmp_path / "ray.log").read_text().splitlines()) if e["stage"] == "commit"]
+    chunks = sum(-(-pq.read_metadata(outs[("ray", night)]).num_rows // 5) for night in (1, 2))
+    assert len(commits) == chunks and all(e["written_by"] and not e["written_by"].startswith(f"pid {os.getpid()} ")
+                                          for e in commits)
 
 
 def test_ray_usage_errors(tmp_path):
