@@ -56,6 +56,11 @@ OVERLAY_AGREEMENT = 0.95  # ...and the product's pixels outside the window then 
 # brightness fit is redone without it too: a badge over a dress model's head otherwise skews the fit for all
 OVERLAY_CHROMA = 20.0
 DEFAULT_EMBEDDING_SIMILARITY = 0.80  # cosine of projected features from which a classified photo is a candidate copy
+# the most a tone curve may bend (its quadratic term, in grey levels over the levels scaled to [-1, 1]) per
+# grey level of difference between the two photos' mean brightness (``_brightness_agreement``)
+BEND_PER_LEVEL = 4.0
+BRIGHTER_LEVELS = 8.0  # ...and only where one photo is this much brighter on average (15% is about 20 levels)
+BEND_FROM = 0.75  # ...and the straight line's agreement is this high already
 BACKDROP_LEVEL = 12.0  # grey levels from the border's median from which a pixel belongs to the product
 # Why upright only: a second table searched in all five views doubled the search against a long history
 # (bench/dedupe_history.py); turned and mirrored copies are plain copies that the trimmed hashes find.
@@ -363,9 +368,20 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     iou = n_inter / np.maximum(n_union, 1)
     w = inter.astype(np.float32)
     close, score = _brightness_agreement(ga, gb, w)
-    score = np.where((iou >= overlap) & (n_inter >= 8), score, -1.0)
-    best = score.argmax(axis=1)
+    compared = (iou >= overlap) & (n_inter >= 8)
     pick = np.arange(len(a))
+    # pairs just short of agreement where one photo is much the brighter: the tone curve bent as brightening
+    # bends it (the bend lifted brightened copies from 0.82-0.89 to 0.90+; pairs far below are not copies)
+    brighter = np.abs(((gb - ga) * w).sum(axis=(-2, -1))) / np.maximum(n_inter, 1)
+    first = np.where(compared, score, -1.0).argmax(axis=1)  # each pair's best alignment with the straight line
+    linear, lighter = score[pick, first], compared[pick, first] & (brighter[pick, first] >= BRIGHTER_LEVELS)
+    bent = pick[(linear >= BEND_FROM) & (linear < agreement) & lighter]
+    if len(bent):  # on that alignment only: a brightened copy needs no other
+        k = first[bent]
+        c, s = _brightness_agreement(ga[bent, k][:, None], gb[bent, k][:, None], w[bent, k][:, None], bend=True)
+        close[bent, k], score[bent, k] = c[:, 0], s[:, 0]
+    score = np.where(compared, score, -1.0)
+    best = score.argmax(axis=1)
     top = score[pick, best]
     product = inter[pick, best]
     # the best alignment once more, with an overlay near the border left out (where that helps)
@@ -408,19 +424,51 @@ def _coloured_overlay_refit(a: np.ndarray, b: np.ndarray, best: np.ndarray, ga: 
     return np.where(coloured >= OVERLAY_CHROMA, share, -1.0)
 
 
-def _brightness_agreement(ga: np.ndarray, gb: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which pixels of (..., 24, 24) greyscale comparisons agree once a gain and offset are fitted from ``ga``
-    to ``gb`` over the pixels that ``w`` (0/1) marks (least squares: gb ~ gain * ga + offset; within 15% of
-    the spread plus 4 levels), and the share of the marked pixels that agree."""
+def _brightness_agreement(ga: np.ndarray, gb: np.ndarray, w: np.ndarray,
+                          bend: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Which pixels of (..., 24, 24) greyscale comparisons agree once a tone curve is fitted from ``ga`` to
+    ``gb`` over the pixels that ``w`` (0/1) marks (within 15% of the spread plus 4 levels), and the share of
+    the marked pixels that agree.
+
+    The curve is a gain and offset (least squares: gb ~ gain * ga + offset), bent where the two photos'
+    brightness differs as a brightened photo's does: brightening stops pale pixels at white, so a photo
+    15% brighter is a concave curve of its original, which a straight line misses on pale products (a
+    juice bottle's label agreed on 85%). A quadratic from the darker photo to the brighter is taken
+    instead of the line only where it bends that way (concave), where one photo is ``BRIGHTER_LEVELS``
+    brighter than the other, and by at most
+    ``BEND_PER_LEVEL`` times the difference of their mean brightness: the greyscale versions of two
+    distinct juice bottles of one design, 2.5-3.5 levels apart, otherwise bent their labels' prints into
+    agreement (measured on ``bench/near_duplicates.py``'s development part). The bent curve costs as much
+    again as the rest of the aligned check, so it is fitted only with ``bend``, for the pairs that need it
+    and on their best alignment only (``_aligned_batch``).
+    """
     n = np.maximum(np.count_nonzero(w, axis=(-2, -1)), 1)[..., None, None]
 
     def total(x: np.ndarray) -> np.ndarray:  # over the marked pixels
         return (w * x).sum(axis=(-2, -1), keepdims=True)
 
-    dx, dy = ga - total(ga) / n, gb - total(gb) / n
-    gain = total(dx * dy) / np.maximum(total(dx * dx), 1e-6)
-    spread = np.sqrt(total(dy * dy) / n)
-    close = np.abs(gain * dx - dy) < 0.15 * np.maximum(spread, 1.0) + 4.0
+    def agree(dst: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+        spread = np.sqrt(total((dst - total(dst) / n) ** 2) / n)
+        return np.abs(fitted - dst) < 0.15 * np.maximum(spread, 1.0) + 4.0
+
+    dx = ga - total(ga) / n
+    gain = total(dx * (gb - total(gb) / n)) / np.maximum(total(dx * dx), 1e-6)
+    close = agree(gb, gain * dx + total(gb) / n)
+    if not bend:
+        return close, total(close)[..., 0, 0] / n[..., 0, 0]
+    # the bent curve goes from the darker photo to the brighter: the other way, the levels that brightening
+    # ran together at white would have to come apart again
+    swap = (total(ga) > total(gb))
+    src, dst = np.where(swap, gb, ga), np.where(swap, ga, gb)
+    x = (src - 128.0) / 128.0  # the quadratic, on the pixels' levels scaled to [-1, 1]
+    basis = [np.ones_like(x), x, x * x]
+    gram = np.stack([np.stack([total(p * q)[..., 0, 0] for q in basis], -1) for p in basis], -2)
+    rhs = np.stack([total(p * dst)[..., 0, 0] for p in basis], -1)
+    coef = np.linalg.solve(gram + 1e-3 * np.eye(3), rhs[..., None])[..., 0]
+    brighter = (total(dst) - total(src))[..., 0, 0] / n[..., 0, 0]
+    bends = (coef[..., 2] < 0) & (brighter >= BRIGHTER_LEVELS) & (-coef[..., 2] <= BEND_PER_LEVEL * brighter)
+    bent = agree(dst, sum(coef[..., i, None, None] * basis[i] for i in range(3)))
+    close = np.where(bends[..., None, None], bent, close)
     return close, total(close)[..., 0, 0] / n[..., 0, 0]
 
 
