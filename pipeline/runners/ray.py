@@ -368,7 +368,8 @@ def ray_engine(model: str, taxonomy: str | None, precision: str, cfg: RunConfig,
     ref = resolve_model(model)  # workers may start elsewhere: give them absolute paths
     model = str(Path(ref).resolve()) if isinstance(ref, Path) else ref
     taxonomy = str(Path(taxonomy).resolve()) if taxonomy else None
-    env = {k: os.environ[k] for k in ("LABELCAT_CACHE", "LABELCAT_MODELS", "TF_CPP_MIN_LOG_LEVEL") if k in os.environ}
+    env = {k: os.environ[k] for k in ("LABELCAT_CACHE", "LABELCAT_MODELS", "TF_CPP_MIN_LOG_LEVEL",
+                                      "TF_CPU_ALLOCATOR_USE_BFC") if k in os.environ}
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
                  logging_level="ERROR", runtime_env={"env_vars": env} if env else None)
