@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import click
 import pyarrow.parquet as pq
@@ -178,3 +180,14 @@ def test_dedupe_and_junk_options_reach_their_configs():
     assert seen["junk"] == JunkConfig(min_side=80, not_product=0.6, mismatch_confidence=0.9, hint_trust=0.5)
     CliRunner().invoke(probe, [])
     assert seen["dedupe"] == DedupeConfig() and seen["junk"] == JunkConfig()
+
+
+def test_the_cli_gives_tensorflow_its_pooling_allocator_unless_told_otherwise():
+    """Without TensorFlow's BFC allocator each batch's activations were mapped and zeroed afresh (a third of
+    a run's CPU time in the kernel, README "Session 14: page faults"); a value the user set stays."""
+    code = "import os; import pipeline.cli; print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=REPO).stdout.strip() == "true"
+    assert subprocess.run([sys.executable, "-c", code], env=env | {"TF_CPU_ALLOCATOR_USE_BFC": "false"},
+                          capture_output=True, text=True, cwd=REPO).stdout.strip() == "false"
