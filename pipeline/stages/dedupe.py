@@ -374,8 +374,8 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     # bends it (the bend lifted brightened copies from 0.82-0.89 to 0.90+; pairs far below are not copies)
     brighter = np.abs(((gb - ga) * w).sum(axis=(-2, -1))) / np.maximum(n_inter, 1)
     first = np.where(compared, score, -1.0).argmax(axis=1)  # each pair's best alignment with the straight line
-    linear, lighter = score[pick, first], compared[pick, first] & (brighter[pick, first] >= BRIGHTER_LEVELS)
-    bent = pick[(linear >= BEND_FROM) & (linear < agreement) & lighter]
+    linear, brightened = score[pick, first], compared[pick, first] & (brighter[pick, first] >= BRIGHTER_LEVELS)
+    bent = pick[(linear >= BEND_FROM) & (linear < agreement) & brightened]
     if len(bent):  # on that alignment only: a brightened copy needs no other
         k = first[bent]
         c, s = _brightness_agreement(ga[bent, k][:, None], gb[bent, k][:, None], w[bent, k][:, None], bend=True)
