@@ -178,7 +178,7 @@ class ChunkWriter:
     (``Store.commit_chunk``); the driver commits them (``Store.promote_chunk``).
 
     An actor, not a task per chunk: with a task per chunk, a million-row night's driver waited 2-4 s for
-    a chunk's write several times over (53 s in all; with the actor, 7 s), which fits Ray reaping the
+    a chunk's write several times over (53-61 s in all; with the actor, 7 s), which fits Ray reaping the
     idle worker of a task that takes no CPU and starting another (all its imports) for the next chunk.
     Not detached, so it dies with its driver.
     """
