@@ -370,12 +370,12 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     close, score = _brightness_agreement(ga, gb, w)
     compared = (iou >= overlap) & (n_inter >= 8)
     pick = np.arange(len(a))
-    # pairs just short of agreement where one photo is much the brighter: the tone curve bent as brightening
-    # bends it (the bend lifted brightened copies from 0.82-0.89 to 0.90+; pairs far below are not copies)
-    brighter = np.abs(((gb - ga) * w).sum(axis=(-2, -1))) / np.maximum(n_inter, 1)
+    # pairs just short of agreement: the tone curve bent as brightening bends it, where one photo is much the
+    # brighter (``_brightness_agreement`` decides; the bend lifted brightened copies from 0.82-0.89 to 0.90+,
+    # and pairs far below are not copies)
     first = np.where(compared, score, -1.0).argmax(axis=1)  # each pair's best alignment with the straight line
-    linear, brightened = score[pick, first], compared[pick, first] & (brighter[pick, first] >= BRIGHTER_LEVELS)
-    bent = pick[(linear >= BEND_FROM) & (linear < agreement) & brightened]
+    linear = np.where(compared[pick, first], score[pick, first], -1.0)
+    bent = pick[(linear >= BEND_FROM) & (linear < agreement)]
     if len(bent):  # on that alignment only: a brightened copy needs no other
         k = first[bent]
         c, s = _brightness_agreement(ga[bent, k][:, None], gb[bent, k][:, None], w[bent, k][:, None], bend=True)
