@@ -46,6 +46,7 @@ DEFAULT_COLOR_THRESHOLD = 10.0  # CIELAB units: colour_distance of a copy (re-en
 THUMB_SIDE = 32  # px: the whole photo's RGB thumbnail kept for the aligned check (3 KB a photo)
 ALIGN_SIDE = 24  # px: the aligned check compares regions resampled to this side
 ALIGN_CROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # share cut off each side of one photo
+ALIGN_BLUR = 0.5  # px (of ALIGN_SIDE): the Gaussian both sides of a crop comparison are seen through
 DEFAULT_ALIGN_AGREEMENT = 0.90  # share of the product's pixels that must agree once aligned
 DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silhouettes
 # A badge or logo stamped near an edge (up to ~10% of the photo, plus its blur at 24 px): (rows, columns)
@@ -298,10 +299,30 @@ def _resample_matrix(crop: float, src: int = THUMB_SIDE, dst: int = ALIGN_SIDE) 
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-_CROP_MATRICES = np.stack([_resample_matrix(c) for c in ALIGN_CROPS])  # (crops, ALIGN_SIDE, THUMB_SIDE)
-# the comparisons tried: one photo cut by each crop against the other whole, both ways
-_PAIRS_A = np.array([*range(len(ALIGN_CROPS)), *[0] * (len(ALIGN_CROPS) - 1)])
-_PAIRS_B = np.array([*[0] * len(ALIGN_CROPS), *range(1, len(ALIGN_CROPS))])
+def _blur_matrix(sigma: float, side: int = ALIGN_SIDE) -> np.ndarray:
+    """(side, side) weights of a Gaussian blur along one axis, the edges mirrored."""
+    offsets = np.arange(-2, 3)
+    kernel = np.exp(-offsets ** 2 / (2.0 * sigma ** 2))
+    kernel /= kernel.sum()
+    out = np.zeros((side, side))
+    for i in range(side):
+        for d, k in zip(offsets, kernel):
+            j = i + d
+            out[i, -j - 1 if j < 0 else 2 * side - j - 1 if j >= side else j] += k
+    return out
+
+
+_BLUR = _blur_matrix(ALIGN_BLUR)
+# each crop's resampling, and the whole photo's; the crop comparisons see both sides through a slight blur (the
+# cut side is resampled twice, the copy's whole photo once: they differ at every sharp edge, a crop of 8% agreed
+# on 85-89% of its pixels), so index 0 is the whole photo unblurred, 1.. the crops blurred, and the last the
+# whole photo blurred: (crops + 1, ALIGN_SIDE, THUMB_SIDE)
+_CROP_MATRICES = np.stack([_resample_matrix(0.0), *[_BLUR @ _resample_matrix(c) for c in ALIGN_CROPS[1:]],
+                           _BLUR @ _resample_matrix(0.0)]).astype(np.float32)
+# the comparisons tried: the two whole photos, then one photo cut by each crop against the other whole, both ways
+_WHOLE_BLURRED = len(ALIGN_CROPS)
+_PAIRS_A = np.array([0, *range(1, len(ALIGN_CROPS)), *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1)])
+_PAIRS_B = np.array([0, *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1), *range(1, len(ALIGN_CROPS))])
 ALIGN_BATCH = 1024  # pairs compared at once (about 60 MB of float32)
 
 
@@ -359,7 +380,7 @@ def aligned_scores(a: np.ndarray, b: np.ndarray, agreement: float = DEFAULT_ALIG
 
 
 def _crops(grey: np.ndarray) -> np.ndarray:
-    """(n, 32, 32) greyscale thumbnails → (n, crops, 24, 24): each cut by each of ``ALIGN_CROPS``, resampled."""
+    """(n, 32, 32) greyscale thumbnails → (n, crops + 1, 24, 24): each cut by each of ``_CROP_MATRICES``."""
     rows = np.matmul(_CROP_MATRICES[None], grey[:, None])  # (n, k, 24, 32)
     return np.matmul(rows, _CROP_MATRICES.transpose(0, 2, 1)[None])
 
@@ -394,7 +415,9 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
         c, s = _brightness_agreement(ga[bent, k][:, None], gb[bent, k][:, None], w[bent, k][:, None], bend=True)
         close[bent, k], score[bent, k] = c[:, 0], s[:, 0]
     score = np.where(compared, score, -1.0)
-    best = score.argmax(axis=1)
+    # the two whole photos, unblurred, where they agree: a blurred crop comparison may agree as well but shifts
+    # the colours the colour test then reads (a re-encoded colour wheel failed it so)
+    best = np.where(score[:, 0] >= agreement, 0, score.argmax(axis=1))
     top = score[pick, best]
     product = inter[pick, best]
     # the best alignment once more, with an overlay near the border left out (where that helps)
