@@ -342,7 +342,8 @@ def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT
     watermark or loses a pale product's edge; a crop into the product moves
     the 256-bit hash as far as a distinct product of the same design), but
     the pixels still line up. For each crop in ``ALIGN_CROPS``, one photo is
-    cut and both are resampled to 24x24; over the pixels where both show
+    cut and both are resampled to 24x24 (a crop comparison through a blur of
+    ``ALIGN_BLUR``, see ``_CROP_MATRICES``); over the pixels where both show
     product (not backdrop) a gain and offset are fitted from one to the
     other (brightness), and the share of pixels that then agree (within 15%
     of the spread plus 4 levels) is the score; the comparison that scores
