@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
-                                    aligned_scores, block_widths, color_distance, confirm, plan_blocks, view_of)
+                                    block_widths, color_distance, confirm, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -206,9 +206,7 @@ class PairSearch:
                 ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
                 pixels = np.flatnonzero(both) if cfg.aligned else np.zeros(0, np.intp)
                 if len(pixels):  # with thumbnails on both sides, as ``dedupe.near_all``
-                    score, colour = aligned_scores(view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]],
-                                                   cfg.align_agreement, cfg.align_overlap, ok[pixels])
-                    ok[pixels] = confirm(ok[pixels], score, colour, cfg)
+                    ok[pixels] = confirm(ok[pixels], view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]], cfg)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
                 out["distance"].append(np.minimum(coarse_d, whole_d)[ok].astype(np.int16))
