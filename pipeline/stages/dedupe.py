@@ -451,10 +451,11 @@ def _in_colour(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Whether each pair of (n, 32, 32, 3) thumbnails shows colour: chroma ``CHROMATIC`` or more on 1% of
     the two photos' pixels taken together.
 
-    Why: the bent tone curve and the overlay window are allowances, and what keeps them from joining two
-    products of one design is the colour test. Between two greyscale photos it can only compare lightness,
-    so there the straight fit over every product pixel must agree by itself: greyscale versions of two
-    t-shirts of one cut with other prints agreed on 0.95 with a window over the print, and on 0.96 bent.
+    Why: the bent tone curve, the overlay window and the hash rule's say (``confirm``) are allowances, and
+    what keeps them from joining two products of one design is the colour test. Between two greyscale
+    photos it can only compare lightness, so there the straight fit over every product pixel must agree by
+    itself: greyscale versions of two t-shirts of one cut with other prints agreed on 0.95 with a window
+    over the print, on 0.96 bent, and passed the hash rule.
     """
     share = ((_chroma(a) >= CHROMATIC).mean(axis=(-2, -1)) + (_chroma(b) >= CHROMATIC).mean(axis=(-2, -1))) / 2
     return share >= 0.005
