@@ -428,8 +428,13 @@ def _aligned_batch(a: np.ndarray, b: np.ndarray, agreement: float, overlap: floa
     if len(refit):
         # a coloured badge skews the brightness fit of every alignment, so the best one by that fit may be the
         # wrong one (a dress with a SALE badge scored best cut 4% against the other photo whole): the refit
-        # without the badge is tried on every alignment that overlaps, and the best refit decides
-        k, share, box = _coloured_overlay_refit(a[refit], b[refit], compared[refit], ga[refit], gb[refit], w[refit])
+        # without the badge is tried on that alignment and on the two whole photos, and the better decides
+        # (every alignment found no more copies on the bench and cost twice the copy check on crowded mosaics)
+        tried = np.zeros((len(refit), compared.shape[1]), bool)
+        tried[:, 0] = True
+        tried[np.arange(len(refit)), best[refit]] = True
+        k, share, box = _coloured_overlay_refit(a[refit], b[refit], compared[refit] & tried, ga[refit], gb[refit],
+                                                w[refit])
         better = share > outside[refit]
         won = refit[better]
         outside[won], window[won], best[won] = share[better], box[better], k[better]
@@ -463,8 +468,8 @@ def _in_colour(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _coloured_overlay_refit(a: np.ndarray, b: np.ndarray, compared: np.ndarray, ga: np.ndarray, gb: np.ndarray,
                             w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For pairs of thumbnails ``a``, ``b`` and their alignments (``compared`` (n, 13) marks those that
-    overlap; ``ga``, ``gb``, ``w``: their greyscale regions and product pixels), the alignment, share and
+    """For pairs of thumbnails ``a``, ``b`` and their alignments (``compared`` (n, 13) marks those to try;
+    ``ga``, ``gb``, ``w``: their greyscale regions and product pixels), the alignment, share and
     window of the best comparison once an overlay window holding colour the other photo lacks there (a red
     SALE badge) is left out of the brightness fit too: (alignment, share, window), share -1 where no
     alignment has such a window.
