@@ -416,3 +416,13 @@ def test_a_crop_is_compared_through_a_slight_blur_and_whole_photos_unblurred():
     plain, stamped = (compute_hashes(x).thumb[None] for x in (_jpeg(wheel, 35), _jpeg(_watermark(wheel), 90)))
     score, colour = aligned_scores(plain, stamped, need=np.ones(1, bool))
     assert score[0] >= 0.9 and colour[0] < 2.0
+
+
+def test_the_overlay_searchs_fast_chroma_is_cielab_chroma():
+    """``_chroma`` (float32, a table of the 256 linearised levels) must give what ``lab`` gives, which the
+    colour test uses: the overlay search and the greyscale rule read chroma against the same thresholds."""
+    from pipeline.stages.dedupe import _chroma, lab
+
+    levels = np.random.default_rng(0).integers(0, 256, (4096, 3))
+    exact = lab(levels / 255.0)
+    assert np.allclose(_chroma(levels.astype(np.float32)), np.hypot(exact[:, 1], exact[:, 2]), atol=1e-3)
