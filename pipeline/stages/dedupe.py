@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -556,17 +556,44 @@ def _window_mask(window: np.ndarray) -> np.ndarray:
     return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
 
 
-def _window_sums(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Sums of (..., S, S) over every h x w window → (..., S-h+1, S-w+1), by an integral image."""
-    c = _integral(x)
-    return c[..., h:, w:] - c[..., :-h, w:] - c[..., h:, :-w] + c[..., :-h, :-w]
-
-
 def _integral(x: np.ndarray) -> np.ndarray:
     """The integral image of (..., S, S), zero-padded: (..., S+1, S+1) float32."""
     c = np.zeros((*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1), np.float32)
     c[..., 1:, 1:] = x.cumsum(-2, dtype=np.float32).cumsum(-1)
     return c
+
+
+def _border_positions(h: int, w: int, side: int = ALIGN_SIDE) -> tuple[np.ndarray, np.ndarray]:
+    """(tops, lefts) of every h x w window that touches the border of a side x side frame, row by row."""
+    top, left = np.mgrid[0:side - h + 1, 0:side - w + 1]
+    border = (top == 0) | (left == 0) | (top == side - h) | (left == side - w)
+    return top[border], left[border]
+
+
+_BORDER = {(h, w): _border_positions(h, w) for h, w in OVERLAY_WINDOWS}
+
+
+def _border_window(product: np.ndarray, inside: np.ndarray,
+                   score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For each comparison, the ``OVERLAY_WINDOWS`` window touching the frame's border that hides at most a
+    quarter of the ``product`` and scores highest, ``score(product pixels left outside, sum of ``inside``
+    within)``: (that score, -1 where no window qualifies; the window as (top, left, bottom, right), all
+    zero where none does). Ties go to the first shape, then the first window row by row."""
+    n_product = product.sum(axis=(-2, -1))[..., None]
+    integrals = _integral(product), _integral(inside)
+    best = np.full(product.shape[:-2], -1.0)
+    box = np.zeros((*product.shape[:-2], 4), int)
+    for (h, w), (top, left) in _BORDER.items():
+        within = [c[..., top + h, left + w] - c[..., top, left + w] - c[..., top + h, left] + c[..., top, left]
+                  for c in integrals]
+        rest = n_product - within[0]
+        value = np.where(rest >= 0.75 * n_product, score(rest, within[1]), -1.0)
+        k = value.argmax(axis=-1)
+        top_value = np.take_along_axis(value, k[..., None], axis=-1)[..., 0]
+        better = top_value > best
+        best = np.where(better, top_value, best)
+        box = np.where(better[..., None], np.stack([top[k], left[k], top[k] + h, left[k] + w], axis=-1), box)
+    return best, box
 
 
 def _overlay_window(product: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -580,56 +607,15 @@ def _overlay_window(product: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray,
     with a SALE badge over a pale polo, whose badge pixels would otherwise fail the agreement or, on an
     article with little colour of its own, be all the colour test sees.
     """
-    side = product.shape[-1]
-    n_product, n_agree = product.sum(axis=(-2, -1)), agree.sum(axis=(-2, -1))
-    best = np.full(product.shape[:-2], -1.0)
-    box = np.zeros((*product.shape[:-2], 4), int)
-    for h, w in OVERLAY_WINDOWS:
-        inside_p, inside_a = _window_sums(product, h, w), _window_sums(agree, h, w)
-        rest = n_product[..., None, None] - inside_p
-        share = (n_agree[..., None, None] - inside_a) / np.maximum(rest, 1)
-        top, left = np.arange(side - h + 1)[:, None], np.arange(side - w + 1)[None, :]
-        border = (top == 0) | (left == 0) | (top == side - h) | (left == side - w)
-        share = np.where(border & (rest >= 0.75 * n_product[..., None, None]), share, -1.0)
-        flat = share.reshape(*share.shape[:-2], -1)
-        k = flat.argmax(axis=-1)
-        value = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
-        y, x = np.divmod(k, share.shape[-1])
-        better = value > best
-        best = np.where(better, value, best)
-        box = np.where(better[..., None], np.stack([y, x, y + h, x + w], axis=-1), box)
-    return best, box
-
-
-def _border_positions(h: int, w: int, side: int = ALIGN_SIDE) -> tuple[np.ndarray, np.ndarray]:
-    """(tops, lefts) of every h x w window that touches the border of a side x side frame."""
-    top, left = np.mgrid[0:side - h + 1, 0:side - w + 1]
-    border = (top == 0) | (left == 0) | (top == side - h) | (left == side - w)
-    return top[border], left[border]
-
-
-_BORDER = {(h, w): _border_positions(h, w) for h, w in OVERLAY_WINDOWS}
+    n_agree = agree.sum(axis=(-2, -1))[..., None]
+    return _border_window(product, agree, lambda rest, agreeing: (n_agree - agreeing) / np.maximum(rest, 1))
 
 
 def _coloured_window(product: np.ndarray, difference: np.ndarray) -> np.ndarray:
     """For each comparison, the ``OVERLAY_WINDOWS`` window at the frame's border that holds the most colour
     ``difference`` (chroma, pixel by pixel) and hides at most a quarter of the ``product``, as (top, left,
     bottom, right); all zero where no window qualifies."""
-    n_product = product.sum(axis=(-2, -1))[..., None]
-    best = np.full(product.shape[:-2], -1.0)
-    box = np.zeros((*product.shape[:-2], 4), int)
-    integral_p, integral_d = _integral(product), _integral(difference)
-    for (h, w), (top, left) in _BORDER.items():
-        def sums(c: np.ndarray) -> np.ndarray:  # over the border windows only
-            return c[..., top + h, left + w] - c[..., top, left + w] - c[..., top + h, left] + c[..., top, left]
-
-        held = np.where(n_product - sums(integral_p) >= 0.75 * n_product, sums(integral_d), -1.0)
-        k = held.argmax(axis=-1)
-        value = np.take_along_axis(held, k[..., None], axis=-1)[..., 0]
-        better = value > best
-        best = np.where(better, value, best)
-        box = np.where(better[..., None], np.stack([top[k], left[k], top[k] + h, left[k] + w], axis=-1), box)
-    return box
+    return _border_window(product, difference, lambda rest, held: held)[1]
 
 
 def _within(bits: int, radius: int) -> int:
