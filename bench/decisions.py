@@ -150,15 +150,21 @@ PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "Fall
                  "Path", "summer_1am")
 
 
-def wallpaper_photos(workdir: Path) -> list[Path]:
-    """Held-out non-products: photographic wallpapers of two Debian packages, unpacked into ``workdir``."""
+def unpack_deb(pkg: str, workdir: Path) -> Path:
+    """Fetch Debian package ``pkg`` with ``apt-get download`` and unpack it into ``workdir / "debs"``, the
+    root returned (packages unpacked there share it)."""
     import subprocess
 
+    _fetch(["apt-get", "download", "-q", pkg], workdir)
+    deb = next(workdir.glob(f"{pkg}_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "debs")], check=True)
+    return workdir / "debs"
+
+
+def wallpaper_photos(workdir: Path) -> list[Path]:
+    """Held-out non-products: photographic wallpapers of two Debian packages, unpacked into ``workdir``."""
     for pkg in ("mate-backgrounds", "plasma-workspace-wallpapers"):
-        _fetch(["apt-get", "download", "-q", pkg], workdir)
-        deb = next(workdir.glob(f"{pkg}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "debs")], check=True)
-    share = workdir / "debs" / "usr" / "share"
+        share = unpack_deb(pkg, workdir) / "usr" / "share"  # the same root for both
     plasma = [min((share / "wallpapers" / name / "contents" / "images").iterdir(), key=lambda p: p.stat().st_size)
               for name in PLASMA_PHOTOS]
     return plasma + sorted((share / "backgrounds" / "mate" / "nature").glob("*.jpg"))
@@ -209,12 +215,7 @@ def qt_resources(rcc: Path) -> dict[str, bytes]:
 
 def gcompris_photos(workdir: Path) -> tuple[list[tuple[Path, str, str]], list[Path]]:
     """(products as (path, folder, dev|test), held-out non-products) from Debian's ``gcompris-qt-data``."""
-    import subprocess
-
-    _fetch(["apt-get", "download", "-q", "gcompris-qt-data"], workdir)
-    deb = next(workdir.glob("gcompris-qt-data_*.deb"))
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(workdir / "gcompris")], check=True)
-    rcc = workdir / "gcompris" / "usr" / "share" / "gcompris-qt" / "rcc"
+    rcc = unpack_deb("gcompris-qt-data", workdir) / "usr" / "share" / "gcompris-qt" / "rcc"
     files = {**qt_resources(rcc / "categorization.rcc"), **qt_resources(rcc / "erase.rcc")}
     by_folder: dict[str, list[Path]] = {}
     for member, payload in sorted(files.items()):
