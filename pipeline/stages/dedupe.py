@@ -628,22 +628,48 @@ def block_widths(blocks: int) -> list[int]:
     return [HASH_BITS // blocks + (1 if i < HASH_BITS % blocks else 0) for i in range(blocks)]
 
 
+def block_radii(n: int, radius: int, blocks: int) -> list[int]:
+    """How far each of ``blocks`` blocks is probed so that every hash within ``radius`` bits is found, for
+    ``n`` stored hashes: radii summing to ``radius - blocks + 1``, spent where they cost least.
+
+    Why not ``radius // blocks`` on every block: two hashes that differ by more than t_i bits in every
+    block i differ by at least sum(t_i + 1) bits, so radii summing to ``radius - blocks + 1`` already miss
+    no hash within ``radius`` (the general pigeonhole principle, Qin et al., VLDB 2018). With 3 blocks and
+    radius 10 that is (3, 3, 2) instead of (3, 3, 3): a quarter fewer probes and a third fewer candidates,
+    the same hashes found. Each bit of radius goes, one at a time, to the block where the extra ball
+    shell costs least (probes plus the candidates they hold), which is optimal as shells grow with radius.
+    """
+    widths = block_widths(blocks)
+    radii = [0] * blocks
+
+    def shell(i: int) -> float:  # cost of probing block i one bit further
+        return math.comb(widths[i], radii[i] + 1) * (1 + n / 2.0 ** widths[i])
+
+    for _ in range(max(radius - blocks + 1, 0)):
+        radii[min(range(blocks), key=shell)] += 1
+    return radii
+
+
+def block_flips(width: int, radius: int) -> list[int]:
+    """Every XOR mask of at most ``radius`` bits in a ``width``-bit block: the keys a probe visits."""
+    return [sum(1 << bit for bit in combo) for d in range(radius + 1) for combo in itertools.combinations(range(width), d)]
+
+
 def plan_blocks(n: int, radius: int, max_width: int = 32) -> int:
     """Block count that minimises expected query cost for ``n`` stored hashes.
 
-    A query with ``m`` blocks of ``b`` bits probes ``m * V(b, r // m)`` buckets
-    (V: Hamming-ball volume) and checks the ``n * m * V / 2**b`` hashes they
-    hold (for spread-out hashes). Few wide blocks cost more probes but far
+    A query with ``m`` blocks of ``b`` bits probes ``V(b, t)`` buckets per block
+    (V: Hamming-ball volume, t: ``block_radii``) and checks the ``n * V / 2**b``
+    hashes each holds (for spread-out hashes). Few wide blocks cost more probes but far
     fewer candidates, so the best ``m`` falls as the collection grows.
     """
     best, best_cost = 1, float("inf")
     for m in range(1, radius + 2):
         if -(-HASH_BITS // m) > max_width:  # a 64-bit ball of radius r is too big to enumerate
             continue
-        probes = sum(_within(b, radius // m) for b in block_widths(m))
-        candidates = sum(n * _within(b, radius // m) / 2.0**b for b in block_widths(m))
-        if probes + candidates < best_cost:
-            best, best_cost = m, probes + candidates
+        cost = sum(_within(b, t) * (1 + n / 2.0**b) for b, t in zip(block_widths(m), block_radii(n, radius, m)))
+        if cost < best_cost:
+            best, best_cost = m, cost
     return best
 
 
@@ -667,14 +693,11 @@ class MultiIndexHash:
 
     def _build(self, blocks: int) -> None:
         self.blocks = blocks
-        self.sub_radius = self.radius // blocks
+        self.block_radii = block_radii(self._replan_at, self.radius, blocks)
         widths = block_widths(blocks)
         self._shifts = [sum(widths[:i]) for i in range(blocks)]
         self._masks = [(1 << w) - 1 for w in widths]
-        self._flips = [
-            [sum(1 << bit for bit in combo) for d in range(self.sub_radius + 1) for combo in itertools.combinations(range(w), d)]
-            for w in widths
-        ]
+        self._flips = [block_flips(w, t) for w, t in zip(widths, self.block_radii)]
         self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(blocks)]
         for key, h in self._hashes.items():
             self._insert(key, h)

@@ -19,14 +19,13 @@ runners group photos identically (a test checks it).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 import numpy as np
 
 from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
-                                    block_widths, color_distance, confirm, plan_blocks, view_of)
+                                    block_flips, block_radii, block_widths, color_distance, confirm, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -103,9 +102,8 @@ class BucketTables:
             raise ValueError(f"{blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
         self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(blocks)]
         self._masks = [np.uint64((1 << w) - 1) for w in widths]
-        sub = radius // blocks
-        self._flips = [np.array([sum(1 << b for b in combo) for d in range(sub + 1)
-                                 for combo in itertools.combinations(range(w), d)], np.uint64) for w in widths]
+        self._flips = [np.array(block_flips(w, t), np.uint64)
+                       for w, t in zip(widths, block_radii(max(len(hashes), 1), radius, blocks))]
         self._order, self._offsets, self._sorted = [], [], []  # per block: photos by block value, bucket starts, hashes
         for shift, mask, w in zip(self._shifts, self._masks, widths):
             key = ((hashes >> np.uint64(shift)) & mask).astype(np.int64)

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import SAMPLE, jpeg_copy as _jpeg, hue_turn as _hue_turn, product_photo
 from pipeline.stages.decode import decode
-from pipeline.stages.dedupe import (Candidate, DedupeConfig, MultiIndexHash, color_distance, compute_hashes,
-                                     find_duplicates, hamming, is_near, plan_blocks)
+from pipeline.stages.dedupe import (Candidate, DedupeConfig, MultiIndexHash, block_radii, block_widths,
+                                     color_distance, compute_hashes, find_duplicates, hamming, is_near, plan_blocks)
+from pipeline.stages.nearpairs import BucketTables
 
 
 def _cand(row, img, sha=None):
@@ -29,6 +30,43 @@ def test_multi_index_hash_equals_brute_force(blocks):
     for q in hashes[:150]:
         expected = sorted((i, hamming(h, q)) for i, h in enumerate(hashes) if hamming(h, q) <= 10)
         assert sorted(index.query(q)) == expected
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write ``total`` as ``parts`` non-negative counts."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+@pytest.mark.parametrize("blocks", [3, 4, 5, 6])
+def test_both_indexes_find_every_hash_at_the_radius_however_its_bits_fall_into_blocks(blocks):
+    """The per-block radii (``block_radii``) sum to less than ``radius // blocks`` per block: a hash exactly
+    ``radius`` bits away with its differing bits spread over the blocks in every possible way must still be
+    found, for either block layout (``MultiIndexHash`` cuts from the low bits, ``BucketTables`` from the high)."""
+    radius, rng = 10, random.Random(blocks)
+    radii = block_radii(10_000, radius, blocks)
+    assert sum(radii) == radius - blocks + 1 < (radius // blocks) * blocks
+    widths = block_widths(blocks)
+    layouts = [[sum(widths[:i]) for i in range(blocks)], [64 - sum(widths[: i + 1]) for i in range(blocks)]]
+    base = rng.getrandbits(64)
+    near = []
+    for spread in _compositions(radius, blocks):
+        if all(d <= w for d, w in zip(spread, widths)):
+            for starts in layouts:
+                bits = [s + b for s, d, w in zip(starts, spread, widths) for b in rng.sample(range(w), d)]
+                near.append(base ^ sum(1 << b for b in bits))
+    far = [base ^ ((1 << (radius + 1)) - 1) << 20]  # one bit too many
+    index = MultiIndexHash(radius=radius, blocks=blocks)
+    for i, h in enumerate(near + far):
+        index.add(i, h)
+    assert sorted(index.query(base)) == [(i, radius) for i in range(len(near))]
+    stored = np.array(near + far, np.uint64)
+    tables = BucketTables(stored, np.arange(len(stored)), radius, blocks)
+    assert sorted(set(tables.candidates(np.array([base], np.uint64))[1].tolist())) == list(range(len(near)))
 
 
 def test_index_replans_blocks_as_it_grows():
