@@ -88,11 +88,17 @@ class BucketTables:
     """Multi-index hash over one 64-bit hash per photo, as numpy bucket tables.
 
     Same pigeonhole as ``dedupe.MultiIndexHash``: with ``m`` blocks, two hashes
-    within ``r`` bits agree within ``r // m`` bits on some block, so each
+    within ``r`` bits agree within ``block_radii`` bits on some block, so each
     query probes every key within that distance of each of its blocks. Each
     block's table is the photos sorted by block value plus an offset per
     possible value (blocks are at most ``MAX_BLOCK_BITS`` wide), so a probe is
-    two array reads, not a search. Built once per worker in O(N log N).
+    an array read, not a search. Built once per worker in O(N log N).
+
+    Why an occupancy byte per bucket before the offsets: at a million photos
+    most probed buckets of a 21-22-bit block are empty (60-80%), and the
+    probes' reads into offset tables of 8-16 MB were most of a search's time;
+    a byte per bucket is a quarter of that memory, and only occupied buckets'
+    offsets are read (``bench/dedupe_history.py``).
     """
 
     def __init__(self, hashes: np.ndarray, photos: np.ndarray, radius: int, blocks: int) -> None:
@@ -102,15 +108,18 @@ class BucketTables:
             raise ValueError(f"{blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
         self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(blocks)]
         self._masks = [np.uint64((1 << w) - 1) for w in widths]
-        self._flips = [np.array(block_flips(w, t), np.uint64)
+        self._flips = [np.array(block_flips(w, t), np.uint32)  # blocks fit 32 bits: half the probes' bytes
                        for w, t in zip(widths, block_radii(max(len(hashes), 1), radius, blocks))]
-        self._order, self._offsets, self._sorted = [], [], []  # per block: photos by block value, bucket starts, hashes
+        # per block: photos by block value, bucket starts, hashes, whether a bucket holds any
+        self._order, self._offsets, self._sorted, self._occupied = [], [], [], []
         for shift, mask, w in zip(self._shifts, self._masks, widths):
             key = ((hashes >> np.uint64(shift)) & mask).astype(np.int64)
             by_block = np.argsort(key, kind="stable")
             self._order.append(photos[by_block])
             self._sorted.append(hashes[by_block])
-            starts = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=1 << w))])
+            sizes = np.bincount(key, minlength=1 << w)
+            self._occupied.append(sizes > 0)
+            starts = np.concatenate([[0], np.cumsum(sizes)])
             self._offsets.append(starts.astype(np.int32 if len(hashes) < 2**31 else np.int64))  # half the cache misses
         n = max(len(hashes), 1)
         self.checks_per_query = sum(n * len(f) / 2.0 ** w for f, w in zip(self._flips, widths))
@@ -119,17 +128,18 @@ class BucketTables:
     def candidates(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query position, photo) of every stored hash within the radius of hashes ``q`` (pairs may repeat)."""
         qi_all, hit_all = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        for shift, mask, flips, order, offsets, hashes in zip(self._shifts, self._masks, self._flips, self._order,
-                                                               self._offsets, self._sorted):
-            probes = (((q >> np.uint64(shift)) & mask)[:, None] ^ flips[None, :]).astype(np.intp)
-            lo = offsets[probes].ravel()
-            counts = offsets[probes + 1].ravel() - lo
+        for shift, mask, flips, order, offsets, hashes, occupied in zip(
+                self._shifts, self._masks, self._flips, self._order, self._offsets, self._sorted, self._occupied):
+            probes = (((q >> np.uint64(shift)) & mask).astype(np.uint32)[:, None] ^ flips[None, :]).ravel()
+            hit = np.flatnonzero(np.take(occupied, probes))  # probe i is query i // len(flips)'s
+            lo = np.take(offsets, probes[hit])
+            counts = np.take(offsets, probes[hit] + 1) - lo
             total = int(counts.sum())
             if not total:
                 continue
-            # positions of every photo in every probed bucket, and the query each belongs to
+            # positions of every photo in every occupied probed bucket, and the query each belongs to
             starts = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(total)
-            qi = np.repeat(np.arange(len(q)), counts.reshape(len(q), -1).sum(axis=1))
+            qi = np.repeat(hit // len(flips), counts)
             close = np.bitwise_count(q[qi] ^ hashes[starts]) <= self.radius
             qi_all.append(qi[close])
             hit_all.append(order[starts[close]])
