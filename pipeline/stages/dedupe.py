@@ -348,17 +348,20 @@ def _product(grey: np.ndarray) -> np.ndarray:
     """
     h, w = grey.shape[-2:]
     rows, cols = np.diff(grey[..., [0, -1], :], axis=-1), np.diff(grey[..., :, [0, -1]], axis=-2)
-    sx = np.median(rows.reshape(*grey.shape[:-2], -1), axis=-1)[..., None, None]
-    sy = np.median(cols.reshape(*grey.shape[:-2], -1), axis=-1)[..., None, None]
-    tilted = grey - sy * np.arange(h, dtype=np.float32)[:, None] - sx * np.arange(w, dtype=np.float32)
-    levels = []
-    for region in (grey, tilted):
-        border = _ring(region)
-        level = np.median(border, axis=-1)[..., None]
-        levels.append((level[..., None], (np.abs(border - level) <= BACKDROP_LEVEL).mean(axis=-1)))
-    (flat_level, flat_fit), (tilted_level, tilted_fit) = levels
-    tilt = (tilted_fit >= flat_fit + BACKDROP_TILT_GAIN)[..., None, None]
-    return np.where(tilt, np.abs(tilted - tilted_level), np.abs(grey - flat_level)) > BACKDROP_LEVEL
+    sx = np.median(rows.reshape(*grey.shape[:-2], -1), axis=-1)[..., None]
+    sy = np.median(cols.reshape(*grey.shape[:-2], -1), axis=-1)[..., None]
+    ring_y, ring_x = _ring(np.mgrid[0:h, 0:w].astype(np.float32))
+    border = _ring(grey)
+    fits = []
+    for ring in (border, border - sy * ring_y - sx * ring_x):  # flat, then tilted
+        level = np.median(ring, axis=-1)[..., None]
+        fits.append((level, (np.abs(ring - level) <= BACKDROP_LEVEL).mean(axis=-1)))
+    (flat_level, flat_fit), (tilted_level, tilted_fit) = fits
+    product = np.abs(grey - flat_level[..., None]) > BACKDROP_LEVEL
+    tilt = np.nonzero(tilted_fit >= flat_fit + BACKDROP_TILT_GAIN)  # few regions: only those are redone
+    plane = sy[tilt][:, :, None] * np.arange(h, dtype=np.float32)[:, None] + sx[tilt][:, :, None] * np.arange(w, dtype=np.float32)
+    product[tilt] = np.abs(grey[tilt] - plane - tilted_level[tilt][:, :, None]) > BACKDROP_LEVEL
+    return product
 
 
 def aligned_match(a: np.ndarray, b: np.ndarray, color_threshold: float = DEFAULT_COLOR_THRESHOLD,
