@@ -4,7 +4,9 @@ Originals, all from registry packages: every product photo of the ``saleor==2.10
 backdrops), the shuup cosmetics and Venia dresses of ``bench/decisions.py`` (22 shop photos, added in session
 10) and scikit-image's bundled photos (full-frame scenes), split once by name into a *development* part (the
 Saleor photos ``sample_catalog/`` is built from, every other shuup and Venia photo, and half of scikit-image's)
-and a *test* part never looked at while tuning. From each original the script makes copies (they must merge with it) and colour
+and a *test* part never looked at while tuning; a third part, ``gcompris``, never tuned on either (added in session 16
+and measured once): the 45 tool and kitchen photos of Debian's ``gcompris-qt-data`` and every third of its 117
+non-product photos (``bench/decisions.py --gcompris``). From each original the script makes copies (they must merge with it) and colour
 variants (other articles to a shop: they must not), writes them all to one folder and hands the same files to
 
 - labelcat: ``ingest`` and ``scan_records`` (one decode, every hash) and ``find_duplicates`` with the default thresholds
@@ -18,7 +20,7 @@ A copy counts as found when a chain of pairs inside its own group links it to it
 a pair across groups (two distinct photos, or a variant and its original). Peers are optional: install them
 with ``pip install cleanvision==0.3.7 PyWavelets scikit-learn matplotlib && pip install --no-deps
 imagededup==0.3.3.post2`` (imagededup's hashing is loaded without its torch-only modules).
-Usage: ``python bench/near_duplicates.py [--part dev|test|all]``; prints the README table and hashing rates.
+Usage: ``python bench/near_duplicates.py [--part dev|test|all|gcompris]``; prints the README table and hashing rates.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
 from build import flatten, sale_badge
-from decisions import more_shop_photos, pypi_file, saleor_photos, skimage_photos, tar_members
+from decisions import gcompris_photos, more_shop_photos, pypi_file, saleor_photos, skimage_photos, tar_members
 
 from pipeline.models.classifier import load_classifier
 from pipeline.stages.classify import predict
@@ -119,7 +121,11 @@ def visibly_recoloured(img: Image.Image, variant: Image.Image) -> bool:
 
 
 def originals(workdir: Path, part: str) -> list[tuple[str, Image.Image]]:
-    """(name, RGB image) of every original in ``part``: Saleor products, then scikit-image scenes."""
+    """(name, RGB image) of every original in ``part``: Saleor products, then scikit-image scenes (or, for
+    ``gcompris``, GCompris's products, then every third of its non-products)."""
+    if part == "gcompris":
+        products, others = gcompris_photos(workdir)
+        return [(p.stem, Image.open(p).convert("RGB")) for p in [p for p, _, _ in products] + others[::3]]
     out = [(p.stem.removeprefix("saleordemoproduct_"), flatten(Image.open(p)))  # on white, as the shop shows them
            for p, _, split in saleor_photos(workdir) if part in ("all", split)]
     out += [(f"{folder}_{p.stem}", Image.open(p).convert("RGB"))
@@ -259,7 +265,7 @@ def cleanvision_pairs(folder: Path) -> set[frozenset[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["dev", "test", "all"], default="all")
+    ap.add_argument("--part", choices=["dev", "test", "all", "gcompris"], default="all")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work, folder = Path(tmp) / "src", Path(tmp) / "photos"
