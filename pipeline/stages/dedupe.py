@@ -359,8 +359,9 @@ def _product(grey: np.ndarray) -> np.ndarray:
     (flat_level, flat_fit), (tilted_level, tilted_fit) = fits
     product = np.abs(grey - flat_level[..., None]) > BACKDROP_LEVEL
     tilt = np.nonzero(tilted_fit >= flat_fit + BACKDROP_TILT_GAIN)  # few regions: only those are redone
-    plane = sy[tilt][:, :, None] * np.arange(h, dtype=np.float32)[:, None] + sx[tilt][:, :, None] * np.arange(w, dtype=np.float32)
-    product[tilt] = np.abs(grey[tilt] - plane - tilted_level[tilt][:, :, None]) > BACKDROP_LEVEL
+    y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)
+    plane = sy[tilt][:, :, None] * y + sx[tilt][:, :, None] * x + tilted_level[tilt][:, :, None]
+    product[tilt] = np.abs(grey[tilt] - plane) > BACKDROP_LEVEL
     return product
 
 
@@ -684,7 +685,8 @@ def block_radii(n: int, radius: int, blocks: int) -> list[int]:
 
 def block_flips(width: int, radius: int) -> list[int]:
     """Every XOR mask of at most ``radius`` bits in a ``width``-bit block: the keys a probe visits."""
-    return [sum(1 << bit for bit in combo) for d in range(radius + 1) for combo in itertools.combinations(range(width), d)]
+    return [sum(1 << bit for bit in combo)
+            for d in range(radius + 1) for combo in itertools.combinations(range(width), d)]
 
 
 def plan_blocks(n: int, radius: int, max_width: int = 32) -> int:

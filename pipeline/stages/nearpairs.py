@@ -25,7 +25,8 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
-                                    block_flips, block_radii, block_widths, color_distance, confirm, plan_blocks, view_of)
+                                    block_flips, block_radii, block_widths, color_distance, confirm, plan_blocks,
+                                    view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
