@@ -727,11 +727,10 @@ class MultiIndexHash:
 
     def _build(self, blocks: int) -> None:
         self.blocks = blocks
-        self.block_radii = block_radii(self._replan_at, self.radius, blocks)
         widths = block_widths(blocks)
         self._shifts = [sum(widths[:i]) for i in range(blocks)]
         self._masks = [(1 << w) - 1 for w in widths]
-        self._flips = [block_flips(w, t) for w, t in zip(widths, self.block_radii)]
+        self._flips = [block_flips(w, t) for w, t in zip(widths, block_radii(self._replan_at, self.radius, blocks))]
         self._tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(blocks)]
         for key, h in self._hashes.items():
             self._insert(key, h)

@@ -109,8 +109,9 @@ class BucketTables:
             raise ValueError(f"{blocks} blocks are {max(widths)} bits wide; at most {MAX_BLOCK_BITS} fit a table")
         self._shifts = [HASH_BITS - sum(widths[: i + 1]) for i in range(blocks)]
         self._masks = [np.uint64((1 << w) - 1) for w in widths]
+        n = max(len(hashes), 1)
         self._flips = [np.array(block_flips(w, t), np.uint32)  # blocks fit 32 bits: half the probes' bytes
-                       for w, t in zip(widths, block_radii(max(len(hashes), 1), radius, blocks))]
+                       for w, t in zip(widths, block_radii(n, radius, blocks))]
         # per block: photos by block value, bucket starts, hashes, whether a bucket holds any
         self._order, self._offsets, self._sorted, self._occupied = [], [], [], []
         for shift, mask, w in zip(self._shifts, self._masks, widths):
@@ -122,7 +123,6 @@ class BucketTables:
             self._occupied.append(sizes > 0)
             starts = np.concatenate([[0], np.cumsum(sizes)])
             self._offsets.append(starts.astype(np.int32 if len(hashes) < 2**31 else np.int64))  # half the cache misses
-        n = max(len(hashes), 1)
         self.checks_per_query = sum(n * len(f) / 2.0 ** w for f, w in zip(self._flips, widths))
         self.probes_per_query = sum(len(f) for f in self._flips)
 
@@ -133,8 +133,9 @@ class BucketTables:
                 self._shifts, self._masks, self._flips, self._order, self._offsets, self._sorted, self._occupied):
             probes = (((q >> np.uint64(shift)) & mask).astype(np.uint32)[:, None] ^ flips[None, :]).ravel()
             hit = np.flatnonzero(np.take(occupied, probes))  # probe i is query i // len(flips)'s
-            lo = np.take(offsets, probes[hit])
-            counts = np.take(offsets, probes[hit] + 1) - lo
+            buckets = probes[hit]
+            lo = np.take(offsets, buckets)
+            counts = np.take(offsets, buckets + 1) - lo
             total = int(counts.sum())
             if not total:
                 continue
