@@ -7,8 +7,9 @@ synthetic photos built to be hard on it: the kept photos are designs sold in ``-
 (features of one design at cosine ~0.9, above the candidate threshold, with unrelated thumbnails, as a
 colourway's pixels differ), spread over ``--labels`` top categories; tonight, a tenth are copies of kept
 photos (features and thumbnail slightly disturbed) and the rest new colourways of kept designs, so every
-photo has a crowd of candidates and the aligned check runs ``COPY_CANDIDATES`` times for most of them; each
-also searches a second category (``Photo.also``), as the runners' photos search their second most likely.
+photo has a crowd of candidates and the aligned check runs ``COPY_CANDIDATES`` times for most of them; every
+photo, kept or tonight's, is listed under its category and the next (``Photo.also``), as the runners list
+theirs under their two most likely.
 
 Usage: ``python bench/copies_history.py [--history 1000000] [--tonight 10000] [--labels 10]``.
 """
@@ -61,7 +62,7 @@ def main() -> None:
     index = EmbeddingIndex()
     t = time.perf_counter()
     for k in range(args.history):
-        index.add(Photo(-1 - k, 0, str(label_of[k]), codes[k], thumbs[k]))
+        index.add(Photo(-1 - k, 0, str(label_of[k]), codes[k], thumbs[k], (str((label_of[k] + 1) % args.labels),)))
     for label in range(args.labels):
         index.segments(str(label))
     load = time.perf_counter() - t
@@ -76,7 +77,7 @@ def main() -> None:
         else:  # another colourway of a kept design
             feats = colourways(rng, designs[design_of[k]][None])[0]
             thumb = rng.integers(0, 256, thumbs[k].shape, dtype=np.uint8)
-        second = (str((label_of[k] + 1) % args.labels),)  # every photo also searches a second category, as at night
+        second = (str((label_of[k] + 1) % args.labels),)  # a second category, as at night
         tonight.append(Photo(r, int(rng.integers(1, 5)) * 100, str(label_of[k]), feats, thumb, second))
     t = time.perf_counter()
     found: dict = {}

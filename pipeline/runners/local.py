@@ -232,11 +232,13 @@ class Context:
 
     def keep_for_copies(self, key: int, rec: dict[str, Any]) -> None:
         """Make a kept, classified photo's index record a possible original for later photos' copy check
-        (``copies``): its features (this model's only) under the model's top category, and its thumbnail."""
+        (``copies``): its features (this model's only) under its two most likely categories (the top-k's
+        first two, as ``copies.categories_of`` gives tonight's photos), and its thumbnail."""
         codes, thumb = rec.get("embedding_q8"), rec.get("thumb")
         if rec["in_dedupe"] and codes is not None and thumb and rec.get("model_version") == self.classifier.version:
-            self.copies.add(Photo(key, 0, (rec.get("topk_labels") or [rec.get("label")])[0], codes,
-                                  np.frombuffer(thumb, np.uint8).reshape(THUMB_SIDE, THUMB_SIDE, 3)))
+            label, *also = (rec.get("topk_labels") or [rec.get("label")])[:2]
+            self.copies.add(Photo(key, 0, label, codes, np.frombuffer(thumb, np.uint8).reshape(THUMB_SIDE, THUMB_SIDE, 3),
+                                  tuple(also)))
 
     def recall(self, key: int, rec: dict[str, Any]) -> None:
         """Take in a photo the store remembers (an earlier night's, or this run's committed chunk) under

@@ -8,8 +8,8 @@ edits (every copy in ``bench/near_duplicates.py`` is at cosine 0.71-1.0 from
 its original), and classification computes them anyway. They cannot decide on
 their own: distinct products of one design, and recoloured variants, sit at
 cosine up to 0.99. So the features only *propose* candidates (cosine at least
-``DedupeConfig.embedding_similarity``, among kept photos whose top category
-is the photo's first or second), and the same aligned check that ``dedupe`` uses
+``DedupeConfig.embedding_similarity``, among kept photos that share one of the
+photo's two most likely categories), and the same aligned check that ``dedupe`` uses
 (``aligned_match``: the thumbnails line up pixel for pixel after a crop and a
 brightness fit, and pass the colour test) decides. Measured on the bench's
 development part: 579 of its 650 copies found before the model, 633 with this
@@ -24,9 +24,10 @@ duplicate points at a kept photo.
 Scale: features are projected to ``EMBED_DIM`` dimensions (a fixed random
 rotation: cosines move by a few hundredths, the confirmation is the aligned
 check) and kept as float16 unit vectors, 256 bytes a photo beside its 3 KB
-thumbnail; a chunk is compared with one matrix product per top category and
-block of kept photos, and each photo goes to the aligned check with its
-``COPY_CANDIDATES`` most similar kept photos only.
+thumbnail; a chunk is compared with one matrix product per category and
+block of kept photos (a photo is listed under two categories), and each photo
+goes to the aligned check with its ``COPY_CANDIDATES`` most similar kept
+photos only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from pipeline.stages.dedupe import DedupeConfig, Match, aligned_match
+from pipeline.stages.dedupe import THUMB_SIDE, DedupeConfig, Match, aligned_match
 
 EMBED_DIM = 128  # dimensions the features are projected to
 SIMILARITY_BLOCK = 32_768  # kept photos compared with a chunk at once (a 2048-photo chunk: 256 MB of float32)
@@ -76,31 +77,42 @@ class Photo:
 
     key: int  # the run's row, or a negative key for a photo kept on an earlier night
     area: int  # pixels: the larger photo is kept
-    label: str  # the model's top category: where the photo is kept, and searched for its originals
+    label: str  # the model's top category
     features: np.ndarray  # (D,) the model's pooled features, or their int8 codes (``store.quantise``)
     thumb: np.ndarray  # (32, 32, 3) uint8 whole-photo thumbnail (``Hashes.thumb``)
-    also: tuple[str, ...] = ()  # further categories whose kept photos it is compared with (its second)
+    also: tuple[str, ...] = ()  # further categories (its second): kept under and searched in, as ``label``
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Where the photo is kept, and where it searches for its originals: its top and its ``also``."""
+        return tuple(dict.fromkeys((self.label, *self.also)))
 
 
 @dataclass
 class _Segment:
     keys: np.ndarray  # int64 [n]
     vectors: np.ndarray  # float16 [n, EMBED_DIM]
-    thumbs: np.ndarray  # uint8 [n, 32, 32, 3]
+    slots: np.ndarray  # int64 [n]: rows of the index's thumbnail table
+
+
+THUMB_BLOCK = 16_384  # thumbnails a block of the index's table holds (48 MB, touched as it fills)
 
 
 class EmbeddingIndex:
-    """Kept, classified photos by top category: their projected features and thumbnails.
+    """Kept, classified photos by category: their projected features, and one table of thumbnails.
 
-    Photos are appended to a pending list and packed into array segments when
-    searched; a segment at least as large as the one before it is merged into
-    it (as in ``nearpairs.BatchIndex``), so a long history stays in a few
-    large arrays and each photo is copied O(log n) times.
+    A photo is listed under each of its ``Photo.categories`` (its features
+    twice, 256 bytes each; its 3 KB thumbnail once, in blocks filled in
+    order). Listings are appended to a pending list and packed into array
+    segments when searched; a segment at least as large as the one before it
+    is merged into it (as in ``nearpairs.BatchIndex``), so a long history
+    stays in a few large arrays and each photo is copied O(log n) times.
     """
 
     def __init__(self) -> None:
         self._segments: dict[str, list[_Segment]] = defaultdict(list)
-        self._pending: dict[str, list[Photo]] = defaultdict(list)
+        self._pending: dict[str, list[tuple[int, np.ndarray, int]]] = defaultdict(list)
+        self._thumbs: list[np.ndarray] = []
         self._count = 0
 
     def __len__(self) -> int:
@@ -108,16 +120,30 @@ class EmbeddingIndex:
 
     def add(self, photo: Photo) -> None:
         """A kept photo (``area`` unused: kept photos stay kept)."""
-        self._pending[photo.label].append(photo)
+        block, row = divmod(self._count, THUMB_BLOCK)
+        if block == len(self._thumbs):
+            self._thumbs.append(np.empty((THUMB_BLOCK, THUMB_SIDE, THUMB_SIDE, 3), np.uint8))
+        self._thumbs[block][row] = photo.thumb
+        for label in photo.categories:
+            self._pending[label].append((photo.key, photo.features, self._count))
         self._count += 1
 
+    def thumbs(self, slots: np.ndarray) -> np.ndarray:
+        """The thumbnails in table rows ``slots``."""
+        out = np.empty((len(slots), THUMB_SIDE, THUMB_SIDE, 3), np.uint8)
+        block, row = np.divmod(slots, THUMB_BLOCK)
+        for b in np.unique(block):
+            mine = block == b
+            out[mine] = self._thumbs[b][row[mine]]
+        return out
+
     def segments(self, label: str) -> list[_Segment]:
-        """The kept photos of one top category, packed."""
+        """The kept photos listed under one category, packed."""
         pending = self._pending.pop(label, [])
         segs = self._segments[label]
         if pending:
-            new = _Segment(np.array([p.key for p in pending], np.int64), project(np.stack([p.features for p in pending])),
-                           np.stack([p.thumb for p in pending]))
+            keys, features, slots = zip(*pending)
+            new = _Segment(np.array(keys, np.int64), project(np.stack(features)), np.array(slots, np.int64))
             while segs and len(segs[-1].keys) <= len(new.keys):
                 old = segs.pop()
                 new = _Segment(*(np.concatenate([getattr(old, f.name), getattr(new, f.name)]) for f in fields(_Segment)))
@@ -126,9 +152,9 @@ class EmbeddingIndex:
 
 
 def categories_of(probs: np.ndarray, categories: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """Per photo (rows of ``probs``), the category it is kept under (its most likely) and the one more it
-    searches for its originals (its second): a badge or a crop can swap a photo's two most likely
-    categories, and the copy check compares only photos that share one."""
+    """Per photo (rows of ``probs``), its most likely category and its second: the copy check compares
+    only photos that share one of them (``Photo.categories``), since a badge or a crop can swap a photo's
+    two most likely categories, or put the original's second first."""
     if probs.ndim != 2 or not len(probs):
         return []
     top = np.argsort(-probs, axis=1, kind="stable")[:, :2]
@@ -137,8 +163,8 @@ def categories_of(probs: np.ndarray, categories: Sequence[str]) -> list[tuple[st
 
 def classified_photos(keys: Sequence[int], areas: Sequence[int], thumbs: Sequence[np.ndarray], probs: np.ndarray,
                       features: np.ndarray, categories: Sequence[str]) -> list[Photo]:
-    """The copy check's photos for classified rows (aligned sequences): each kept under its most likely
-    category and searching its second too (``categories_of``). One place, so the runners and the benches
+    """The copy check's photos for classified rows (aligned sequences), each with its two most likely
+    categories (``categories_of``). One place, so the runners and the benches
     that measure them build the same photos."""
     return [Photo(key, area, label, feats, thumb, also) for key, area, thumb, feats, (label, also)
             in zip(keys, areas, thumbs, features, categories_of(probs, categories))]
@@ -186,47 +212,39 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
     """
     index = index if index is not None else EmbeddingIndex()
     order = sorted(photos, key=lambda p: (-p.area, p.key))
-    tonight = {p.key for p in photos}
-    tried: dict[int, list[tuple[float, int]]] = defaultdict(list)  # walk position -> confirmed (−cosine, key)
-    kept_in: dict[str, list[int]] = defaultdict(list)  # category -> walk positions of tonight's photos kept there
-    asked: dict[str, list[int]] = defaultdict(list)  # category -> walk positions of the photos that search it
-    for n, p in enumerate(order):
-        kept_in[p.label].append(n)
-        for label in dict.fromkeys((p.label, *p.also)):
-            asked[label].append(n)
     if not order:
         return {}
+    tonight = {p.key for p in order}
+    listed: dict[str, list[int]] = defaultdict(list)  # category -> walk positions of tonight's photos under it
+    for n, p in enumerate(order):
+        for label in p.categories:
+            listed[label].append(n)
     vectors = project(np.stack([p.features for p in order]))
     thumbs = np.stack([p.thumb for p in order])
-    for label, askers in asked.items():
-        idx, members = np.array(askers), np.array(kept_in.get(label, []), int)
-        segs = index.segments(label)
-        found = [(*_similar(vectors[idx], seg.vectors, cfg.embedding_similarity, COPY_CANDIDATES), s)
-                 for s, seg in enumerate(segs)]
-        found.append((*_similar(vectors[idx], vectors[members], cfg.embedding_similarity, COPY_CANDIDATES,
-                                walk=(idx, members)), -1))
-        query = np.concatenate([i for i, _, _, _ in found])
-        at = np.concatenate([j for _, j, _, _ in found])
-        sims = np.concatenate([sim for _, _, sim, _ in found])
-        source = np.concatenate([np.full(len(i), s) for i, _, _, s in found])
-        keys = np.empty(len(query), np.int64)
-        kept_thumbs = np.empty((len(query), *thumbs.shape[1:]), np.uint8)
-        for s, seg in enumerate(segs):
-            mine = source == s
-            keys[mine], kept_thumbs[mine] = seg.keys[at[mine]], seg.thumbs[at[mine]]
-        own = source == -1
-        keys[own], kept_thumbs[own] = [order[n].key for n in members[at[own]]], thumbs[members[at[own]]]
-        pick = _nearest(query, keys, sims, COPY_CANDIDATES)
-        query, keys, sims, kept_thumbs = query[pick], keys[pick], sims[pick], kept_thumbs[pick]
-        if not len(query):
-            continue
-        # both ways: the brightness fit and the agreement's tolerance are taken from one side, and a badge
-        # or a crop scores differently seen from each (dev part: 471 copies one way, 475 both)
-        query_thumbs = thumbs[idx[query]]
-        ok = (aligned_match(query_thumbs, kept_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
-              | aligned_match(kept_thumbs, query_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap))
-        for n, key, sim in zip(idx[query[ok]].tolist(), keys[ok].tolist(), sims[ok].tolist()):
-            tried[n].append((-sim, key))
+    found = []  # (walk position, kept key, cosine, thumbnail row in the index or -1-n for tonight's n)
+    for label, members in listed.items():
+        idx = np.array(members)
+        for seg in index.segments(label):
+            i, j, sim = _similar(vectors[idx], seg.vectors, cfg.embedding_similarity, COPY_CANDIDATES)
+            found.append((idx[i], seg.keys[j], sim, seg.slots[j]))
+        i, j, sim = _similar(vectors[idx], vectors[idx], cfg.embedding_similarity, COPY_CANDIDATES, walk=(idx, idx))
+        found.append((idx[i], np.array([order[n].key for n in idx[j]], np.int64), sim, -1 - idx[j]))
+    query, keys, sims, slots = (np.concatenate(parts) for parts in zip(*found))
+    if not len(query):
+        return {}
+    _, once = np.unique(np.stack([query, keys]), axis=1, return_index=True)  # listed together twice: one pair
+    pick = once[_nearest(query[once], keys[once], sims[once], COPY_CANDIDATES)]
+    query, keys, sims, slots = query[pick], keys[pick], sims[pick], slots[pick]
+    kept_thumbs = np.empty((len(query), *thumbs.shape[1:]), np.uint8)
+    mine = slots < 0
+    kept_thumbs[mine], kept_thumbs[~mine] = thumbs[-1 - slots[mine]], index.thumbs(slots[~mine])
+    # both ways: the brightness fit and the agreement's tolerance are taken from one side, and a badge
+    # or a crop scores differently seen from each (dev part: 471 copies one way, 475 both)
+    ok = (aligned_match(thumbs[query], kept_thumbs, cfg.color_threshold, cfg.align_agreement, cfg.align_overlap)
+          | aligned_match(kept_thumbs, thumbs[query], cfg.color_threshold, cfg.align_agreement, cfg.align_overlap))
+    tried: dict[int, list[tuple[float, int]]] = defaultdict(list)  # walk position -> confirmed (−cosine, key)
+    for n, key, sim in zip(query[ok].tolist(), keys[ok].tolist(), sims[ok].tolist()):
+        tried[n].append((-sim, key))
     matches: dict[int, Match] = {}
     for n, p in enumerate(order):
         for _, key in sorted(tried.get(n, ())):

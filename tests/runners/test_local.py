@@ -60,3 +60,24 @@ def test_scanned_ahead_skips_committed_chunks_and_uses_a_scan_taken_already():
     assert [(n, recs) for n, recs, _ in out] == list(enumerate(chunks))
     assert [s for _, _, s in out] == [{"early": True}, {"scan of": 2}, None, {"scan of": 6}]
     assert scanned == [2, 6]  # chunk 0 was scanned while the model loaded, chunk 2 was committed before a kill
+
+
+def test_a_kept_record_meets_later_copies_under_its_top_two_labels(tiny_classifier):
+    """An earlier night's kept photo is listed for the copy check under the first two labels of its row's
+    top-k (``Context.keep_for_copies``), as tonight's photos are (``copies.categories_of``): a badge copy
+    whose top label is the original's second still meets it. Another model's record is never listed."""
+    import numpy as np
+
+    from pipeline.ops.store import History
+    from pipeline.runners.local import Context
+    from pipeline.stages.dedupe import DedupeIndex
+
+    ctx = Context(tiny_classifier, RunConfig(), "r1", DedupeIndex(), History(), {})
+    thumb = np.zeros((32, 32, 3), np.uint8).tobytes()
+    rec = {"in_dedupe": True, "embedding_q8": np.ones(8, np.int8), "thumb": thumb,
+           "model_version": tiny_classifier.version, "topk_labels": ["tops", "dresses", "shoes"], "label": "tops"}
+    ctx.keep_for_copies(-1, rec)
+    ctx.keep_for_copies(-2, {**rec, "model_version": "another"})
+    assert len(ctx.copies) == 1
+    assert [len(ctx.copies.segments(c)) for c in ("tops", "dresses", "shoes")] == [1, 1, 0]
+    assert ctx.copies.segments("dresses")[0].keys.tolist() == [-1]

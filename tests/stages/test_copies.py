@@ -71,9 +71,8 @@ def _twins() -> tuple[np.ndarray, np.ndarray]:
 
 def test_the_walk_keeps_the_largest_and_what_earlier_nights_kept():
     """The rule of ``find_duplicates``: tonight the photo with the most pixels is kept (ties: the lower key);
-    a photo kept on an earlier night stays kept even when tonight's copy is larger; photos the model put
-    in different top categories (unless the one's second is the other's first), or whose features are
-    apart, are never compared."""
+    a photo kept on an earlier night stays kept even when tonight's copy is larger; photos whose two most
+    likely categories have none in common, or whose features are apart, are never compared."""
     a, b = _twins()
     same = np.ones(1280, np.float32)
     tonight = [Photo(0, 100, "food_drink", same, a), Photo(1, 400, "food_drink", same, b)]
@@ -84,12 +83,16 @@ def test_the_walk_keeps_the_largest_and_what_earlier_nights_kept():
     assert len(history) == 1
     assert {r: m.kept for r, m in find_copies(tonight, history).items()} == {0: -7, 1: -7}
     assert find_copies([Photo(0, 100, "food_drink", same, a), Photo(1, 400, "tops", same, b)]) == {}
-    # ...unless one's second category is the other's first: the smaller searches the larger's category,
-    # tonight as in the history, but the larger never searches the smaller (the walk keeps the largest)
-    split = [Photo(0, 100, "food_drink", same, a, ("tops",)), Photo(1, 400, "tops", same, b)]
-    assert {r: m.kept for r, m in find_copies(split).items()} == {0: 1}
-    assert find_copies([Photo(0, 100, "food_drink", same, a), Photo(1, 400, "tops", same, b, ("food_drink",))]) == {}
-    assert {r: m.kept for r, m in find_copies([Photo(1, 400, "tops", same, b, ("food_drink",))], history).items()} == {1: -7}
+    # ...unless they share one of their two most likely categories, whichever it is first for: tonight, in
+    # the history, and with the categories in either photo's second place (the walk still keeps the largest)
+    for small, large in ((("food_drink", "tops"), ("tops",)), (("food_drink",), ("tops", "food_drink")),
+                         (("food_drink", "shoes"), ("tops", "shoes"))):
+        split = [Photo(0, 100, small[0], same, a, small[1:]), Photo(1, 400, large[0], same, b, large[1:])]
+        assert {r: m.kept for r, m in find_copies(split).items()} == {0: 1}, (small, large)
+        history = EmbeddingIndex()
+        history.add(Photo(-7, 0, large[0], same, b, large[1:]))
+        assert {r: m.kept for r, m in find_copies([split[0]], history).items()} == {0: -7}, (small, large)
+    assert find_copies([Photo(0, 100, "food_drink", same, a, ("shoes",)), Photo(1, 400, "tops", same, b, ("bags",))]) == {}
     assert categories_of(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"]) == [("b", ("c",))]
     apart = np.zeros(1280, np.float32)
     apart[0] = 1.0
