@@ -56,7 +56,7 @@ OVERLAY_AGREEMENT = 0.95  # ...and the product's pixels outside the window then 
 # ...where the window holds colour that the other photo lacks there (mean CIELAB chroma this much apart), the
 # brightness fit is redone without it too: a badge over a dress model's head otherwise skews the fit for all
 OVERLAY_CHROMA = 20.0
-DEFAULT_EMBEDDING_SIMILARITY = 0.80  # cosine of projected features from which a classified photo is a candidate copy
+DEFAULT_EMBEDDING_SIMILARITY = 0.75  # cosine of projected features from which a classified photo is a candidate copy
 # the most a tone curve may bend (its quadratic term, in grey levels over the levels scaled to [-1, 1]) per
 # grey level of difference between the two photos' mean brightness (``_brightness_agreement``)
 BEND_PER_LEVEL = 4.0
