@@ -62,6 +62,9 @@ DEFAULT_EMBEDDING_SIMILARITY = 0.75  # cosine of projected features from which a
 BEND_PER_LEVEL = 4.0
 BRIGHTER_LEVELS = 8.0  # ...and only where one photo is this much brighter on average (15% is about 20 levels)
 BEND_FROM = 0.75  # ...and the straight line's agreement is this high already
+WHITE_LEVEL = 250.0  # a level from which brightening has stopped a pixel's channel at white (``_brightened``)
+CLIPPED_MORE = 0.01  # share of levels the brighter photo has at white beyond the darker's
+BRIGHTEN_GAINS = (1.05, 1.4)  # gains through black a brightened copy is fitted with
 BACKDROP_LEVEL = 12.0  # grey levels from the backdrop from which a pixel belongs to the product
 BACKDROP_TILT_GAIN = 0.2  # share of the border a tilted backdrop must explain beyond a flat one (``_product``)
 # Why upright only: a second table searched in all five views doubled the search against a long history
@@ -410,7 +413,38 @@ def aligned_scores(a: np.ndarray, b: np.ndarray, agreement: float = DEFAULT_ALIG
         part = slice(s, s + ALIGN_BATCH)
         score[part], colour[part] = _aligned_batch(a[part].astype(np.float32), b[part].astype(np.float32),
                                                    agreement, overlap, need[part])
+        redo, ra, rb = _brightened(a[part].astype(np.float32), b[part].astype(np.float32))
+        if len(redo):  # the darker photo brightened: where that comparison passes, and better, it counts
+            s2, c2 = _aligned_batch(ra, rb, agreement, overlap, np.zeros(len(redo), bool))
+            at = redo + s
+            better = (s2 >= agreement) & ((score[at] < agreement) | (c2 < colour[at]))
+            score[at[better]], colour[at[better]] = s2[better], c2[better]
     return score, colour
+
+
+def _brightened(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of float32 thumbnails (n, 32, 32, 3) that may be a photo and a brightened copy of it, and
+    those pairs with the darker photo brightened as brightening does it: (pairs, their a, their b).
+
+    Why: brightening multiplies every level and stops it at white, so a pale product on white loses most
+    of itself into the backdrop (the development part's white polos 15% brighter: their product masks
+    overlapped by a third, no alignment was compared at all) and saturated colours shift where one
+    channel stops first (a yellow tape measure 15% brighter: 27 apart in the colour test). The darker
+    photo, multiplied by the gain fitted through black on the pixels the brighter one did not stop at
+    white and clipped the same way, loses the same pixels, so the comparison sees what the copy kept. A
+    pair qualifies when the brighter photo (on average) has ``CLIPPED_MORE`` more of its levels at white
+    and the gain lies in ``BRIGHTEN_GAINS`` (fitted on the product: a small product's brightening barely
+    moves the mean of a photo that is mostly white backdrop).
+    """
+    ma, mb = a.mean(axis=(1, 2, 3)), b.mean(axis=(1, 2, 3))
+    swap = (ma > mb)[:, None, None, None]
+    dark, light = np.where(swap, b, a), np.where(swap, a, b)
+    kept = light < WHITE_LEVEL
+    gain = (kept * light * dark).sum(axis=(1, 2, 3)) / np.maximum((kept * dark * dark).sum(axis=(1, 2, 3)), 1e-6)
+    clipped_more = (~kept).mean(axis=(1, 2, 3)) - (dark >= WHITE_LEVEL).mean(axis=(1, 2, 3))
+    pairs = np.flatnonzero((clipped_more >= CLIPPED_MORE) & (gain >= BRIGHTEN_GAINS[0]) & (gain <= BRIGHTEN_GAINS[1]))
+    raised = np.minimum(dark[pairs] * gain[pairs, None, None, None], 255.0)
+    return pairs, np.where(swap[pairs], a[pairs], raised), np.where(swap[pairs], raised, b[pairs])
 
 
 def _crops(grey: np.ndarray) -> np.ndarray:

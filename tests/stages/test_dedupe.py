@@ -219,6 +219,36 @@ def test_brighter_copies_of_pale_products_merge_and_grey_bottles_of_one_design_s
         assert find_duplicates([grey[a], grey[b]]) == {} and find_duplicates([grey[b], grey[a]]) == {}
 
 
+def test_white_products_brightened_into_their_backdrop_merge_and_other_articles_stay_apart():
+    """White polos on white, 15% brighter: most of the shirt stops at white and joins the backdrop, so the
+    two photos' product masks overlapped by a third and no alignment was compared (the trimmed hashes drift
+    14-20 bits as well). The darker photo brightened as brightening does (``_brightened``) loses the same
+    pixels, and the two line up. The other polos brightened, and visibly recoloured articles (hue turned
+    30 or 60 degrees) brightened, stay other articles."""
+    from PIL import ImageEnhance
+
+    from pipeline.stages.dedupe import aligned_match
+
+    load = lambda p: Image.open(SAMPLE / "images" / p).convert("RGB")  # noqa: E731
+    bright = lambda img: _jpeg(ImageEnhance.Brightness(img).enhance(1.15), 90)  # noqa: E731
+
+    def apart(img: Image.Image, other: Image.Image) -> bool:
+        a, b = compute_hashes(img).thumb[None], compute_hashes(other).thumb[None]
+        return (not aligned_match(a, b)[0] and not aligned_match(b, a)[0]
+                and find_duplicates([_cand(0, img), _cand(1, other)]) == {})
+
+    polos = {name: load(f"polos/{name}") for name in ("cl_polo01.jpg", "cl_polo02.jpg", "cl_polo03-woman.jpg",
+                                                      "cl_polo04-woman.jpg")}
+    for name in ("cl_polo02.jpg", "cl_polo03-woman.jpg"):
+        img = polos[name]
+        assert find_duplicates([_cand(0, img), _cand(1, bright(img))]), name
+        assert find_duplicates([_cand(0, bright(img)), _cand(1, img)]), name
+        assert all(apart(img, bright(polos[other])) for other in polos if other != name), name
+    for photo in ("juices/fd_juice_01.jpg", "hoodies/cl_bogo02_1.jpg", "t-shirts/cl_boot01_1.jpg"):
+        img = load(photo)
+        assert all(apart(img, bright(_hue_turn(img, turn))) for turn in (30, 60)), photo
+
+
 @pytest.mark.parametrize("one,other", [("t-shirts/cl_boot01_1.jpg", "t-shirts/cl_boot03_1.jpg"),
                                        ("juices/fd_juice_02.jpg", "juices/fd_juice_05.jpg")])
 def test_greyscale_versions_of_two_products_of_one_design_stay_apart(one, other):
