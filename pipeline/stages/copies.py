@@ -223,6 +223,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
             listed[label].append(n)
     vectors = project(np.stack([p.features for p in order]))
     thumbs = np.stack([p.thumb for p in order])
+    order_keys = np.array([p.key for p in order], np.int64)
     found = []  # (walk position, kept key, cosine, thumbnail row in the index or -1-n for tonight's n)
     for label, members in listed.items():
         idx = np.array(members)
@@ -230,7 +231,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
             i, j, sim = _similar(vectors[idx], seg.vectors, cfg.embedding_similarity, COPY_CANDIDATES)
             found.append((idx[i], seg.keys[j], sim, seg.slots[j]))
         i, j, sim = _similar(vectors[idx], vectors[idx], cfg.embedding_similarity, COPY_CANDIDATES, walk=(idx, idx))
-        found.append((idx[i], np.array([order[n].key for n in idx[j]], np.int64), sim, -1 - idx[j]))
+        found.append((idx[i], order_keys[idx[j]], sim, -1 - idx[j]))
     query, keys, sims, slots = (np.concatenate(parts) for parts in zip(*found))
     if not len(query):
         return {}

@@ -44,7 +44,7 @@ def _compositions(total: int, parts: int):
 
 @pytest.mark.parametrize("blocks", [3, 4, 5, 6])
 def test_both_indexes_find_every_hash_at_the_radius_however_its_bits_fall_into_blocks(blocks):
-    """The per-block radii (``block_radii``) sum to less than ``radius // blocks`` on every block would: a hash exactly
+    """The per-block radii (``block_radii``) sum to less than ``blocks * (radius // blocks)``: a hash exactly
     ``radius`` bits away with its differing bits spread over the blocks in every possible way must still be
     found, for either block layout (``MultiIndexHash`` cuts from the low bits, ``BucketTables`` from the high)."""
     radius, rng = 10, random.Random(blocks)
