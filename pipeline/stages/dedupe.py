@@ -53,7 +53,10 @@ DEFAULT_ALIGN_OVERLAP = 0.5  # intersection over union of the two products' silh
 # of the windows of the aligned frame that may be left out, when they touch its border...
 OVERLAY_WINDOWS = ((7, 12), (12, 7), (9, 9))
 OVERLAY_AGREEMENT = 0.95  # ...and the product's pixels outside the window then agree this much
-# ...where the window holds colour that the other photo lacks there (mean CIELAB chroma this much apart), the
+# ...and the window hides at most this share of the product: an 8-10% badge over a product that fills a quarter
+# of the photo (a tape measure, scissors on white, a photo framed off-centre) hides up to a third of it
+OVERLAY_HIDES = 1 / 3
+# ...where the window holds colour that the other photo lacks there (mean CIELAB a*b* this far apart), the
 # brightness fit is redone without it too: a badge over a dress model's head otherwise skews the fit for all
 OVERLAY_CHROMA = 20.0
 DEFAULT_EMBEDDING_SIMILARITY = 0.75  # cosine of projected features from which a classified photo is a candidate copy
@@ -232,12 +235,17 @@ _XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.
 _WHITE = np.array([0.95047, 1.0, 1.08883])
 
 
-def _chroma(rgb: np.ndarray) -> np.ndarray:
-    """CIELAB chroma of (..., 3) 8-bit levels, as ``lab`` gives it, in float32 through a table of the 256
-    linearised levels: the overlay search takes it of thousands of thumbnails a second."""
+def _chromaticity(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB a* and b* of (..., 3) 8-bit levels, as ``lab`` gives them, as (2, ...) float32 through a table
+    of the 256 linearised levels: the overlay search takes them of thousands of thumbnails a second."""
     f = _LINEAR[np.clip(rgb, 0, 255).astype(np.uint8)] @ (_XYZ / _WHITE[:, None]).T.astype(np.float32)
     f = np.where(f > 0.008856, np.cbrt(f), 7.787 * f + 16.0 / 116.0)
-    return np.hypot(500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2]))
+    return np.stack([500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])])
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB chroma of (..., 3) 8-bit levels (``_chromaticity``'s length)."""
+    return np.hypot(*_chromaticity(rgb))
 
 
 def lab(rgb: np.ndarray) -> np.ndarray:
@@ -547,17 +555,20 @@ def _coloured_overlay_refit(a: np.ndarray, b: np.ndarray, compared: np.ndarray, 
     another alignment look best; the skewed fit's agreement cannot point at the badge either, so the
     window is the one where the colours differ most. Only a coloured difference counts as an overlay:
     refitted without a window, greyscale variants of two juice bottles of one design (their labels differ
-    in print, not colour) agreed as copies in the bench, and nothing else tells those apart.
+    in print, not colour) agreed as copies in the bench, and nothing else tells those apart. The colours are
+    compared by hue as well as strength (CIELAB a* and b*, not chroma alone): a red badge over a lime-green
+    tape measure or orange scissors is as strongly coloured as what it hides, and was not found.
     """
-    # chroma at 32 px, then cut and resampled as the greyscale is: close enough to find a badge, and one
+    # a* and b* at 32 px, then cut and resampled as the greyscale is: close enough to find a badge, and one
     # CIELAB conversion a thumbnail instead of one an alignment
     i, j = np.nonzero(compared)  # the alignments that overlap, flat
-    ca, cb = _crops(_chroma(a))[i, _PAIRS_A[j]], _crops(_chroma(b))[i, _PAIRS_B[j]]
+    ca = np.stack([_crops(c)[i, _PAIRS_A[j]] for c in _chromaticity(a)])  # (2, pairs, 24, 24)
+    cb = np.stack([_crops(c)[i, _PAIRS_B[j]] for c in _chromaticity(b)])
     product = w[i, j]
-    box = _coloured_window(product, np.abs(ca - cb))
+    box = _coloured_window(product, np.hypot(*(ca - cb)))
     inside = _window_mask(box)
     cells = np.maximum(inside.sum(axis=(-2, -1)), 1)
-    coloured = np.abs((ca * inside).sum(axis=(-2, -1)) - (cb * inside).sum(axis=(-2, -1))) / cells
+    coloured = np.hypot(*(((ca - cb) * inside).sum(axis=(-2, -1)) / cells))
     held = (box[:, 2] > 0) & (coloured >= OVERLAY_CHROMA)
     share, window = np.full(compared.shape, -1.0), np.zeros((*compared.shape, 4), int)
     window[i, j] = box
@@ -643,8 +654,8 @@ _BORDER = {(h, w): _border_positions(h, w) for h, w in OVERLAY_WINDOWS}
 
 def _border_window(product: np.ndarray, inside: np.ndarray,
                    score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """For each comparison, the ``OVERLAY_WINDOWS`` window touching the frame's border that hides at most a
-    quarter of the ``product`` and scores highest, ``score(product pixels left outside, sum of ``inside``
+    """For each comparison, the ``OVERLAY_WINDOWS`` window touching the frame's border that hides at most
+    ``OVERLAY_HIDES`` of the ``product`` and scores highest, ``score(product pixels left outside, sum of ``inside``
     within)``: (that score, -1 where no window qualifies; the window as (top, left, bottom, right), all
     zero where none does). Ties go to the first shape, then the first window row by row."""
     n_product = product.sum(axis=(-2, -1))[..., None]
@@ -655,7 +666,7 @@ def _border_window(product: np.ndarray, inside: np.ndarray,
         within = [c[..., top + h, left + w] - c[..., top, left + w] - c[..., top + h, left] + c[..., top, left]
                   for c in integrals]
         rest = n_product - within[0]
-        value = np.where(rest >= 0.75 * n_product, score(rest, within[1]), -1.0)
+        value = np.where(rest >= (1.0 - OVERLAY_HIDES) * n_product, score(rest, within[1]), -1.0)
         k = value.argmax(axis=-1)
         top_value = np.take_along_axis(value, k[..., None], axis=-1)[..., 0]
         better = top_value > best
@@ -666,7 +677,7 @@ def _border_window(product: np.ndarray, inside: np.ndarray,
 
 def _overlay_window(product: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each comparison, the share of agreeing product pixels outside the best ``OVERLAY_WINDOWS`` window
-    that touches the frame's border (-1 where every such window would hide over a quarter of the product),
+    that touches the frame's border (-1 where every such window would hide over ``OVERLAY_HIDES`` of the product),
     and that window as (top, left, bottom, right).
 
     Why only at the border: shops stamp badges and logos in a corner or along an edge, often half over the
@@ -681,7 +692,7 @@ def _overlay_window(product: np.ndarray, agree: np.ndarray) -> tuple[np.ndarray,
 
 def _coloured_window(product: np.ndarray, difference: np.ndarray) -> np.ndarray:
     """For each comparison, the ``OVERLAY_WINDOWS`` window at the frame's border that holds the most colour
-    ``difference`` (chroma, pixel by pixel) and hides at most a quarter of the ``product``, as (top, left,
+    ``difference`` (chromaticity, pixel by pixel) and hides at most ``OVERLAY_HIDES`` of the ``product``, as (top, left,
     bottom, right); all zero where no window qualifies."""
     return _border_window(product, difference, lambda rest, held: held)[1]
 

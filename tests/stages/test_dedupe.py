@@ -432,6 +432,60 @@ def test_a_coloured_badge_is_left_out_of_the_brightness_fit_too(photo, monkeypat
     assert not dedupe.aligned_match(thumb, badged)[0] and not dedupe.aligned_match(badged, thumb)[0]
 
 
+def _off_centre(img: Image.Image) -> Image.Image:
+    """``img`` on a white canvas half as large again, the article in its top-right corner: a photo framed
+    off-centre, so that a corner badge falls on the article rather than the backdrop."""
+    out = Image.new("RGB", (img.width * 3 // 2, img.height * 3 // 2), (255, 255, 255))
+    out.paste(img, (img.width // 2, 0))
+    return out
+
+
+@pytest.mark.parametrize(("photo", "framing", "area"), [
+    ("hoodies/cl_bogo04_2.jpg", "as shot", 0.10), ("hoodies/cl_bogo01_1.jpg", "off-centre", 0.08),
+    ("paints/paints_03.jpg", "off-centre", 0.08), ("beer/beer-02_2.jpg", "off-centre", 0.08)])
+def test_a_badge_may_hide_a_third_of_the_article_and_its_colour_variants_stay_apart(photo, framing, area, monkeypatch):
+    """A badge of 8-10% of the photo over an article that fills little of it (a tape measure or scissors on
+    white in the bench, here real photos framed off-centre, or the hoodie with a 10% badge) hides more
+    than a quarter of the article: these were other articles while the window could hide only a quarter.
+    Hiding up to a third, the colour test on the rest still keeps the same badged photos with the article
+    hue-turned by 30, 60 and 180 degrees apart from the original."""
+    from build import sale_badge
+
+    import pipeline.stages.dedupe as dedupe
+
+    def copies(x: np.ndarray, y: np.ndarray) -> bool:
+        return bool(dedupe.aligned_match(x, y)[0] or dedupe.aligned_match(y, x)[0])
+
+    img = decode((SAMPLE / "images" / photo).read_bytes())
+    img = _off_centre(img) if framing == "off-centre" else img
+    thumb = compute_hashes(img).thumb[None]
+    badged = compute_hashes(_jpeg(sale_badge(img, area), 90)).thumb[None]
+    assert copies(thumb, badged)
+    for turn in (30, 60, 180):
+        assert not copies(thumb, compute_hashes(_jpeg(sale_badge(_hue_turn(img, turn), area), 90)).thumb[None]), turn
+    monkeypatch.setattr(dedupe, "OVERLAY_HIDES", 0.25)
+    assert not copies(thumb, badged)
+
+
+def test_a_badge_over_a_colour_as_strong_as_its_own_is_found_by_hue(monkeypatch):
+    """A red SALE badge stamped over a photo that carries a badge of another colour (the sample's beer with
+    its own badge, turned cyan): the two are as strongly coloured, so comparing chroma alone found no window
+    holding colour the other photo lacks (in the bench: a red badge over a lime-green tape measure); by
+    a* and b* it is found and the photos are copies."""
+    from build import sale_badge
+
+    import pipeline.stages.dedupe as dedupe
+
+    img = _hue_turn(decode((SAMPLE / "images" / "beer/beer-01_1_sale.jpg").read_bytes()), 180)
+    thumb = compute_hashes(img).thumb[None]
+    badged = compute_hashes(_jpeg(sale_badge(img), 90)).thumb[None]
+    assert dedupe.aligned_match(thumb, badged)[0] or dedupe.aligned_match(badged, thumb)[0]
+    chromaticity = dedupe._chromaticity
+    monkeypatch.setattr(dedupe, "_chromaticity", lambda rgb: np.stack([np.hypot(*chromaticity(rgb)),
+                                                                       np.zeros(rgb.shape[:-1], np.float32)]))
+    assert not dedupe.aligned_match(thumb, badged)[0] and not dedupe.aligned_match(badged, thumb)[0]
+
+
 def test_greyscale_bottles_of_one_design_are_not_an_overlay_apart():
     """Greyscale variants of the orange and carrot juice bottles differ only in their labels' print: a window
     left out of the fit as well would join them (it did in the bench), so a window without colour is not."""
@@ -522,10 +576,12 @@ def test_a_crop_is_compared_through_a_slight_blur_and_whole_photos_unblurred():
 
 
 def test_the_overlay_searchs_fast_chroma_is_cielab_chroma():
-    """``_chroma`` (float32, a table of the 256 linearised levels) must give what ``lab`` gives, which the
-    colour test uses: the overlay search and the greyscale rule read chroma against the same thresholds."""
-    from pipeline.stages.dedupe import _chroma, lab
+    """``_chromaticity`` and ``_chroma`` (float32, a table of the 256 linearised levels) must give what ``lab``
+    gives, which the colour test uses: the overlay search and the greyscale rule read a*, b* and chroma
+    against the same thresholds."""
+    from pipeline.stages.dedupe import _chroma, _chromaticity, lab
 
     levels = np.random.default_rng(0).integers(0, 256, (4096, 3))
     exact = lab(levels / 255.0)
+    assert np.allclose(_chromaticity(levels.astype(np.float32)), exact[:, 1:].T, atol=1e-3)
     assert np.allclose(_chroma(levels.astype(np.float32)), np.hypot(exact[:, 1], exact[:, 2]), atol=1e-3)
