@@ -70,9 +70,12 @@ CLIPPED_MORE = 0.01  # share of levels the brighter photo has at white beyond th
 BRIGHTEN_GAINS = (1.05, 1.4)  # gains through black a brightened copy is fitted with
 BACKDROP_LEVEL = 12.0  # grey levels from the backdrop from which a pixel belongs to the product
 BACKDROP_TILT_GAIN = 0.2  # share of the border a tilted backdrop must explain beyond a flat one (``_product``)
-# Why upright only: a second table searched in all five views doubled the search against a long history
-# (bench/dedupe_history.py); turned and mirrored copies are plain copies that the trimmed hashes find.
-WHOLE_VIEWS = 1
+# The views (of ``VIEW_NAMES``) in which the whole photo's pHash is searched: upright and mirrored. Why not all
+# five: searched in every view, the second table doubled the search against a long history
+# (bench/dedupe_history.py); the mirror adds one query in seven. Turned copies are left to the trimmed hashes;
+# mirrored ones whose trimmed box moved (a tool on white mirrored against its re-encoded copy, 12-16 bits
+# apart trimmed, 0-2 whole) were missed.
+WHOLE_VIEWS = (0, 4)
 
 
 @dataclass(frozen=True)
@@ -987,7 +990,7 @@ class DedupeIndex:
         for k in range(len(hashes.rotated) + 1):  # upright first, then the pixel rotations, then the mirror
             view = hashes.view(k)
             found = {key for key, _ in self.mih.query(view.phash)}
-            if k < WHOLE_VIEWS and view.whole:  # the whole photo's hash is searched upright only
+            if k in WHOLE_VIEWS and view.whole:  # the whole photo's hash, upright and mirrored
                 found.update(key for key, _ in self.mih_whole.query(view.whole[0]))
             ranked = sorted((candidate_distance(view, self.kept[key]), key) for key in found if key in self.kept)
             for (dist, key), ok in zip(ranked, near_all(view, [self.kept[key] for _, key in ranked], self.cfg)):

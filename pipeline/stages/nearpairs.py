@@ -175,7 +175,7 @@ class PairSearch:
         qpos, other = self._tables[0].candidates(q.views[sel, view])
         photo = [sel[qpos]]
         others = [other]
-        if len(self._tables) > 1 and view < WHOLE_VIEWS:
+        if len(self._tables) > 1 and view in WHOLE_VIEWS:
             sel_w = sel[q.has_whole[sel]]
             qpos, other = self._tables[1].candidates(q.whole[sel_w, view])
             photo.append(sel_w[qpos])
