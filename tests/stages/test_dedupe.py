@@ -106,6 +106,31 @@ def test_kept_row_is_the_largest_then_the_first():
     assert {r: m.kept for r, m in matches.items()} == {0: 1, 2: 1}
 
 
+def test_of_two_copies_of_one_size_the_larger_file_is_kept():
+    """A real photo re-encoded at quality 35 (first) and 95: as many pixels, so the larger file, the better
+    encoding, is kept and classified, whichever row came first, by both indexes; a smaller photo still
+    loses to either, however large its file."""
+    import io
+
+    from pipeline.stages.nearpairs import BatchIndex
+
+    img = decode((SAMPLE / "images" / "hoodies/cl_bogo01_1.jpg").read_bytes())
+
+    def cand(row: int, photo: Image.Image, quality: int) -> Candidate:
+        buf = io.BytesIO()
+        photo.save(buf, "JPEG", quality=quality)
+        return Candidate(row, f"sha{row}", photo.width * photo.height, compute_hashes(decode(buf.getvalue())),
+                         len(buf.getvalue()))
+
+    poor, good = cand(0, img, 35), cand(1, img, 95)
+    small = cand(2, img.resize((img.width // 2, img.height // 2)), 100)
+    assert poor.size < good.size and small.size > poor.size
+    for index in (None, BatchIndex()):
+        assert {r: m.kept for r, m in find_duplicates([poor, good, small], index=index).items()} == {0: 1, 2: 1}
+    flipped = [Candidate(1 - c.row, c.sha256, c.area, c.hashes, c.size) for c in (poor, good)]
+    assert {r: m.kept for r, m in find_duplicates(flipped).items()} == {1: 0}
+
+
 @pytest.mark.parametrize("variant", [(20, 150, 140), (40, 40, 40), (60, 80, 170)])
 def test_colour_variants_are_not_duplicates(variant):
     red = product_photo((200, 30, 30), seed=5)
