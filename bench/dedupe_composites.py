@@ -76,7 +76,7 @@ def main() -> None:
         scan_s = time.perf_counter() - t
         name = {r.row: r.resolved.name for r in records}
         t = time.perf_counter()
-        matches = find_duplicates([Candidate(row, s.sha256, s.width * s.height, s.hashes, s.size) for row, s in scans.items()])
+        matches = find_duplicates([Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in scans.items()])
         dedupe_s = time.perf_counter() - t
         hashed = {frozenset((name[m.row], name[m.kept])) for m in matches.values()}
         kept = [row for row in scans if row not in matches]
@@ -87,7 +87,7 @@ def main() -> None:
         classify_s = time.perf_counter() - t
         photos = classified_photos(kept, [scans[row].width * scans[row].height for row in kept],
                                    [scans[row].hashes.thumb for row in kept], preds.probs, preds.embeddings, clf.categories,
-                                   [scans[row].size for row in kept])
+                                   [scans[row].fidelity for row in kept])
         t = time.perf_counter()
         copies = find_copies(photos, EmbeddingIndex())
         copies_s = time.perf_counter() - t

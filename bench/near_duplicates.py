@@ -212,7 +212,7 @@ def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str
     scans = scan_records(records, MAX_PIXELS, MAX_BYTES)
     seconds = time.perf_counter() - start
     name = {r.row: r.resolved.name for r in records}
-    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.size) for row, s in scans.items()]
+    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in scans.items()]
     matches = find_duplicates(cands)
     hashed = {frozenset((name[m.row], name[m.kept])) for m in matches.values()}
     kept = [row for row in scans if row not in matches]
@@ -221,7 +221,7 @@ def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str
     preds = predict(clf, [path[row] for row in kept])
     photos = classified_photos(kept, [scans[row].width * scans[row].height for row in kept],
                                [scans[row].hashes.thumb for row in kept], preds.probs, preds.embeddings, clf.categories,
-                               [scans[row].size for row in kept])
+                               [scans[row].fidelity for row in kept])
     start = time.perf_counter()
     copies = find_copies(photos, EmbeddingIndex())
     print(f"copy check: {len(photos)} classified photos in {time.perf_counter() - start:.2f} s", file=sys.stderr)

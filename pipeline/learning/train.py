@@ -127,7 +127,7 @@ def collect(data: str | Path | list, workers: int = 0, quiet: bool = True) -> La
         else:
             kept.append((rec, s))
             seen_sha.add(s.sha256)
-    dups = find_duplicates([Candidate(r.row, s.sha256, s.width * s.height, s.hashes, s.size) for r, s in kept])
+    dups = find_duplicates([Candidate(r.row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for r, s in kept])
     return LabelledPhotos(
         paths=[r.resolved for r, _ in kept],
         labels=[labels[r.row] for r, _ in kept],

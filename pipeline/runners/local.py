@@ -294,7 +294,7 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
                 key = ctx.history.by_file.get(file_identity(rec))
                 if key is not None and key < 0:
                     seen[rec.row] = key
-    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.size)
+    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
     duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
     cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),
@@ -324,7 +324,7 @@ def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> 
     good = [plan.good[plan.to_classify[i]] for i in use]
     photos = classified_photos([plan.to_classify[i] for i in use], [s.width * s.height for s in good],
                                [s.hashes.thumb for s in good], hinted[use], preds.embeddings[use],
-                               ctx.classifier.categories, [s.size for s in good])
+                               ctx.classifier.categories, [s.fidelity for s in good])
     copies = find_copies(photos, ctx.copies, ctx.cfg.dedupe)
     for row in copies:
         ctx.index.discard(row, plan.good[row].sha256)

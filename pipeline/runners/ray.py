@@ -88,7 +88,7 @@ RECORD_SCHEMA = pa.schema([("row", pa.int64()), ("path", pa.string()), ("resolve
                            ("extra", pa.string()), ("pre_error", pa.string()), ("wanted", pa.bool_())])
 SCAN_SCHEMA = pa.schema([("ok", pa.bool_()), ("error", pa.string()), ("error_detail", pa.string()),
                          ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-                         ("size", pa.int64()), ("pixel_std", pa.float64()), ("aspect_ratio", pa.float64()),
+                         ("fidelity", pa.int64()), ("pixel_std", pa.float64()), ("aspect_ratio", pa.float64()),
                          # the hashes travel as the store's index keeps them
                          *(INDEX_SCHEMA.field(name) for name in HASH_FIELDS)])  # ``Scan``, or the scan's error
 
@@ -164,7 +164,7 @@ def _scan_batch(batch: pa.Table, max_pixels: int, max_bytes: int) -> pa.Table:
             scanned: dict[str, Any] = {"ok": False, "error": result[0], "error_detail": result[1]}
         else:
             scanned = {"ok": True, "sha256": result.sha256, "width": result.width, "height": result.height,
-                       "size": result.size, "pixel_std": result.quality.pixel_std, "aspect_ratio": result.quality.aspect_ratio,
+                       "fidelity": result.fidelity, "pixel_std": result.quality.pixel_std, "aspect_ratio": result.quality.aspect_ratio,
                        **result.hashes.to_fields()}
         for name, column in out.items():
             column.append(scanned.get(name))
@@ -408,7 +408,7 @@ def ray_engine(model: str, taxonomy: str | None, precision: str, cfg: RunConfig,
                     scans[rec.row] = Scan(str(batch["sha256"][i]), int(batch["width"][i]), int(batch["height"][i]),
                                           Hashes.from_fields({k: batch[k][i] for k in HASH_FIELDS}),
                                           Quality(float(batch["pixel_std"][i]), float(batch["aspect_ratio"][i])),
-                                          size=int(batch["size"][i]))
+                                          fidelity=int(batch["fidelity"][i]))
                 cfg.log({"stage": "scan", "rows": len(records), "seconds": round(time.perf_counter() - t, 3)})
             yield n, records, scans
             t = time.perf_counter()

@@ -16,7 +16,7 @@ development part: 579 of its 650 copies found before the model, 633 with this
 check, no false pair added (README).
 
 The walk mirrors ``dedupe.find_duplicates``: tonight's classified photos in
-order of size (most pixels first, then the larger file, then row), each
+order of size (most pixels first, then the better encoding, then row), each
 matched only against photos already kept (earlier nights with the same model
 version, earlier chunks, and larger photos of tonight that stayed kept), most
 similar first, so every duplicate points at a kept photo.
@@ -83,7 +83,7 @@ class Photo:
     features: np.ndarray  # (D,) the model's pooled features, or their int8 codes (``store.quantise``)
     thumb: np.ndarray  # (32, 32, 3) uint8 whole-photo thumbnail (``Hashes.thumb``)
     also: tuple[str, ...] = ()  # further categories (its second): kept under and searched in, as ``label``
-    size: int = 0  # bytes of the file: of two photos with as many pixels, the larger is kept (``find_duplicates``)
+    fidelity: int = 100  # encoding quality: of two photos with as many pixels, the higher is kept (``find_duplicates``)
 
     @property
     def categories(self) -> tuple[str, ...]:
@@ -165,12 +165,12 @@ def categories_of(probs: np.ndarray, categories: Sequence[str]) -> list[tuple[st
 
 
 def classified_photos(keys: Sequence[int], areas: Sequence[int], thumbs: Sequence[np.ndarray], probs: np.ndarray,
-                      features: np.ndarray, categories: Sequence[str], sizes: Sequence[int]) -> list[Photo]:
-    """The copy check's photos for classified rows (aligned sequences; ``sizes``: their files' bytes), each
+                      features: np.ndarray, categories: Sequence[str], fidelities: Sequence[int]) -> list[Photo]:
+    """The copy check's photos for classified rows (aligned sequences; ``fidelities``: ``Scan.fidelity``), each
     with its two most likely categories (``categories_of``). One place, so the runners and the benches
     that measure them build the same photos."""
-    return [Photo(key, area, label, feats, thumb, also, size) for key, area, thumb, feats, (label, also), size
-            in zip(keys, areas, thumbs, features, categories_of(probs, categories), sizes, strict=True)]
+    return [Photo(key, area, label, feats, thumb, also, fidelity) for key, area, thumb, feats, (label, also), fidelity
+            in zip(keys, areas, thumbs, features, categories_of(probs, categories), fidelities, strict=True)]
 
 
 def _similar(queries: np.ndarray, kept: np.ndarray, threshold: float, limit: int,
@@ -214,7 +214,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
     resumed run reads back, so both see the same index.
     """
     index = index if index is not None else EmbeddingIndex()
-    order = sorted(photos, key=lambda p: (-p.area, -p.size, p.key))
+    order = sorted(photos, key=lambda p: (-p.area, -p.fidelity, p.key))
     if not order:
         return {}
     tonight = {p.key for p in order}

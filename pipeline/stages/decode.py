@@ -137,6 +137,30 @@ def _decoder_error(exc: BaseException) -> DecodeError:
     return DecodeError("decode_failed", msg)
 
 
+# libjpeg's (IJG) base luminance quantisation table, in natural order, and its scaling to each quality 1-100
+_IJG_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                      14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                      49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64)
+_IJG_TABLES = np.stack([np.clip(np.floor((_IJG_LUMA * (5000 / q if q < 50 else 200 - 2 * q) + 50) / 100), 1, 255)
+                        for q in range(1, 101)])
+
+
+def encoding_quality(img: Image.Image) -> int:
+    """How faithfully an opened file keeps its pixels, 1-100: a JPEG's quality, as the nearest of libjpeg's
+    100 scalings of its luminance table (read from the header: nothing is decoded); 100 for other formats.
+
+    Why: of two copies of one photo with as many pixels, dedupe keeps the better encoded (the one
+    classified, and the one later copies are compared against); a quality-35 re-encode that came first
+    made a poor anchor. Other formats count as faithful: PNG is lossless, and a WebP or GIF copy of one
+    size beside a JPEG is rare enough that the row order decides between them.
+    """
+    tables = getattr(img, "quantization", None) if img.format == "JPEG" else None
+    luma = np.asarray(tables[min(tables)], np.float64) if tables else np.zeros(0)
+    if luma.size != 64:
+        return 100
+    return int(np.abs(_IJG_TABLES - luma).sum(axis=1).argmin()) + 1
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Identify the image and check its pixel count; no pixels are decoded yet."""
     pixel_guard(max_pixels)

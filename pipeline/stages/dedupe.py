@@ -856,7 +856,7 @@ class Candidate:
     sha256: str
     area: int
     hashes: Hashes
-    size: int = 0  # bytes of the file (``find_duplicates``: of two photos with as many pixels, the larger is kept)
+    fidelity: int = 100  # the file's encoding quality (``decode.encoding_quality``): ``find_duplicates`` keeps the higher
 
 
 @dataclass(frozen=True)
@@ -1006,12 +1006,13 @@ def find_duplicates(
     """Map each duplicate row to the kept photo it repeats; rows absent are kept (and added to ``index``).
 
     Rule (documented in the README): within ``items`` the kept photo is the one
-    with the most pixels, ties going to the larger file, then to the row seen
-    first. Why the file: copies of one size differ in how they were encoded, and
-    the kept photo is the one classified and the one every later copy is
-    compared against; a JPEG of quality 35 kept before the original (it came
-    first) left a small photo's half-size and cropped copies 0.86 alike to its
-    artefacts, under the aligned check's 0.90. Photos are visited
+    with the most pixels, ties going to the better encoding (``fidelity``: a
+    JPEG's quality), then to the row seen first. Why the encoding: the kept
+    photo is the one classified and the one every later copy is compared
+    against; a JPEG of quality 35 kept before its original (it came first) left
+    a small photo's half-size and cropped copies 0.86 alike to its artefacts,
+    under the aligned check's 0.90. (Not the file's bytes: a phone's re-encode
+    of the original with its EXIF block was the larger file.) Photos are visited
     in that priority order and each is matched only against photos already
     kept, so ``duplicate_of`` always points at a kept photo (no chains) and the
     result does not depend on the order of equal-priority rows. Photos already
@@ -1020,7 +1021,7 @@ def find_duplicates(
     found beforehand, in parallel.
     """
     index = index if index is not None else DedupeIndex(cfg)
-    order = sorted(items, key=lambda c: (-c.area, -c.size, c.row))
+    order = sorted(items, key=lambda c: (-c.area, -c.fidelity, c.row))
     index.prepare(order)
     matches: dict[int, Match] = {}
     for cand in order:

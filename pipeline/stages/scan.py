@@ -40,7 +40,7 @@ class Scan:
     hashes: Hashes
     quality: Quality
     pixels: np.ndarray | None = None  # the model's input, cut from the same decode (``model_input``)
-    size: int = 0  # bytes of the file (which of two copies of one size dedupe keeps)
+    fidelity: int = 100  # the file's encoding quality (``decode.encoding_quality``: which copy of one size is kept)
 
 
 def shares_scan_decode(model_input: Preprocess | None) -> bool:
@@ -60,7 +60,8 @@ def scan_file(path: Path, max_pixels: int, max_bytes: int, model_input: Preproce
     pixels = dec.center_crop_resize(rgb, model_input.size, model_input.resize_short) \
         if shares_scan_decode(model_input) else None
     grey = rgb.convert("L")  # one greyscale for the hashes and the quality check
-    return Scan(digest, width, height, compute_hashes(rgb, grey), quality_stats(rgb, grey), pixels, len(data))
+    return Scan(digest, width, height, compute_hashes(rgb, grey), quality_stats(rgb, grey), pixels,
+                dec.encoding_quality(img))
 
 
 def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError | None = None,

@@ -106,29 +106,33 @@ def test_kept_row_is_the_largest_then_the_first():
     assert {r: m.kept for r, m in matches.items()} == {0: 1, 2: 1}
 
 
-def test_of_two_copies_of_one_size_the_larger_file_is_kept():
-    """A real photo re-encoded at quality 35 (first) and 95: as many pixels, so the larger file, the better
-    encoding, is kept and classified, whichever row came first, by both indexes; a smaller photo still
-    loses to either, however large its file."""
-    import io
-
+def test_of_two_copies_of_one_size_the_better_encoding_is_kept(tmp_path):
+    """A real photo re-encoded at quality 35 (first) and 95: as many pixels, so the better encoding (read
+    from the JPEG's tables by the scan) is kept and classified, whichever row came first, by both indexes;
+    a smaller photo still loses to either, however well encoded. Two copies of one quality (the sample's
+    cushion and its phone upload, whose EXIF block makes the larger file) go by row."""
     from pipeline.stages.nearpairs import BatchIndex
+    from pipeline.stages.scan import scan_file
 
     img = decode((SAMPLE / "images" / "hoodies/cl_bogo01_1.jpg").read_bytes())
 
     def cand(row: int, photo: Image.Image, quality: int) -> Candidate:
-        buf = io.BytesIO()
-        photo.save(buf, "JPEG", quality=quality)
-        return Candidate(row, f"sha{row}", photo.width * photo.height, compute_hashes(decode(buf.getvalue())),
-                         len(buf.getvalue()))
+        photo.save(tmp_path / f"{row}.jpg", "JPEG", quality=quality)
+        s = scan_file(tmp_path / f"{row}.jpg", 64_000_000, 1 << 27)
+        return Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity)
 
     poor, good = cand(0, img, 35), cand(1, img, 95)
     small = cand(2, img.resize((img.width // 2, img.height // 2)), 100)
-    assert poor.size < good.size and small.size > poor.size
+    assert (poor.fidelity, good.fidelity, small.fidelity) == (35, 95, 100)
     for index in (None, BatchIndex()):
         assert {r: m.kept for r, m in find_duplicates([poor, good, small], index=index).items()} == {0: 1, 2: 1}
-    flipped = [Candidate(1 - c.row, c.sha256, c.area, c.hashes, c.size) for c in (poor, good)]
+    flipped = [Candidate(1 - c.row, c.sha256, c.area, c.hashes, c.fidelity) for c in (poor, good)]
     assert {r: m.kept for r, m in find_duplicates(flipped).items()} == {1: 0}
+    cushions = [SAMPLE / "images" / "cushions" / f for f in ("cuschion01.jpg", "cuschion01_phone.jpg")]
+    assert cushions[1].stat().st_size > cushions[0].stat().st_size
+    scans = [scan_file(p, 64_000_000, 1 << 27) for p in cushions]
+    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in enumerate(scans)]
+    assert {r: m.kept for r, m in find_duplicates(cands).items()} == {1: 0}
 
 
 @pytest.mark.parametrize("variant", [(20, 150, 140), (40, 40, 40), (60, 80, 170)])
