@@ -102,16 +102,15 @@ def test_a_file_that_disappears_between_listing_and_reading(tmp_path, monkeypatc
     d.mkdir()
     for i in range(3):
         product_photo(((i * 80) % 255, 100, 50), seed=i).save(d / f"p{i}.jpg")
-    import pipeline.stages.scan as run_mod
+    import pipeline.runners.local as run_mod
 
-    real = run_mod.scan_file
+    real = run_mod.scan_records
 
-    def racing(path, *a, **k):
-        if path.name == "p1.jpg":
-            path.unlink()  # deleted by the upload tool after the walk listed it
-        return real(path, *a, **k)
+    def racing(records, *a, **k):  # the scan's worker processes read what is left
+        (d / "p1.jpg").unlink(missing_ok=True)  # deleted by the upload tool after the walk listed it
+        return real(records, *a, **k)
 
-    monkeypatch.setattr(run_mod, "scan_file", racing)
+    monkeypatch.setattr(run_mod, "scan_records", racing)
     out = tmp_path / "o.parquet"
     assert CliRunner().invoke(cli, ["run", str(d), "--out", str(out), "--model", "tiny_test", "-q"]).exit_code == 0
     t = pq.read_table(out).to_pandas().set_index("row")
