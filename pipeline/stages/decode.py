@@ -154,7 +154,7 @@ def encoding_quality(img: Image.Image) -> int:
     made a poor anchor. Other formats count as faithful: PNG is lossless, and a WebP or GIF copy of one
     size beside a JPEG is rare enough that the row order decides between them.
     """
-    tables = getattr(img, "quantization", None) if img.format == "JPEG" else None
+    tables = getattr(img, "quantization", None) if img.format in ("JPEG", "MPO") else None  # MPO: phones' JPEGs
     luma = np.asarray(tables[min(tables)], np.float64) if tables else np.zeros(0)
     if luma.size != 64:
         return 100

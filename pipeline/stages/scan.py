@@ -9,7 +9,7 @@ rather than an exception, so one bad photo never stops the night.
 Why processes, not threads: Pillow releases the GIL while it decodes and
 resizes, but a photo's hashes are many small numpy and Python steps that hold
 it, so two threads scanned only 1.45x as fast as one (GCompris's small photos:
-230-241 against 160-167 a second on 2 cores), where two processes scan 335-353.
+230-241 against 160-167 a second on 2 cores), where two processes scan 279-353.
 The workers start once per process from a fork server (a clean interpreter:
 never a fork of one that has loaded TensorFlow) and serve every chunk after.
 A worker that dies on a photo (a decoder crash) breaks only its task: its

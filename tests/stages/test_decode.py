@@ -162,3 +162,18 @@ def test_the_trims_thumbnail_is_pillows_without_its_copy():
     photo.paste((200, 30, 30), (200, 100, 380, 300))
     w, h = trim_background(photo).size  # the product, and the few pixels the thumbnail's blur adds
     assert 180 <= w <= 190 and 200 <= h <= 210
+
+
+def test_a_jpegs_quality_is_read_from_its_tables():
+    """``encoding_quality`` (which of two copies of one size dedupe keeps) gives back the quality Pillow saved
+    every JPEG with, from the header alone, and 100 for a lossless PNG."""
+    from pipeline.stages.decode import encoding_quality
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for quality in range(1, 101):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        assert encoding_quality(Image.open(buf)) == quality
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert encoding_quality(Image.open(buf)) == 100
