@@ -109,9 +109,12 @@ def _workers(workers: int, broken: ProcessPoolExecutor | None = None) -> Process
         if _pool is None or _pool_workers != workers or _pool is broken:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
-            methods = multiprocessing.get_all_start_methods()
-            _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(
-                "forkserver" if "forkserver" in methods else "spawn"))
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])  # each worker a fork of a server that imported this
+            else:
+                context = multiprocessing.get_context("spawn")
+            _pool = ProcessPoolExecutor(workers, mp_context=context)
             _pool_workers = workers
         return _pool
 
