@@ -33,9 +33,9 @@ from near_duplicates import MAX_BYTES, MAX_PIXELS, _crop, _watermark, score  # n
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
 from pipeline.stages.copies import EmbeddingIndex, classified_photos, find_copies  # noqa: E402
-from pipeline.stages.dedupe import Candidate, find_duplicates  # noqa: E402
+from pipeline.stages.dedupe import find_duplicates  # noqa: E402
 from pipeline.stages.ingest import ingest  # noqa: E402
-from pipeline.stages.scan import scan_records  # noqa: E402
+from pipeline.stages.scan import candidate, scan_records  # noqa: E402
 
 KINDS = {
     "jpeg q40": (lambda im: im, {"quality": 40}),
@@ -76,7 +76,7 @@ def main() -> None:
         scan_s = time.perf_counter() - t
         name = {r.row: r.resolved.name for r in records}
         t = time.perf_counter()
-        matches = find_duplicates([Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in scans.items()])
+        matches = find_duplicates([candidate(row, s) for row, s in scans.items()])
         dedupe_s = time.perf_counter() - t
         hashed = {frozenset((name[m.row], name[m.kept])) for m in matches.values()}
         kept = [row for row in scans if row not in matches]

@@ -49,9 +49,9 @@ from decisions import gcompris_photos, more_shop_photos, pypi_file, saleor_photo
 from pipeline.models.classifier import load_classifier
 from pipeline.stages.classify import predict
 from pipeline.stages.copies import EmbeddingIndex, classified_photos, find_copies
-from pipeline.stages.dedupe import Candidate, find_duplicates
+from pipeline.stages.dedupe import find_duplicates
 from pipeline.stages.ingest import ingest
-from pipeline.stages.scan import scan_records
+from pipeline.stages.scan import candidate, scan_records
 
 MAX_PIXELS, MAX_BYTES = 50_000_000, 50_000_000
 
@@ -212,7 +212,7 @@ def labelcat_pairs(folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str
     scans = scan_records(records, MAX_PIXELS, MAX_BYTES)
     seconds = time.perf_counter() - start
     name = {r.row: r.resolved.name for r in records}
-    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in scans.items()]
+    cands = [candidate(row, s) for row, s in scans.items()]
     matches = find_duplicates(cands)
     hashed = {frozenset((name[m.row], name[m.kept])) for m in matches.values()}
     kept = [row for row in scans if row not in matches]

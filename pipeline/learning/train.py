@@ -25,8 +25,8 @@ import numpy as np
 from pipeline.models.card import ModelCard, fingerprint, save_model
 from pipeline.models.preprocess import IMAGENET_224, Preprocess
 from pipeline.stages.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from pipeline.stages.dedupe import Candidate, find_duplicates
-from pipeline.stages.scan import Scan, scan_records
+from pipeline.stages.dedupe import find_duplicates
+from pipeline.stages.scan import Scan, candidate, scan_records
 from pipeline.stages.ingest import IngestError, ingest
 from pipeline.stages.junk import JunkConfig, quality_reason
 from pipeline.ops.device import has_gpu
@@ -127,7 +127,7 @@ def collect(data: str | Path | list, workers: int = 0, quiet: bool = True) -> La
         else:
             kept.append((rec, s))
             seen_sha.add(s.sha256)
-    dups = find_duplicates([Candidate(r.row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for r, s in kept])
+    dups = find_duplicates([candidate(r.row, s) for r, s in kept])
     return LabelledPhotos(
         paths=[r.resolved for r, _ in kept],
         labels=[labels[r.row] for r, _ in kept],

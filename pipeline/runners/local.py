@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from pipeline.stages import decode as dec
 from pipeline.stages.copies import EmbeddingIndex, Photo, classified_photos, find_copies
-from pipeline.stages.dedupe import THUMB_SIDE, Candidate, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
-from pipeline.stages.scan import Scan, scan_records
+from pipeline.stages.dedupe import THUMB_SIDE, DedupeConfig, Hashes, Match, MatchIndex, find_duplicates
+from pipeline.stages.scan import Scan, candidate, scan_records
 from pipeline.ops.fsutil import atomic_path
 from pipeline.models.classifier import Classifier
 from pipeline.models.preprocess import Preprocess
@@ -294,7 +294,7 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
                 key = ctx.history.by_file.get(file_identity(rec))
                 if key is not None and key < 0:
                     seen[rec.row] = key
-    candidates = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity)
+    candidates = [candidate(row, s)
                   for row, s in good.items() if row not in quality_junk and row not in seen]
     duplicates = find_duplicates(candidates, cfg.dedupe, ctx.index)
     cfg.log({"stage": "dedupe", "rows": len(candidates), "duplicates": len(duplicates), "seen": len(seen),

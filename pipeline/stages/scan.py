@@ -34,7 +34,7 @@ from pipeline.models.preprocess import Preprocess
 
 from pipeline.ops.device import cpu_count
 from pipeline.stages import decode as dec
-from pipeline.stages.dedupe import Hashes, compute_hashes
+from pipeline.stages.dedupe import Candidate, Hashes, compute_hashes
 from pipeline.stages.ingest import Record
 from pipeline.stages.junk import Quality, quality_stats
 
@@ -88,6 +88,12 @@ def scan_one(path: Path, max_pixels: int, max_bytes: int, known_error: ScanError
         return exc.code, exc.detail
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one photo must not stop the night
         return "decode_failed", f"{type(exc).__name__}: {exc}"
+
+
+def candidate(row: int, scan: Scan) -> Candidate:
+    """What dedupe needs of a scanned photo, in one place: the runners, training and the benches must rank
+    copies alike (pixels, then the encoding's fidelity: ``find_duplicates``)."""
+    return Candidate(row, scan.sha256, scan.width * scan.height, scan.hashes, scan.fidelity)
 
 
 def _scan_paths(paths: list[Path], max_pixels: int, max_bytes: int,

@@ -112,14 +112,13 @@ def test_of_two_copies_of_one_size_the_better_encoding_is_kept(tmp_path):
     a smaller photo still loses to either, however well encoded. Two copies of one quality (the sample's
     cushion and its phone upload, whose EXIF block makes the larger file) go by row."""
     from pipeline.stages.nearpairs import BatchIndex
-    from pipeline.stages.scan import scan_file
+    from pipeline.stages.scan import candidate, scan_file
 
     img = decode((SAMPLE / "images" / "hoodies/cl_bogo01_1.jpg").read_bytes())
 
     def cand(row: int, photo: Image.Image, quality: int) -> Candidate:
         photo.save(tmp_path / f"{row}.jpg", "JPEG", quality=quality)
-        s = scan_file(tmp_path / f"{row}.jpg", 64_000_000, 1 << 27)
-        return Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity)
+        return candidate(row, scan_file(tmp_path / f"{row}.jpg", 64_000_000, 1 << 27))
 
     poor, good = cand(0, img, 35), cand(1, img, 95)
     small = cand(2, img.resize((img.width // 2, img.height // 2)), 100)
@@ -131,7 +130,7 @@ def test_of_two_copies_of_one_size_the_better_encoding_is_kept(tmp_path):
     cushions = [SAMPLE / "images" / "cushions" / f for f in ("cuschion01.jpg", "cuschion01_phone.jpg")]
     assert cushions[1].stat().st_size > cushions[0].stat().st_size
     scans = [scan_file(p, 64_000_000, 1 << 27) for p in cushions]
-    cands = [Candidate(row, s.sha256, s.width * s.height, s.hashes, s.fidelity) for row, s in enumerate(scans)]
+    cands = [candidate(row, s) for row, s in enumerate(scans)]
     assert {r: m.kept for r, m in find_duplicates(cands).items()} == {1: 0}
 
 
