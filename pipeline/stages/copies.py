@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from pipeline.stages.dedupe import THUMB_SIDE, DedupeConfig, Match, aligned_match
+from pipeline.stages.dedupe import THUMB_SIDE, DedupeConfig, Match, aligned_match, keep_order
 
 EMBED_DIM = 128  # dimensions the features are projected to
 SIMILARITY_BLOCK = 32_768  # kept photos compared with a chunk at once (a 2048-photo chunk: 256 MB of float32)
@@ -214,7 +214,7 @@ def find_copies(photos: list[Photo], index: EmbeddingIndex | None = None,
     resumed run reads back, so both see the same index.
     """
     index = index if index is not None else EmbeddingIndex()
-    order = sorted(photos, key=lambda p: (-p.area, -p.fidelity, p.key))
+    order = sorted(photos, key=lambda p: keep_order(p.area, p.fidelity, p.key))
     if not order:
         return {}
     tonight = {p.key for p in order}

@@ -568,10 +568,11 @@ def _coloured_overlay_refit(a: np.ndarray, b: np.ndarray, compared: np.ndarray, 
     ca = np.stack([_crops(c)[i, _PAIRS_A[j]] for c in _chromaticity(a)])  # (2, pairs, 24, 24)
     cb = np.stack([_crops(c)[i, _PAIRS_B[j]] for c in _chromaticity(b)])
     product = w[i, j]
-    box = _coloured_window(product, np.hypot(*(ca - cb)))
+    apart = ca - cb
+    box = _coloured_window(product, np.hypot(*apart))
     inside = _window_mask(box)
     cells = np.maximum(inside.sum(axis=(-2, -1)), 1)
-    coloured = np.hypot(*(((ca - cb) * inside).sum(axis=(-2, -1)) / cells))
+    coloured = np.hypot(*((apart * inside).sum(axis=(-2, -1)) / cells))
     held = (box[:, 2] > 0) & (coloured >= OVERLAY_CHROMA)
     share, window = np.full(compared.shape, -1.0), np.zeros((*compared.shape, 4), int)
     window[i, j] = box
@@ -1000,6 +1001,12 @@ class DedupeIndex:
         return None
 
 
+def keep_order(area: int, fidelity: int, key: int) -> tuple[int, int, int]:
+    """Where a photo comes in the walk that decides which copy is kept (``find_duplicates``, and the copy
+    check's ``copies.find_copies``): most pixels first, then the better encoding, then the first key."""
+    return -area, -fidelity, key
+
+
 def find_duplicates(
     items: Iterable[Candidate], cfg: DedupeConfig = DedupeConfig(), index: MatchIndex | None = None
 ) -> dict[int, Match]:
@@ -1021,7 +1028,7 @@ def find_duplicates(
     found beforehand, in parallel.
     """
     index = index if index is not None else DedupeIndex(cfg)
-    order = sorted(items, key=lambda c: (-c.area, -c.fidelity, c.row))
+    order = sorted(items, key=lambda c: keep_order(c.area, c.fidelity, c.row))
     index.prepare(order)
     matches: dict[int, Match] = {}
     for cand in order:
