@@ -50,31 +50,16 @@ from pipeline.runners.local import DEFAULT_CHUNK, RunConfig, run  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int] = (1600, 1200)) -> list[Path]:
-    """Distinct photo-content JPEGs: 2x2 mosaics of random crops of real photos, hue-turned at random."""
+    """Distinct photo-content JPEGs from the Saleor product photos and scikit-image's photos (``photos.mosaics``)."""
     from build import flatten
     from decisions import saleor_photos, skimage_photos
+    from photos import mosaics
 
     work = folder.parent / "sources"
     work.mkdir(exist_ok=True)
     sources = [flatten(Image.open(p)) for p, _, _ in saleor_photos(work)]
     sources += [Image.open(p).convert("RGB") for p in skimage_photos(work)]
-    rng = np.random.default_rng(0)
-    w, h = size[0] // 2, size[1] // 2
-    paths = []
-    for i in range(n):
-        canvas = Image.new("RGB", size)
-        for k in range(4):
-            src = sources[int(rng.integers(len(sources)))]
-            side = rng.uniform(0.5, 1.0)
-            cw, ch = max(8, int(src.width * side)), max(8, int(src.height * side))
-            x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
-            canvas.paste(src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BILINEAR), ((k % 2) * w, (k // 2) * h))
-        hsv = np.asarray(canvas.convert("HSV")).copy()
-        hsv[..., 0] += np.uint8(rng.integers(256))
-        path = folder / f"photo_{i:05d}.jpg"
-        Image.fromarray(hsv, "HSV").convert("RGB").save(path, quality=90)
-        paths.append(path)
-    return paths
+    return mosaics(folder, n, sources, size)
 
 
 def rate(n: int, seconds: float) -> float:
