@@ -17,12 +17,13 @@ from pipeline.learning.train import stratified_split
 
 def test_registry_has_every_study_model():
     assert set(ARCHS.list()) >= {"dense_784_50_50_10", "cnn_bn_tanh", "simple_rnn", "bilstm", "augmented_cnn",
-                                 "transfer_lite0_128", "fmnist_best"}
+                                 "transfer_lite0_128", "fmnist_best", "fmnist_wrn"}
     studies = {name: ARCHS.get(name)().study_accuracy for name in ARCHS.list()}
     assert sorted(v for v in studies.values() if v) == [85.9, 88.1, 89.0, 90.0, 93.0, 93.2]
 
 
-@pytest.mark.parametrize("name", ["dense_784_50_50_10", "cnn_bn_tanh", "simple_rnn", "bilstm", "augmented_cnn", "fmnist_best"])
+@pytest.mark.parametrize("name", ["dense_784_50_50_10", "cnn_bn_tanh", "simple_rnn", "bilstm", "augmented_cnn", "fmnist_best",
+                                  "fmnist_wrn"])
 def test_architectures_build_and_emit_ten_logits(name):
     model = ARCHS.get(name)().build(10)
     out = model(np.zeros((2, 28, 28, 1), np.float32), training=False)
@@ -248,13 +249,33 @@ def test_transfer_architecture_trains_its_head_on_cached_features():
 
 
 @pytest.mark.slow
+def test_transfer_recipe_fine_tunes_the_backbone_with_batch_norm_frozen():
+    """The study fine-tuned its backbone: after the head phase the Lite0 trunk trains, its BN statistics stay ImageNet's."""
+    import keras
+
+    from pipeline.learning.fashion_mnist import _unfreeze
+
+    spec = ARCHS.get("transfer_lite0_128")()
+    assert spec.frozen_features and spec.fine_tune_epochs > 0
+    model = spec.build(10)
+    trunk = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    assert not trunk.trainable_weights
+    _unfreeze(model)
+    layers = list(trunk._flatten_layers(include_self=False))
+    convs = [la for la in layers if isinstance(la, keras.layers.Conv2D)]
+    norms = [la for la in layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert convs and all(la.trainable for la in convs)
+    assert norms and not any(la.trainable for la in norms)
+
+
+@pytest.mark.slow
 def test_the_shipped_fashion_mnist_model_labels_photos(tmp_path, monkeypatch):
     """`--model fashion-mnist` finds models/fashion-mnist and gets the Saleor t-shirts right."""
     from conftest import REPO
 
     monkeypatch.chdir(REPO)
     card = read_card(REPO / "models" / "fashion-mnist")
-    assert card.metrics["test"]["accuracy"] > 0.93 and card.preprocess["name"] == "fashion_mnist"
+    assert card.metrics["test"]["accuracy"] >= 0.945 and card.preprocess["name"] == "fashion_mnist"
     out = tmp_path / "o.parquet"
     r = CliRunner().invoke(cli, ["run", str(SAMPLE / "images" / "t-shirts"), "--model", "fashion-mnist", "--out", str(out), "-q"])
     assert r.exit_code == 0, r.output
