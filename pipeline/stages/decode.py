@@ -292,6 +292,9 @@ def thumbnail(img: Image.Image, side: int, resample: Image.Resampling) -> Image.
     return img.resize(thumbnail_size(img.size, side), resample, reducing_gap=2.0)
 
 
+TRIM_SIDE = 256  # trim_box finds the box on the photo reduced to a long side of 256-511 pixels
+
+
 def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> tuple[int, int, int, int] | None:
     """The bounding box of pixels that differ from the border colour, or None (no plain border, blank).
 
@@ -301,7 +304,8 @@ def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) 
     diluted by white. A box, not a cropped image: the scan cuts it from each
     version of the photo it already has (colour and greyscale).
     """
-    small = thumbnail(img, 256, Image.BILINEAR)
+    factor = max(1, max(img.size) // TRIM_SIDE)
+    small = img.reduce(factor) if factor > 1 else img  # a box average by a whole factor: 10x a bilinear resize's pace
     # Twice the pixel values, in int16: the border's median is a whole or half value, so the comparison
     # with it stays exact in integers (float64 arithmetic here cost more than every hash together).
     arr = np.asarray(small, dtype=np.int16) * 2
