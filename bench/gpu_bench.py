@@ -213,12 +213,14 @@ def main() -> None:
             res["pillow_decode"] = {w: bench_pillow_decode(paths, w) for w in (1, cores)}
             res["nvjpeg_decode"] = bench_nvjpeg(paths, 128)
             print("decode", res["pillow_decode"], res["nvjpeg_decode"], flush=True)
-        res["gpu"] = gpu_name()
+        if "model" in parts or "end_to_end" in parts:
+            res["gpu"] = gpu_name()
         batches = [int(b) for b in args.batches.split(",")]
         if "model" in parts:
             res["model"] = {}
             for precision in ("float32", "mixed"):
-                res["model"][precision] = {b: bench_model(classifier_step(precision), b, args.model_n) for b in batches}
+                call = classifier_step(precision)
+                res["model"][precision] = {b: bench_model(call, b, args.model_n) for b in batches}
                 print("model", precision, res["model"][precision], flush=True)
         if "end_to_end" in parts:
             batch = min(max(batches), args.chunk)

@@ -46,3 +46,14 @@ def test_copies_history_finds_every_planted_copy_and_no_other():
     found, false = rows[0][header.index("copies found")], rows[0][header.index("false copies")]
     got, planted = found.split("/")
     assert int(planted) > 0 and got == planted and false == "0"
+
+
+def test_gpu_bench_cpu_half_runs_on_todays_scan(tmp_path):
+    """``gpu_bench.py`` runs only on a lent GPU machine (JAX, no TensorFlow); its scan and decode lines use
+    the project's own scan and decode, so they are run here at toy size to keep the script in step."""
+    import json
+
+    _bench("gpu_bench.py", "sample_catalog/images/t-shirts", "--n", "12", "--parts", "scan,decode", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert res["scan"] and all(rate > 0 for rate in res["scan"].values())
+    assert all(rate > 0 for rate in res["pillow_decode"].values())
