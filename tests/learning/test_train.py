@@ -286,6 +286,20 @@ def test_the_shipped_fashion_mnist_model_labels_photos(tmp_path, monkeypatch):
     assert len(shirts) == 5 and set(shirts.label) == {"t-shirt/top"}
 
 
+@pytest.mark.slow
+def test_the_shipped_fashion_mnist_model_scores_its_card_on_the_official_test_set(tmp_path):
+    """CI never trains the shipped model, it evaluates it: ``labelcat evaluate`` (which loads ``model.keras``
+    with ``safe_mode=True``) on the 10k official test images, at >= 94.5% and at the card's own figure."""
+    from conftest import REPO
+
+    model_dir = REPO / "models" / "fashion-mnist"
+    r = CliRunner().invoke(cli, ["evaluate", str(model_dir), "fashion-mnist", "--report", str(tmp_path / "rep"), "-q"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert m["n"] == 10000 and m["accuracy"] >= 0.945
+    assert m["accuracy"] == pytest.approx(read_card(model_dir).metrics["test"]["accuracy"], abs=5e-4)
+
+
 def test_cosine_recipe_anneals_to_zero_and_saves_safely(tmp_path):
     """fmnist_best's recipe: smoothed one-hot loss, AdamW, warm-up + cosine; no plateau callback fights the schedule."""
     import keras
