@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from pipeline.models.embeddings import leave_one_out_similarity, normalise
-from pipeline.stages.decode import thumbnail
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,10 @@ def quality_stats(img: Image.Image, grey: Image.Image | None = None) -> Quality:
     """Greyscale spread and long/short side ratio of an upright RGB image (``grey``: its ``convert("L")``,
     when the caller has it already)."""
     grey = grey if grey is not None else img.convert("L")
-    small = thumbnail(grey, 128, Image.BICUBIC)
+    # A box average by a whole factor (long side 128-255): the spread of a thumbnail, at a tenth of the cost of
+    # a bicubic resize (which was the scan's fourth-largest step).
+    factor = max(1, max(grey.size) // 128)
+    small = grey.reduce(factor) if factor > 1 else grey
     std = float(np.asarray(small, dtype=np.float32).std())
     w, h = img.size
     return Quality(pixel_std=std, aspect_ratio=max(w, h) / max(1, min(w, h)))
