@@ -292,7 +292,7 @@ def thumbnail(img: Image.Image, side: int, resample: Image.Resampling) -> Image.
     return img.resize(thumbnail_size(img.size, side), resample, reducing_gap=2.0)
 
 
-TRIM_SIDE = 256  # trim_box finds the box on the photo reduced to a long side of 256-511 pixels
+TRIM_SIDE = 256  # trim_box's mask: the photo as decoded up to a long side of 511 px, else a 256 px thumbnail
 
 
 def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) -> tuple[int, int, int, int] | None:
@@ -304,8 +304,10 @@ def trim_box(img: Image.Image, tolerance: int = 24, min_fraction: float = 0.05) 
     diluted by white. A box, not a cropped image: the scan cuts it from each
     version of the photo it already has (colour and greyscale).
     """
-    factor = max(1, max(img.size) // TRIM_SIDE)
-    small = img.reduce(factor) if factor > 1 else img  # a box average by a whole factor: 10x a bilinear resize's pace
+    # The scan's JPEG decode is already small and smooth (reduced in the DCT): its mask is made as it is. A larger
+    # decode (a PNG or WebP read at full size) is smoothed to 256 px first, bilinear: a plain box reduction there
+    # keeps the file's compression specks above the tolerance and grew a PNG copy's box by a tenth (a miss).
+    small = img if max(img.size) < 2 * TRIM_SIDE else thumbnail(img, TRIM_SIDE, Image.BILINEAR)
     # Twice the pixel values, in int16: the border's median is a whole or half value, so the comparison
     # with it stays exact in integers (float64 arithmetic here cost more than every hash together).
     arr = np.asarray(small, dtype=np.int16) * 2
