@@ -213,7 +213,7 @@ class PairSearch:
                 coarse_d = np.bitwise_count(q.views[photo, view] ^ a.views[other, 0]).astype(np.int16)
                 both = q.has_whole[photo] & a.has_whole[other]
                 whole_d = np.where(both, np.bitwise_count(q.whole[photo, view] ^ a.whole[other, 0]), HASH_BITS)
-                ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(coarse_d)) & (color_d <= cfg.color_threshold)
+                ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(np.minimum(coarse_d, whole_d))) & (color_d <= cfg.color_threshold)
                 pixels = np.flatnonzero(both) if cfg.aligned else np.zeros(0, np.intp)
                 if len(pixels):  # with thumbnails on both sides, as ``dedupe.near_all``
                     ok[pixels] = confirm(ok[pixels], view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]], cfg)
