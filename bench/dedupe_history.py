@@ -32,16 +32,18 @@ CHUNK = 2048
 
 
 def random_hashes(rng: np.random.Generator, n: int) -> list[Hashes]:
-    """``n`` unrelated photos: random pHashes for every view (trimmed and whole), colour grids, thumbnails."""
+    """``n`` unrelated photos: random pHashes for every view (trimmed and whole), inner pHashes, colour grids,
+    thumbnails."""
     coarse = rng.integers(0, 2**63, (n, len(VIEW_NAMES)), dtype=np.uint64) << np.uint64(1)
     whole = rng.integers(0, 2**63, (n, len(VIEW_NAMES)), dtype=np.uint64) << np.uint64(1)
+    inner = (rng.integers(0, 2**63, n, dtype=np.uint64) << np.uint64(1)).tolist()
     fine = [int.from_bytes(b, "big") for b in np.frombuffer(rng.bytes(32 * n * len(VIEW_NAMES)), "S32")]
     color = rng.random((n, 4, 4, 3), dtype=np.float32)
     thumbs = rng.integers(0, 256, (n, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
     out = []
     for i, (row, w) in enumerate(zip(coarse.tolist(), whole.tolist())):
         f = fine[i * len(VIEW_NAMES):(i + 1) * len(VIEW_NAMES)]
-        out.append(Hashes(row[0], f[0], tuple(zip(row[1:], f[1:])), color[i], tuple(w), thumbs[i]))
+        out.append(Hashes(row[0], f[0], tuple(zip(row[1:], f[1:])), color[i], tuple(w), thumbs[i], inner[i]))
     return out
 
 
@@ -51,11 +53,11 @@ def near_copy(rng: np.random.Generator, h: Hashes) -> Hashes:
     if rng.random() < 0.2:
         p, f = h.rotated[0]
         return Hashes(p, f, ((h.phash, h.fine),) * (len(VIEW_NAMES) - 1), np.rot90(h.color, 3).copy(),
-                      (h.whole[1],) + (h.whole[0],) * (len(VIEW_NAMES) - 1), np.rot90(h.thumb, 3).copy())
+                      (h.whole[1],) + (h.whole[0],) * (len(VIEW_NAMES) - 1), np.rot90(h.thumb, 3).copy(), h.inner)
     flip = sum(1 << int(b) for b in rng.choice(64, int(rng.integers(0, 6)), replace=False))
     thumb = np.clip(h.thumb + rng.normal(0, 2, h.thumb.shape), 0, 255).astype(np.uint8)
     return Hashes(h.phash ^ flip, h.fine, h.rotated, (h.color + rng.normal(0, 0.01, h.color.shape)).astype(np.float32),
-                  h.whole, thumb)
+                  h.whole, thumb, h.inner)
 
 
 def main() -> None:

@@ -31,13 +31,14 @@ from pipeline.stages.nearpairs import VIEWS, BatchIndex, HashArrays, NearPairs, 
 
 
 def random_arrays(n: int, seed: int = 0) -> HashArrays:
-    """N photos' hashes (the trimmed product's and the whole photo's); every tenth photo is a noisy copy of
+    """N photos' hashes (the trimmed product's, the whole photo's and its inner one); every tenth photo is a noisy copy of
     the one before it. The thumbnails are one shared blank (a read-only view: 3 KB a photo that 10M photos
     could not hold here); the search runs with the aligned check off, whose cost per pair is measured by
     ``bench/near_duplicates.py``."""
     rng = np.random.default_rng(seed)
     views = rng.integers(0, 2**63, (n, VIEWS), dtype=np.uint64) << np.uint64(1)
     whole = rng.integers(0, 2**63, (n, VIEWS), dtype=np.uint64) << np.uint64(1)
+    inner = rng.integers(0, 2**63, n, dtype=np.uint64) << np.uint64(1)
     fine = rng.integers(0, 2**63, (n, VIEWS, 4), dtype=np.uint64)
     color = rng.random((n, 4, 4, 3), dtype=np.float32)
     copies = np.arange(10, n, 10)
@@ -46,15 +47,16 @@ def random_arrays(n: int, seed: int = 0) -> HashArrays:
         noise |= np.uint64(1) << rng.integers(0, 64, len(copies)).astype(np.uint64)
     views[copies] = views[copies - 1] ^ noise[:, None]
     whole[copies] = whole[copies - 1] ^ noise[:, None]
+    inner[copies] = inner[copies - 1] ^ noise
     fine[copies] = fine[copies - 1]
     color[copies] = color[copies - 1]
     blank = np.broadcast_to(np.zeros((1, THUMB_SIDE, THUMB_SIDE, 3), np.uint8), (n, THUMB_SIDE, THUMB_SIDE, 3))
     return HashArrays(np.arange(n, dtype=np.int64), views, fine, np.ones((n, VIEWS), bool), color, whole,
-                      np.ones(n, bool), blank)
+                      np.ones(n, bool), blank, inner, np.ones(n, bool))
 
 
 def scaling(sizes: list[int], sample: int) -> None:
-    print("| photos | blocks | build s | µs per photo searched (5 views) | checks per view (trimmed + whole) | pairs found "
+    print("| photos | blocks | build s | µs per photo searched (5 views) | checks per view (trimmed + whole + inner) | pairs found "
           "| memory (without thumbnails) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     per_photo, bytes_per_photo = {}, 0.0

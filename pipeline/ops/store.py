@@ -67,12 +67,13 @@ STORE_ONLY = {"in_dedupe": pa.bool_(), "rotated": pa.list_(pa.string()), "color"
               # a classified photo's embedding (``quantise``); null in parts written before it was kept
               "embedding_q8": pa.list_(pa.int8()), "embedding_scale": pa.float32(),
               # the whole photo's pHash per view and its 32x32 RGB thumbnail (``Hashes``); null in older parts
-              "phash_whole": pa.list_(pa.string()), "thumb": pa.binary()}
+              "phash_whole": pa.list_(pa.string()), "thumb": pa.binary(),
+              "phash_inner": pa.string()}  # the photo's centre pHash (``Hashes.inner``); null in older parts
 #: Field order of index parts written by earlier versions; new fields go at the end.
 INDEX_ORDER = ("run_id", "row", "sha256", "in_dedupe", "phash", "phash256", "rotated", "color", "status", "label",
                "confidence", "topk_labels", "topk_scores", "label_source", "junk_reason", "model_version",
                "product_evidence", "imagenet_top", "error", "error_detail", "file", "category_hint",
-               "embedding_q8", "embedding_scale", "phash_whole", "thumb")
+               "embedding_q8", "embedding_scale", "phash_whole", "thumb", "phash_inner")
 INDEX_SCHEMA = pa.schema([(n, STORE_ONLY[n] if n in STORE_ONLY else BY_NAME[n].type) for n in INDEX_ORDER])
 
 

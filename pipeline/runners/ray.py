@@ -70,7 +70,7 @@ SCAN_BATCH = 16  # the fewest photos a scan task takes
 # (100,000 rows of missing files) waited 39 ms a chunk for its writer, competing with the scans for the CPUs;
 # with four, 17 ms (the driver's own writes had cost 43 ms)
 COMMITS_AHEAD = 4
-HASH_FIELDS = ("phash", "phash256", "rotated", "color", "phash_whole", "thumb")  # ``Hashes.to_fields``
+HASH_FIELDS = ("phash", "phash256", "rotated", "color", "phash_whole", "thumb", "phash_inner")  # ``Hashes.to_fields``
 
 
 def scan_batch_size(photos: int, cpus: float) -> int:

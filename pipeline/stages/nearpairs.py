@@ -24,9 +24,9 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.stages.dedupe import (HASH_BITS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate, DedupeConfig, Hashes,
-                                    block_flips, block_radii, block_widths, color_distance, confirm, plan_blocks,
-                                    view_of)
+from pipeline.stages.dedupe import (HASH_BITS, INNER_VIEWS, THUMB_SIDE, VIEW_NAMES, WHOLE_VIEWS, Candidate,
+                                    DedupeConfig, Hashes, block_flips, block_radii, block_widths, color_distance,
+                                    confirm, plan_blocks, view_of)
 
 VIEWS = len(VIEW_NAMES)  # upright, pixel rotations by 90, 180, 270 degrees, mirror
 PAIR_BUDGET = 4_000_000  # candidate checks held in memory at once per worker
@@ -48,7 +48,8 @@ class HashArrays:
     older version have no mirror). ``whole`` and ``thumb`` are the whole
     photo's pHash per view and thumbnail (``has_whole``: photos indexed
     before they were kept have neither); the thumbnails are most of the
-    arrays' size, 3 KB a photo.
+    arrays' size, 3 KB a photo. ``inner`` is the upright photo's inner pHash
+    (``Hashes.inner``; ``has_inner`` false for photos indexed before it).
     """
 
     rows: np.ndarray  # int64 [N], the run's row numbers
@@ -59,6 +60,8 @@ class HashArrays:
     whole: np.ndarray  # uint64 [N, 5]
     has_whole: np.ndarray  # bool [N]
     thumb: np.ndarray  # uint8 [N, 32, 32, 3], upright (zeros where has_whole is false)
+    inner: np.ndarray  # uint64 [N]
+    has_inner: np.ndarray  # bool [N]
 
     @classmethod
     def from_candidates(cls, cands: list[Candidate]) -> "HashArrays":
@@ -75,7 +78,10 @@ class HashArrays:
             if c.hashes.whole and c.hashes.thumb is not None:
                 whole[i], has_whole[i], thumb[i] = c.hashes.whole, True, c.hashes.thumb
         color = np.array([c.hashes.color for c in cands], np.float32).reshape(n, 4, 4, 3)
-        return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color, whole, has_whole, thumb)
+        has_inner = np.array([c.hashes.inner is not None for c in cands], bool)
+        inner = np.array([c.hashes.inner or 0 for c in cands], np.uint64)
+        return cls(np.array([c.row for c in cands], np.int64), views, fine, has, color, whole, has_whole, thumb,
+                   inner, has_inner)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -149,7 +155,8 @@ class BucketTables:
 
 
 class PairSearch:
-    """Bucket tables over the upright pHashes of all photos: the trimmed product's and the whole photo's.
+    """Bucket tables over the upright pHashes of all photos: the trimmed product's, the whole photo's and its
+    inner one's (``Hashes.inner``, searched with the whole photo's, as ``DedupeIndex.match`` does).
 
     ``search`` takes any slice of photos and applies ``DedupeIndex.match``'s
     checks to every candidate pair in bulk.
@@ -161,9 +168,13 @@ class PairSearch:
         self.blocks = blocks or plan_blocks(max(len(arrays), 1), self.radius, MAX_BLOCK_BITS)
         everyone = np.arange(len(arrays))
         self._tables = [BucketTables(arrays.views[:, 0], everyone, self.radius, self.blocks)]
-        if arrays.has_whole.any():
-            with_whole = np.flatnonzero(arrays.has_whole)
-            self._tables.append(BucketTables(arrays.whole[with_whole, 0], with_whole, self.radius, self.blocks))
+        self._whole_tables: list[tuple[BucketTables, tuple[int, ...]]] = []  # searched with a photo's whole
+        for hashes, has, views in ((arrays.whole[:, 0], arrays.has_whole, WHOLE_VIEWS),  # pHash in these views
+                                   (arrays.inner, arrays.has_inner, INNER_VIEWS)):
+            if has.any():
+                photos = np.flatnonzero(has)
+                self._whole_tables.append((BucketTables(hashes[photos], photos, self.radius, self.blocks), views))
+        self._tables += [table for table, _ in self._whole_tables]
 
     def query_batch(self) -> int:
         """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
@@ -171,15 +182,17 @@ class PairSearch:
         return int(max(1, min(8192, PAIR_BUDGET // per_query)))
 
     def _candidates(self, q: HashArrays, sel: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray]:
-        """(query photo, searched photo) pairs within the radius by the trimmed or the whole pHash, once each."""
+        """(query photo, searched photo) pairs within the radius by the trimmed or the whole pHash (against the
+        searched photos' whole ones in ``WHOLE_VIEWS``, and their inner ones in ``INNER_VIEWS``), once each."""
         qpos, other = self._tables[0].candidates(q.views[sel, view])
         photo = [sel[qpos]]
         others = [other]
-        if len(self._tables) > 1 and view in WHOLE_VIEWS:
-            sel_w = sel[q.has_whole[sel]]
-            qpos, other = self._tables[1].candidates(q.whole[sel_w, view])
-            photo.append(sel_w[qpos])
-            others.append(other)
+        sel_w = sel[q.has_whole[sel]]
+        for table, views in self._whole_tables:
+            if view in views:
+                qpos, other = table.candidates(q.whole[sel_w, view])
+                photo.append(sel_w[qpos])
+                others.append(other)
         pair = np.unique(np.concatenate(photo).astype(np.int64) * len(self.a) + np.concatenate(others))
         return pair // len(self.a), pair % len(self.a)
 

@@ -302,7 +302,7 @@ def test_quantised_embeddings_keep_their_direction():
 
 
 def test_an_index_part_written_before_the_whole_photo_fields_still_loads(tmp_path):
-    """A store kept by an earlier version has no ``phash_whole`` or ``thumb`` columns: its records load with
+    """A store kept by an earlier version has no ``phash_whole``, ``thumb`` or ``phash_inner`` columns: its records load with
     neither, and their hashes come back whole, for the hash rules alone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -311,14 +311,16 @@ def test_an_index_part_written_before_the_whole_photo_fields_still_loads(tmp_pat
     from pipeline.stages.dedupe import Hashes, compute_hashes
 
     fields = compute_hashes(product_photo((200, 40, 40), (120, 120))).to_fields()
-    old = pa.schema([f for f in INDEX_SCHEMA if f.name not in ("phash_whole", "thumb")])
+    newer = ("phash_whole", "thumb", "phash_inner")
+    old = pa.schema([f for f in INDEX_SCHEMA if f.name not in newer])
     rec = {"run_id": "r1", "row": 0, "sha256": "x", "in_dedupe": True, "status": "labelled",
-           **{k: v for k, v in fields.items() if k not in ("phash_whole", "thumb")}}
+           **{k: v for k, v in fields.items() if k not in newer}}
     pq.write_table(pa.Table.from_pylist([rec], schema=old), tmp_path / "part-000000.parquet")
     (back,) = read_index(tmp_path / "part-000000.parquet")
-    assert back["phash_whole"] is None and back["thumb"] is None
+    assert back["phash_whole"] is None and back["thumb"] is None and back["phash_inner"] is None
     hashes = Hashes.from_fields(back)
-    assert hashes.whole == () and hashes.thumb is None and hashes.phash_hex == fields["phash"]
+    assert hashes.whole == () and hashes.thumb is None and hashes.inner is None
+    assert hashes.phash_hex == fields["phash"]
 
 
 def test_copies_found_after_the_model_hold_across_chunks_nights_and_a_kill(tmp_path):

@@ -353,6 +353,37 @@ def test_a_brighter_copy_whose_whole_photo_hash_stays_close_merges_through_the_c
     assert find_duplicates(cands[:1] + others, no_align) == {}
     assert find_duplicates(cands[:1] + others) == {}
 
+
+@pytest.mark.parametrize("photo", ["polos/cl_polo01.jpg", "t-shirts/cl_boot01_1.jpg", "wine/wine-red.jpg"])
+def test_a_crop_is_searched_by_its_originals_inner_hash_before_the_model(photo):
+    """Real photos cropped 8% a side: the crop's whole pHash is 16-20 bits from its original's and the trimmed
+    one 12-18 (past the radius: no candidate, so only the model's copy check could find it), but within 6 of
+    the original's inner pHash (``Hashes.inner``, 6% cut off each side). Both indexes search it, and the
+    aligned check confirms; a kept photo without an inner hash (indexed by an older version) is not found
+    so, and the other articles of the same cut, cropped alike, stay apart."""
+    import dataclasses
+
+    from pipeline.stages.nearpairs import BatchIndex
+
+    load = lambda p: decode((SAMPLE / "images" / p).read_bytes())  # noqa: E731
+    crop = lambda img: _jpeg(_crop8(img), 90)  # noqa: E731
+    img = load(photo)
+    cands = [_cand(0, img), _cand(1, crop(img))]
+    a, b = cands[0].hashes, cands[1].hashes
+    cfg = DedupeConfig()
+    assert min(hamming(a.phash, b.phash), hamming(a.whole[0], b.whole[0])) > cfg.phash_threshold
+    assert hamming(a.inner, b.whole[0]) <= cfg.phash_threshold
+    assert find_duplicates(cands)[1].kept == 0
+    assert find_duplicates(cands, index=BatchIndex())[1].kept == 0
+    older = [dataclasses.replace(cands[0], hashes=dataclasses.replace(a, inner=None)), cands[1]]
+    assert find_duplicates(older) == {} and find_duplicates(older, index=BatchIndex()) == {}
+    folder, name = photo.split("/")
+    same_cut = {"polos": ["cl_polo01.jpg", "cl_polo02.jpg", "cl_polo03-woman.jpg", "cl_polo04-woman.jpg"],
+                "t-shirts": ["cl_boot01_1.jpg", "cl_boot03_1.jpg", "cl_boot06_1.jpg", "cl_boot07_1.jpg"],
+                "wine": ["wine-red.jpg", "wine-white.jpg"]}[folder]
+    others = [_cand(2 + i, crop(load(f"{folder}/{n}"))) for i, n in enumerate(same_cut) if n != name]
+    assert find_duplicates(cands[:1] + others) == {} and find_duplicates(cands[:1] + others, index=BatchIndex()) == {}
+
 def _watermark(img):
     """A semi-transparent shop name over the lower quarter, as marketplaces stamp photos."""
     from PIL import ImageDraw, ImageFont
@@ -425,9 +456,10 @@ def test_hashes_survive_their_fields_and_old_records_skip_the_aligned_check():
     h = compute_hashes(img)
     back = Hashes.from_fields(h.to_fields())
     assert back.whole == h.whole and len(h.whole) == 5 and np.array_equal(back.thumb, h.thumb)
-    old = {k: v for k, v in h.to_fields().items() if k not in ("phash_whole", "thumb")}
+    assert back.inner == h.inner is not None
+    old = {k: v for k, v in h.to_fields().items() if k not in ("phash_whole", "thumb", "phash_inner")}
     legacy = Hashes.from_fields(old)
-    assert legacy.whole == () and legacy.thumb is None
+    assert legacy.whole == () and legacy.thumb is None and legacy.inner is None
     copy = compute_hashes(_jpeg(_watermark(img), 90))
     assert is_near(copy, h, DedupeConfig()) and not is_near(copy, legacy, DedupeConfig())
 
