@@ -85,10 +85,10 @@ WHOLE_VIEWS = (0, 4)
 # crops of the near-duplicate bench, so both come within the radius (development and GCompris parts: every
 # 4% crop's whole pHash within 10 bits of its original's whole or inner one, and 129 of 134 8% crops; 79 without)
 INNER_CROP = 0.06
-# The views in which a photo's whole pHash is searched among the kept photos' inner ones: upright only. A
-# third bucket table against a long history costs a query a view (bench/dedupe_history.py: upright and
-# mirrored took deciding 10,000 photos against 1,000,000 from 7.6 to 9.3 s), and a crop that is mirrored too
-# is rarer than either.
+# The views in which a photo's whole pHash is searched among the kept photos' inner ones: upright only. The
+# third bucket table costs a long history's search a query a view (bench/dedupe_history.py, 10,000 photos
+# against 1,000,000: upright only 7.2-8.7 s to decide against 6.6-7.1 s without it, alternated; upright and
+# mirrored 9.3 s in one noisy run), and a crop that is mirrored as well is rarer than either.
 INNER_VIEWS = (0,)
 
 
