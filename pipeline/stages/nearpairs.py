@@ -226,13 +226,14 @@ class PairSearch:
                 coarse_d = np.bitwise_count(q.views[photo, view] ^ a.views[other, 0]).astype(np.int16)
                 both = q.has_whole[photo] & a.has_whole[other]
                 whole_d = np.where(both, np.bitwise_count(q.whole[photo, view] ^ a.whole[other, 0]), HASH_BITS)
-                ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(np.minimum(coarse_d, whole_d))) & (color_d <= cfg.color_threshold)
+                near_d = np.minimum(coarse_d, whole_d)  # the search's distance, ``dedupe.candidate_distance``
+                ok = (coarse_d <= self.radius) & (fine_d <= cfg.fine_limit(near_d)) & (color_d <= cfg.color_threshold)
                 pixels = np.flatnonzero(both) if cfg.aligned else np.zeros(0, np.intp)
                 if len(pixels):  # with thumbnails on both sides, as ``dedupe.near_all``
                     ok[pixels] = confirm(ok[pixels], view_of(q.thumb[photo[pixels]], view), a.thumb[other[pixels]], cfg)
                 out["photo"].append(photo[ok])
                 out["view"].append(np.full(int(ok.sum()), view, np.int8))
-                out["distance"].append(np.minimum(coarse_d, whole_d)[ok].astype(np.int16))
+                out["distance"].append(near_d[ok].astype(np.int16))
                 out["other"].append(other[ok])
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
