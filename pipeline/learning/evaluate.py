@@ -153,7 +153,7 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
         if clf.preprocess.shape != (28, 28, 1):
             raise ValueError(f"model {model_ref!r} takes {clf.preprocess.shape} pixels, not 28x28 greyscale")
         step = make_step(clf)
-        probs = np.concatenate([step(x[i:i + batch_size, ..., None])[0].numpy() for i in range(0, len(x), batch_size)])
+        probs = np.concatenate([np.asarray(step(x[i:i + batch_size, ..., None])[0]) for i in range(0, len(x), batch_size)])
         y = y.astype(int)
     else:
         from pipeline.learning.train import collect

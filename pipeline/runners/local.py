@@ -62,6 +62,7 @@ class RunConfig:
     """Everything ``labelcat run`` can be told, with the documented defaults."""
 
     batch_size: int = 32
+    engine: str = "auto"  # the model's engine (``classify.ENGINES``): XNNPACK on a CPU, TensorFlow on a GPU
     top_k: int = 3
     max_pixels: int = dec.DEFAULT_MAX_PIXELS
     max_bytes: int = dec.DEFAULT_MAX_BYTES
@@ -162,7 +163,8 @@ def local_engine() -> Engine:
         return scan_records(records, cfg.max_pixels, cfg.max_bytes, cfg.workers, cfg.quiet, model_input=preprocess)
 
     def classify(paths: list[Path], ready: list, clf: Classifier, cfg: RunConfig, progress: Callable[[int], Any]):
-        return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready)
+        return predict(clf, paths, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=progress, ready=ready,
+                       engine=cfg.engine)
 
     return Engine(scan, classify, scan_ahead=True)
 

@@ -1,0 +1,111 @@
+"""The CPU engine: a classifier's compiled step converted to TensorFlow Lite and run by XNNPACK.
+
+Why: on a CPU, TensorFlow's graph executor runs EfficientNet-Lite0's depthwise
+convolutions at about half the rate of XNNPACK, the CPU kernels of TensorFlow
+Lite that ship inside the tensorflow wheel (2 slow cores: 140-180 photos/s
+against 67-110, outputs equal within 1e-6). The step converted is the very
+``tf.function`` the classify stage compiles (uint8 pixels → tempered softmax and
+embedding), so both engines compute the same thing. Converting takes seconds,
+so the flatbuffer is cached by a digest of the weights and the step's
+constants; later runs load it in milliseconds and skip tracing the step.
+Models whose ops TensorFlow Lite's builtins lack (the studies' SimpleRNN and
+BiLSTM) keep the TensorFlow step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.ops.device import muted_stderr
+from pipeline.ops.fsutil import atomic_path, cache_dir
+
+# Bumped when the conversion changes, so cached flatbuffers from older code are not reused.
+CONVERSION = 1
+
+
+class LiteStep:
+    """A converted step with the TensorFlow step's call shape: a uint8 batch → (probabilities, embeddings).
+
+    One interpreter per step; calls are serialised (an interpreter is not
+    re-entrant) and it is re-planned only when the batch size changes (the last
+    batch of a run).
+    """
+
+    def __init__(self, flatbuffer: bytes, threads: int, n_out: int) -> None:
+        import tensorflow as tf
+
+        # tf.lite.Interpreter's deprecation notice and XNNPACK's "Created delegate" line (printed by the
+        # first allocation) would reach cron mail
+        with warnings.catch_warnings(), muted_stderr(os.environ.get("LABELCAT_TF_LOGS") != "1"):
+            warnings.simplefilter("ignore")
+            self._interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
+            self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        # outputs are named after the step's flat outputs (Identity, Identity_1): probabilities, embeddings
+        outputs = sorted(self._interpreter.get_output_details(), key=lambda d: (len(d["name"]), d["name"]))
+        if len(outputs) != 2 or outputs[0]["shape_signature"][-1] != n_out:
+            raise ValueError(f"converted step's outputs {[(d['name'], d['shape_signature']) for d in outputs]} "
+                             f"are not ({n_out} probabilities, embedding)")
+        self._outputs = [d["index"] for d in outputs]
+        self._batch = -1
+        self._lock = threading.Lock()
+
+    def __call__(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(pixels, dtype=np.uint8)
+        with self._lock:
+            if x.shape[0] != self._batch:
+                self._interpreter.resize_tensor_input(self._input, list(x.shape))
+                self._interpreter.allocate_tensors()
+                self._batch = x.shape[0]
+            self._interpreter.set_tensor(self._input, x)
+            self._interpreter.invoke()
+            probs, feats = (self._interpreter.get_tensor(i) for i in self._outputs)
+            return probs.copy(), feats.copy()
+
+
+def step_digest(model, temperature: float, shape: tuple[int, ...]) -> str:
+    """What the converted step depends on: the weights, the temperature, the input shape, the converter."""
+    import tensorflow as tf
+
+    h = hashlib.sha256(f"{CONVERSION}|{tf.__version__}|{temperature!r}|{tuple(shape)}|".encode())
+    for i, w in enumerate(model.weights):  # by position: Keras' layer names vary with what else the process built
+        value = np.ascontiguousarray(w.numpy())
+        h.update(f"{i}:{value.dtype}:{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def lite_step(tf_step, digest: str, threads: int, n_out: int, cache: Path | None = None) -> LiteStep | None:
+    """The cached or freshly converted engine for ``tf_step``, or ``None`` when TensorFlow Lite cannot
+    express the model (then the caller keeps ``tf_step``; the refusal is cached too, as an empty file)."""
+    path = (cache or cache_dir() / "lite") / f"step-{digest[:32]}.tflite"
+    if path.exists():
+        try:
+            blob = path.read_bytes()
+            return LiteStep(blob, threads, n_out) if blob else None
+        except (OSError, ValueError, RuntimeError):  # damaged (a full disk, a hand edit): converted again below
+            pass
+    blob = _convert(tf_step)
+    with atomic_path(path, suffix=".tflite") as tmp:
+        tmp.write_bytes(blob)
+    return LiteStep(blob, threads, n_out) if blob else None
+
+
+def _convert(tf_step) -> bytes:
+    """The flatbuffer of ``tf_step`` with TensorFlow Lite's builtin ops only, or ``b""`` when it needs others."""
+    import tensorflow as tf
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_step.get_concrete_function()], tf_step)
+    with warnings.catch_warnings(), muted_stderr(os.environ.get("LABELCAT_TF_LOGS") != "1"):
+        warnings.simplefilter("ignore")
+        try:
+            return converter.convert()
+        except ConverterError:
+            return b""

@@ -1,0 +1,110 @@
+"""The XNNPACK engine: the classify step converted to TensorFlow Lite computes what TensorFlow computes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import product_photo, tiny_test
+from pipeline.models import lite
+from pipeline.models.classifier import Classifier
+from pipeline.stages.classify import make_step, predict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _photos(tmp_path: Path, n: int = 6) -> list[Path]:
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / f"p{i}.jpg")
+        product_photo(((i * 40) % 255, 90, 160), seed=i).save(paths[-1])
+    return paths
+
+
+@pytest.mark.slow
+def test_the_default_model_gives_the_same_labels_and_embeddings_on_both_engines(real_classifier):
+    """Real photos through the real Lite0: probabilities within 1e-4, embeddings within 1e-3, same labels."""
+    photos = sorted((REPO / "sample_catalog").rglob("*.jpg"))[:24]
+    tf_run = predict(real_classifier, photos, engine="tensorflow")
+    xnn_run = predict(real_classifier, photos, engine="xnnpack")
+    assert real_classifier.info["engine"] == "xnnpack"
+    assert np.abs(tf_run.probs - xnn_run.probs).max() < 1e-4
+    assert np.abs(tf_run.embeddings - xnn_run.embeddings).max() < 1e-3
+    assert (tf_run.probs.argmax(axis=1) == xnn_run.probs.argmax(axis=1)).all()
+    assert tf_run.embeddings.shape == xnn_run.embeddings.shape == (len(photos), 1280)
+
+
+def test_auto_runs_float32_on_xnnpack_and_mixed_precision_on_tensorflow(tiny_classifier):
+    assert make_step(tiny_classifier) is make_step(tiny_classifier, engine="xnnpack")
+    assert isinstance(make_step(tiny_classifier), lite.LiteStep)
+    mixed = tiny_test(precision="mixed")
+    assert not isinstance(make_step(mixed), lite.LiteStep)
+    with pytest.raises(ValueError, match="engine"):
+        make_step(tiny_classifier, engine="gpu")
+
+
+def test_the_converted_step_is_cached_by_its_weights_and_reused(tmp_path, monkeypatch):
+    clf = tiny_test()
+    tf_step = make_step(clf, engine="tensorflow")
+    x = np.random.default_rng(0).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    digest = lite.step_digest(clf.model, 1.0, (224, 224, 3))
+    assert digest == lite.step_digest(tiny_test().model, 1.0, (224, 224, 3))  # the same weights: the same file
+    assert digest != lite.step_digest(clf.model, 0.7, (224, 224, 3))  # a new temperature is a new step
+    first = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    assert [f.name for f in tmp_path.iterdir()] == [f"step-{digest[:32]}.tflite"]
+    monkeypatch.setattr(lite, "_convert", lambda step: pytest.fail("converted again although cached"))
+    again = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    for probs, feats in (first(x), again(x)):
+        assert np.abs(probs - tf_step(x)[0].numpy()).max() < 1e-5
+        assert np.abs(feats - tf_step(x)[1].numpy()).max() < 1e-4
+    assert again(x[:1])[0].shape == (1, 1000)  # a smaller last batch re-plans the interpreter
+
+
+def test_a_damaged_cached_step_is_converted_again(tmp_path):
+    clf = tiny_test()
+    tf_step = make_step(clf, engine="tensorflow")
+    digest = lite.step_digest(clf.model, 1.0, (224, 224, 3))
+    (tmp_path / f"step-{digest[:32]}.tflite").write_bytes(b"TFL3 half a file")
+    step = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    x = np.zeros((2, 224, 224, 3), np.uint8)
+    assert np.abs(step(x)[0] - tf_step(x)[0].numpy()).max() < 1e-5
+    assert (tmp_path / f"step-{digest[:32]}.tflite").stat().st_size > 1000
+
+
+def test_a_model_tflite_cannot_express_keeps_the_tensorflow_step(tmp_path, monkeypatch):
+    """The studies' SimpleRNN (TensorList ops): the run still works, on TensorFlow, and says so."""
+    from pipeline.learning.archs import ARCHS
+    from pipeline.models.preprocess import Preprocess
+
+    monkeypatch.setenv("LABELCAT_CACHE", str(tmp_path / "cache"))
+    rnn = Classifier("rnn", "v", ARCHS.get("simple_rnn")().build(3), Preprocess("fashion_mnist", 28),
+                     ["a", "b", "c"])
+    step = make_step(rnn)
+    assert not isinstance(step, lite.LiteStep) and rnn.info["engine"] == "tensorflow (not convertible)"
+    assert [f.stat().st_size for f in (tmp_path / "cache" / "lite").iterdir()] == [0]  # the refusal is cached
+    photos = []
+    for i in range(3):
+        photos.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((28, 28), 60 * i, np.uint8)).save(photos[-1])
+    preds = predict(rnn, photos)
+    assert preds.probs.shape == (3, 3) and np.allclose(preds.probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_a_quiet_run_writes_nothing_to_stderr(tmp_path, card_model):
+    """Cron mails whatever a run prints: TensorFlow Lite's deprecation notice and XNNPACK's delegate line
+    must not reach it, neither when the step is converted nor when it is loaded from the cache."""
+    (tmp_path / "in").mkdir()
+    _photos(tmp_path / "in", 3)
+    env = {**os.environ, "LABELCAT_CACHE": str(tmp_path / "cache")}
+    env.pop("LABELCAT_TF_LOGS", None)
+    for night in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(tmp_path / "in"), "-o",
+                               str(tmp_path / f"{night}.parquet"), "--model", str(card_model), "--quiet",
+                               "--corrections", str(tmp_path / "corr")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "lite").iterdir())) == 1
