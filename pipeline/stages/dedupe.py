@@ -34,12 +34,14 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
+from pipeline.ops.device import cpu_count
 from pipeline.stages.decode import trim_box
 
 HASH_BITS = 64
@@ -371,6 +373,7 @@ _WHOLE_BLURRED = len(ALIGN_CROPS)
 _PAIRS_A = np.array([0, *range(1, len(ALIGN_CROPS)), *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1)])
 _PAIRS_B = np.array([0, *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1), *range(1, len(ALIGN_CROPS))])
 ALIGN_BATCH = 1024  # pairs compared at once (about 60 MB of float32)
+ALIGN_MIN_SHARE = 128  # pairs a thread is given at least: fewer are not worth a thread
 
 
 def _ring(x: np.ndarray) -> np.ndarray:
@@ -452,8 +455,9 @@ def aligned_scores(a: np.ndarray, b: np.ndarray, agreement: float = DEFAULT_ALIG
     a, b = np.asarray(a), np.asarray(b)
     need = np.zeros(len(a), bool) if need is None else np.asarray(need, bool)
     score, colour = np.full(len(a), -1.0), np.full(len(a), np.inf)
-    for s in range(0, len(a), ALIGN_BATCH):
-        part = slice(s, s + ALIGN_BATCH)
+
+    def one(s: int) -> None:
+        part = slice(s, s + batch)
         fa, fb = a[part].astype(np.float32), b[part].astype(np.float32)
         score[part], colour[part] = _aligned_batch(fa, fb, agreement, overlap, need[part])
         redo, ra, rb = _brightened(fa, fb)
@@ -462,6 +466,17 @@ def aligned_scores(a: np.ndarray, b: np.ndarray, agreement: float = DEFAULT_ALIG
             at = redo + s
             better = (s2 >= agreement) & ((score[at] < agreement) | (c2 < colour[at]))
             score[at[better]], colour[at[better]] = s2[better], c2[better]
+
+    # every pair is scored on its own, so the batches can share the cores (numpy's array work releases the GIL)
+    workers = min(cpu_count(), -(-len(a) // ALIGN_MIN_SHARE))
+    batch = min(ALIGN_BATCH, -(-len(a) // max(workers, 1)))
+    starts = range(0, len(a), max(batch, 1))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="align") as pool:
+            list(pool.map(one, starts))
+    else:
+        for s in starts:
+            one(s)
     return score, colour
 
 
