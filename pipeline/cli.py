@@ -589,4 +589,27 @@ def models_list() -> None:
 
 
 def main() -> None:  # console-script entry point
-    cli()
+    """``labelcat``: the click group, then a quick exit.
+
+    Why ``os._exit``: once a command has returned, its files are written
+    (atomically) and its log lines flushed, yet the interpreter's teardown of
+    TensorFlow, the model engine and the photos' arrays took 1.3 s of a 20 s
+    run of 1,000 photos, deciding nothing. The scan's worker processes are
+    stopped first. Under Ray the normal exit stays (Ray's own exit handler
+    stops the local cluster it started), and in-process callers (tests'
+    ``CliRunner``) call ``cli``, not this.
+    """
+    try:
+        cli()
+    except SystemExit as done:
+        code = done.code
+    else:  # pragma: no cover - click's standalone mode always ends in SystemExit
+        code = 0
+    if "ray" in sys.modules or not isinstance(code, int | None):
+        sys.exit(code)
+    from pipeline.stages.scan import stop_workers
+
+    stop_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

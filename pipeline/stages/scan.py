@@ -125,6 +125,15 @@ def _workers(workers: int, broken: ProcessPoolExecutor | None = None) -> Process
         return _pool
 
 
+def stop_workers() -> None:
+    """Stop the scan's worker processes (the quick exit in ``cli.main`` skips the exit handlers that would)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown(wait=True, cancel_futures=True)
+            _pool = None
+
+
 def _one_at_a_time(paths: list[Path], max_pixels: int, max_bytes: int, model_input: Preprocess | None,
                    workers: int) -> list[Scan | ScanError]:
     """The photos of a task whose worker died, each in a task of its own: the one that kills a worker again

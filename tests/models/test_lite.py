@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -94,7 +96,7 @@ def test_a_model_tflite_cannot_express_keeps_the_tensorflow_step(tmp_path, monke
     assert preds.probs.shape == (3, 3) and np.allclose(preds.probs.sum(axis=1), 1, atol=1e-5)
 
 
-def test_a_quiet_run_writes_nothing_to_stderr(tmp_path, card_model):
+def test_a_quiet_run_writes_nothing_to_stderr_and_leaves_no_process(tmp_path, card_model):
     """Cron mails whatever a run prints: TensorFlow Lite's deprecation notice and XNNPACK's delegate line
     must not reach it, neither when the step is converted nor when it is loaded from the cache."""
     (tmp_path / "in").mkdir()
@@ -102,9 +104,21 @@ def test_a_quiet_run_writes_nothing_to_stderr(tmp_path, card_model):
     env = {**os.environ, "LABELCAT_CACHE": str(tmp_path / "cache")}
     env.pop("LABELCAT_TF_LOGS", None)
     for night in (1, 2):
-        done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(tmp_path / "in"), "-o",
-                               str(tmp_path / f"{night}.parquet"), "--model", str(card_model), "--quiet",
-                               "--corrections", str(tmp_path / "corr")],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr[-2000:]
+        run = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "in"), "-o",
+                                str(tmp_path / f"{night}.parquet"), "--model", str(card_model), "--quiet",
+                                "--corrections", str(tmp_path / "corr")],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0 and stderr == "" and stdout == "", stderr[-2000:]
+        # the quick exit (``cli.main``) stopped the scan's workers and their fork server: nothing is left behind
+        for _ in range(50):
+            try:
+                os.killpg(run.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("processes of the run are still alive after it exited")
+        assert len(pd.read_parquet(tmp_path / f"{night}.parquet")) == 3
     assert len(list((tmp_path / "cache" / "lite").iterdir())) == 1
