@@ -81,7 +81,7 @@ def few_shot(features: dict[str, np.ndarray], y: np.ndarray, junk: dict[str, np.
             w = centroid_rule(zt, yk[train], len(classes))[0]
             scores.setdefault(f"{name}: CL2N centroid", []).append(float(((zs @ w).argmax(1) == yk[test]).mean()))
             f = fit(x[train], yk[train], np.arange(len(train)), len(classes), "auto")
-            pred = (normalise(x[test], f.mean) @ f.weights + f.bias).argmax(1)
+            pred = (f.embed(x[test]) @ f.weights + f.bias).argmax(1)
             scores.setdefault(f"{name}: auto", []).append(float((pred == yk[test]).mean()))
             if name in junk:  # tonight: the held-out products and every non-product, none labelled
                 tonight = np.concatenate([zs, normalise(junk[name], mean)])

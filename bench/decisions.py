@@ -252,8 +252,12 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
             for name, w in rules.items():
                 zz = raw_s if name.startswith("raw") else zs
                 out.setdefault((k, name), []).append(float(((zz @ w).argmax(axis=1) == yk[test]).mean()))
+            # the nearest training photo (1-NN) on the few-shot head's features, for the comparison
             f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
-            pred = (normalise(emb[test], f.mean) @ f.weights + f.bias).argmax(axis=1)
+            zp_t, zp_s = f.embed(emb[train]), f.embed(emb[test])
+            out.setdefault((k, "nearest training photo (1-NN)"), []).append(
+                float((yk[train][(zp_s @ zp_t.T).argmax(axis=1)] == yk[test]).mean()))
+            pred = (zp_s @ f.weights + f.bias).argmax(axis=1)
             out.setdefault((k, f"labelcat auto ({'/'.join(['centroid', 'logreg'])} by CV)"), []).append(
                 float((pred == yk[test]).mean()))
     return {key: float(np.mean(v)) for key, v in out.items()}
@@ -272,7 +276,7 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
         threshold = f.min_similarity if f.min_similarity is not None else -1.0
 
         def junked(e: np.ndarray, hint: int) -> bool:
-            z = normalise(e[None, :], f.mean)[0]
+            z = f.embed(e[None, :])[0]
             sims = f.centroids @ z
             label = int((z @ f.weights + f.bias).argmax())
             return bool(sims.max() < threshold or (label != hint and sims[hint] < OUTLIER_SIMILARITY))
@@ -358,7 +362,7 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
         placed = file_in_folders(rng, yk[rows], ["held-out products"] * len(rows), list(range(len(classes))),
                                  ["non-products"] * len(junk_emb), misfiled, share)
         photos = np.concatenate([emb[rows], junk_emb])
-        zz = normalise(photos[[p for p, _, _ in placed]], f.mean)
+        zz = f.embed(photos[[p for p, _, _ in placed]])
         hints = [names[c] for _, c, _ in placed]
         likeness = folder_likeness(zz, hints, cfg)
         for j, (e, hint, (_, _, tally)) in enumerate(zip(zz, hints, placed)):

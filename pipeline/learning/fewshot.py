@@ -3,18 +3,21 @@
 Why not fine-tuning by default: with 5 photos a category, fine-tuning throws
 away what the backbone already knows (measured in the issue: 69% vs 83% for a
 plain nearest-centroid rule on the same splits). Here the backbone stays
-frozen; its pooled features are centred on the shop's own mean and scaled to
-unit length ("CL2N", as in SimpleShot), and a linear rule is fitted on them:
+frozen; its pooled features go through a square root (``power_transform``),
+are centred on the shop's own mean and scaled to unit length ("CL2N", as in
+SimpleShot), and a linear rule is fitted on them:
 
 - ``centroid``: each class is the mean of its photos; a photo goes to the
   nearest (cosine) mean. Closed form, needs no tuning.
 - ``logreg``: L2-regularised softmax regression on the same features.
 
 Both are a ``Dense`` layer over the normalised features, so the saved model
-is a plain Keras model (frozen backbone → ``Normalization`` → ``UnitNormalization``
-→ ``Dense``) that ``run``, ``evaluate`` and ``safe_mode`` loading treat like any
-other. The method is picked by stratified, group-aware cross-validation on the
-training photos, and the same out-of-fold scores fit the temperature and the
+is a plain Keras model (frozen backbone → ``PowerTransform`` → ``Normalization``
+→ ``UnitNormalization`` → ``Dense``) that ``run``, ``evaluate`` and ``safe_mode``
+loading treat like any other. The method is picked by stratified, group-aware
+cross-validation on the training photos (on a tie, ``logreg``: with a few
+photos a class the folds often tie, and the regression was ahead at every
+size on the README's benchmark), and the same out-of-fold scores fit the temperature and the
 open-set threshold (``min_similarity``): a photo less similar than that to
 every class mean is declined (``unknown``) instead of being given a confident
 wrong label.
@@ -31,6 +34,7 @@ import numpy as np
 from pipeline.models.embeddings import leave_one_out_similarity, normalise
 
 METHODS = ("centroid", "logreg")
+POWER = 0.5  # the power transform's exponent (``power_transform``; ``models.layers.PowerTransform`` in the model)
 LOGIT_SCALE = 16.0  # cosine similarities (-1..1) as logits; the fitted temperature refines it
 OPEN_SET_MARGIN = 0.05  # below the lowest out-of-fold similarity a class's own photos reached
 #: A training photo less similar than this to the rest of its class (leave-one-out, CL2N cosine) is not
@@ -52,10 +56,20 @@ class FewShotFit:
     cv: dict[str, Any]  # per-method out-of-fold accuracy, the folds, and the chosen method's oof logits
     min_similarity: float | None  # open-set threshold, None if it could not be measured
 
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """Pooled features → what the saved model's logits layer reads (and the night's checks compare)."""
+        return normalise(power_transform(x), self.mean)
+
+
+def power_transform(x: np.ndarray) -> np.ndarray:
+    """The pooled features as the few-shot head reads them: ``max(x, 0) ** POWER`` (``PowerTransform``)."""
+    return np.power(np.maximum(x, 0.0) + 1e-12, POWER).astype(np.float32)
+
 
 def class_outliers(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of photos unlike the rest of their class (classes of ``MIN_CLASS_FOR_OUTLIERS``+ photos)."""
-    sim = leave_one_out_similarity(x, y)
+    """Indices of photos unlike the rest of their class (classes of ``MIN_CLASS_FOR_OUTLIERS``+ photos), in
+    the space the night's checks see (``power_transform``, then CL2N)."""
+    sim = leave_one_out_similarity(power_transform(x), y)
     sizes = np.bincount(y)
     big = sizes[y] >= MIN_CLASS_FOR_OUTLIERS
     return np.flatnonzero(big & (sim < OUTLIER_SIMILARITY))
@@ -111,14 +125,15 @@ def _weights(method: str, z: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndar
 
 
 def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, method: str = "auto", seed: int = 42) -> FewShotFit:
-    """Fit the few-shot head on embeddings ``x`` (N, D) with labels ``y`` in 0..n-1.
+    """Fit the few-shot head on pooled features ``x`` (N, D) with labels ``y`` in 0..n-1 (``power_transform``
+    is applied here; ``FewShotFit.embed`` maps new features into the fitted space).
 
     Cross-validation uses k = min(5, the smallest class's number of groups)
     folds; with fewer than 2 groups in some class there is no out-of-fold
     evidence, so ``centroid`` is used and no temperature or open-set threshold
     is fitted (the card says so).
     """
-    x = x.astype(np.float32)
+    x = power_transform(x)
     per_class_groups = min(len(np.unique(groups[y == c])) for c in range(n))
     k = min(5, per_class_groups)
     candidates = list(METHODS) if method == "auto" else [method]
@@ -141,7 +156,7 @@ def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, method: str = 
                     own_sim[test] = np.einsum("ij,ij->i", zs, c[y[test]])
             oof[m] = logits
             cv["accuracy"][m] = float((logits.argmax(axis=1) == y).mean())
-        chosen = max(candidates, key=lambda m: (cv["accuracy"][m], m == "centroid"))
+        chosen = max(candidates, key=lambda m: (cv["accuracy"][m], m == "logreg"))
     else:
         chosen = "centroid" if method == "auto" else method
     mean = x.mean(axis=0)
@@ -154,13 +169,16 @@ def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, method: str = 
 
 
 def build_model(features, fitted: FewShotFit, size: int = 224):
-    """Frozen backbone → centring → unit length → the fitted ``Dense``: built-in layers only (safe_mode)."""
+    """Frozen backbone → power transform → centring → unit length → the fitted ``Dense``: built-in layers
+    and labelcat's registered ``PowerTransform`` only (safe_mode)."""
     import keras
     from keras import layers
 
+    from pipeline.models.layers import PowerTransform
+
     features.trainable = False
     inputs = keras.Input((size, size, 3), name="image")
-    x = features(inputs, training=False)
+    x = PowerTransform(POWER, name="power")(features(inputs, training=False))
     x = layers.Normalization(mean=fitted.mean, variance=np.ones(len(fitted.mean)), name="centre")(x)
     x = layers.UnitNormalization(name="unit")(x)
     logits = layers.Dense(fitted.weights.shape[1], name="logits", dtype="float32")

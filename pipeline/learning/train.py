@@ -212,7 +212,7 @@ def _shop_card(out: str | Path, data: str | Path | list, classes: list[str], pho
 def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: LabelledPhotos, classes: list[str],
                   y: np.ndarray, groups: np.ndarray) -> ModelCard:
     """The default: a linear rule on frozen embeddings (``fewshot``), cross-validated, calibrated, open-set."""
-    from pipeline.learning.fewshot import build_model, class_outliers, fit, open_set_card, paths_embeddings
+    from pipeline.learning.fewshot import POWER, build_model, class_outliers, fit, open_set_card, paths_embeddings
     from pipeline.models.backbones import backbone_features
 
     t0 = time.perf_counter()
@@ -242,6 +242,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                       data_extra={"photos": int(len(y)), "per_class": dict(counts),
                                   "left_out_as_outliers": [str(paths[i]) for i in outliers]},
                       training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
+                                "features": f"pooled features ** {POWER} (PowerTransform), centred, unit length",
                                 "calibration": cal["calibration"] + (" (out-of-fold scores)" if oof is not None else "")},
                       open_set=open_set_card(fitted), validated=oof is not None)
     save_model(model, card, out, force=cfg.force)

@@ -233,6 +233,8 @@ def load_model(folder: str | Path):
     """(keras model, card) from a model folder, loaded with ``safe_mode=True``."""
     import keras
 
+    import pipeline.models.layers  # noqa: F401 - registers labelcat's own layers (few-shot heads use them)
+
     folder = Path(folder)
     card = read_card(folder)
     file = folder / MODEL_FILE

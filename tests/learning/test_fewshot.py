@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE
 from pipeline.cli import cli
-from pipeline.learning.fewshot import class_outliers, fit
+from pipeline.learning.fewshot import class_outliers, fit, power_transform
 from pipeline.models.embeddings import leave_one_out_similarity
 from pipeline.models.card import read_card
 from pipeline.stages.junk import HintReference, JunkConfig, Likeness, folder_likeness, folder_verdict
@@ -79,17 +79,20 @@ def test_a_trained_model_declines_what_does_not_belong(few_shot, tmp_path):
 
 def test_fit_prefers_the_rule_that_cross_validates_and_finds_outliers():
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(3, 64)) * 3
-    x = np.concatenate([centres[k] + rng.normal(size=(6, 64)) for k in range(3)])
+    # non-negative, as a backbone's pooled (ReLU6) features are: each class strong on its own channels
+    centres = np.abs(rng.normal(size=(3, 64))) * 3
+    x = np.maximum(np.concatenate([centres[k] + rng.normal(size=(6, 64)) for k in range(3)]), 0)
     y = np.repeat(np.arange(3), 6)
-    x[5] = -centres[0] * 2  # a photo filed under class 0 that is unlike the rest of it
+    x[5] = np.maximum(centres.max() - centres[0], 0) * 2  # filed under class 0, strong where class 0 is weak
     assert list(class_outliers(x, y)) == [5]
-    sim = leave_one_out_similarity(x, y)
+    sim = leave_one_out_similarity(power_transform(x), y)
     assert sim[5] < 0 < np.delete(sim, 5).min()
     keep = np.delete(np.arange(18), 5)
     fitted = fit(x[keep], y[keep], np.arange(17), 3)
     assert fitted.cv["accuracy"][fitted.method] == 1.0 and fitted.min_similarity is not None
-    z = (x[keep] - fitted.mean) / np.linalg.norm(x[keep] - fitted.mean, axis=1, keepdims=True)
+    z = (power_transform(x[keep]) - fitted.mean)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    assert np.allclose(z, fitted.embed(x[keep]), atol=1e-6)
     assert ((z @ fitted.weights + fitted.bias).argmax(axis=1) == y[keep]).all()
 
 
@@ -257,3 +260,37 @@ def test_a_mixed_folder_of_real_photos_flags_the_photo_with_no_mate(tmp_path):
     assert flagged.review_reason.iloc[0].startswith("hint_outlier: unlike each of the other 8 photos filed as gifts "
                                                     "(most alike ")
     assert (gifts.status == "labelled").all()
+
+
+def test_the_saved_few_shot_model_reads_what_the_fit_saw(tmp_path):
+    """The saved head applies the power transform, the centring and the unit length that ``fit`` used (loaded
+    back with ``safe_mode``, on both engines): a head that skipped the transform would rank the classes
+    by other distances."""
+    import keras
+
+    from conftest import build_tiny_model
+    from pipeline.learning.fewshot import build_model
+    from pipeline.models.card import ModelCard, load_model, save_model
+    from pipeline.models.classifier import Classifier
+    from pipeline.models.preprocess import IMAGENET_224
+    from pipeline.stages.classify import make_step
+
+    base = build_tiny_model()
+    features = keras.Model(base.input, base.layers[-2].output)
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 255, (9, 224, 224, 3), dtype=np.uint8)
+    pooled = features(pixels.astype(np.float32)).numpy()
+    fitted = fit(pooled, np.arange(9) % 3, np.arange(9), 3, "centroid")
+    save_model(build_model(features, fitted), ModelCard(name="pt", classes=["a", "b", "c"], arch="fewshot",
+               preprocess={"name": "center_crop", "size": 224, "resize_short": 256}), tmp_path / "m")
+    model, _ = load_model(tmp_path / "m")
+    assert any(layer.__class__.__name__ == "PowerTransform" for layer in model.layers)
+    clf = Classifier("pt", "v", model, IMAGENET_224, ["a", "b", "c"])
+    for engine in ("tensorflow", "xnnpack"):
+        probs, emb = (np.asarray(t) for t in make_step(clf, engine=engine)(pixels))
+        assert np.abs(emb - fitted.embed(pooled)).max() < 1e-4
+        logits = fitted.embed(pooled) @ fitted.weights + fitted.bias
+        assert (probs.argmax(axis=1) == logits.argmax(axis=1)).all()
+    plain = pooled - pooled.mean(axis=0)
+    plain /= np.linalg.norm(plain, axis=1, keepdims=True)
+    assert np.abs(emb - plain).max() > 1e-2  # the transform is really there
