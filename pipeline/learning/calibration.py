@@ -29,9 +29,34 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
-    """The T minimising validation NLL (golden-section search on log T; NLL is unimodal in T)."""
+    """The T minimising validation NLL (golden-section search on log T; NLL is unimodal in T), but no
+    sharper than the evidence: the mean confidence is held to at most (c + 1) / (n + 2) for c right of n
+    (Laplace's rule of succession).
+
+    Why the bound: when every validation score is right (a few-shot model
+    on well-separated classes: 37 of 37 out-of-fold on ``sample_catalog/``),
+    NLL falls for ever as T → 0, and the model would then say 1.00 to every
+    photo at night, its mistakes included. On thousands of photos the bound
+    and NLL agree to within the bound's 1/n.
+    """
     if len(labels) == 0:
         return 1.0
+    t = _nll_temperature(logits, labels, lo, hi)
+    cap = (int((logits.argmax(axis=1) == labels).sum()) + 1) / (len(labels) + 2)
+    if mean_confidence(logits, t) <= cap:
+        return t
+    a, b = np.log(t), np.log(hi)  # mean confidence falls as T grows: bisect for the T that meets the cap
+    for _ in range(60):
+        mid = (a + b) / 2
+        a, b = (mid, b) if mean_confidence(logits, np.exp(mid)) > cap else (a, mid)
+    return float(np.exp(b))
+
+
+def mean_confidence(logits: np.ndarray, temperature: float) -> float:
+    return float(softmax(logits, temperature).max(axis=1).mean())
+
+
+def _nll_temperature(logits: np.ndarray, labels: np.ndarray, lo: float, hi: float) -> float:
     a, b = np.log(lo), np.log(hi)
     g = (np.sqrt(5) - 1) / 2
     c, d = b - g * (b - a), a + g * (b - a)

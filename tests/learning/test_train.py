@@ -323,3 +323,17 @@ def test_cosine_recipe_anneals_to_zero_and_saves_safely(tmp_path):
     save_model(model, card, tmp_path / "m")
     loaded, _ = load_model(tmp_path / "m")  # safe_mode: the erasing layer is a plain Keras layer
     np.testing.assert_allclose(loaded.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0), rtol=1e-4, atol=1e-4)
+
+
+def test_temperature_is_no_sharper_than_the_evidence_when_every_score_is_right():
+    """37 of 37 right: NLL would push T to its floor and confidences to 1.00; Laplace's rule holds the mean
+    confidence to 38/39, and labels never change."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 9, 37)
+    logits = rng.normal(0, 1, (37, 9))
+    logits[np.arange(37), labels] += 6.0  # every score right, by a margin
+    assert (logits.argmax(axis=1) == labels).all()
+    t = fit_temperature(logits, labels)
+    assert t > 0.05 * 1.5
+    assert float(softmax(logits, t).max(axis=1).mean()) == pytest.approx(38 / 39, abs=1e-6)
+    assert (softmax(logits, t).argmax(1) == labels).all()
