@@ -192,8 +192,8 @@ def main() -> None:
         results["decode_1_thread"] = bench_decode(paths, args.batch_size, 1)
         batches = max(4, args.n // args.batch_size)
         results["model_only"] = bench_model(classifier, args.batch_size, batches)
+        results["engine"] = classifier.info["engine"]  # what ``auto`` chose (read before the next line sets it)
         results["model_only_tf"] = bench_model(classifier, args.batch_size, batches, "tensorflow")
-        results["engine"] = classifier.info.get("engine", "tensorflow")
         for key, engine in (("classify_stage", "auto"), ("classify_stage_tf", "tensorflow")):
             t = time.perf_counter()
             predict(classifier, paths, batch_size=args.batch_size, engine=engine)

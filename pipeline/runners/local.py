@@ -374,7 +374,8 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                                     [plan.good[row].pixels for row in plan.to_classify], clf, cfg, bar.update)
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
-    cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3)})
+    cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3),
+             **({"engine": clf.info["engine"]} if "engine" in clf.info else {})})  # the Ray runner's is its actors'
     hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx)
     confirm_copies(plan, preds, hinted, ctx)
 

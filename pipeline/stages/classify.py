@@ -57,15 +57,17 @@ def make_step(classifier: Classifier, jit_compile: bool = False, engine: str = "
     if engine == "auto":
         engine = "xnnpack" if classifier.precision == "float32" and not jit_compile and not has_gpu() else "tensorflow"
     if engine == "tensorflow":
+        classifier.info["engine"] = "tensorflow (XLA)" if jit_compile else "tensorflow"
         return _tf_step(classifier, jit_compile)
     if "xnnpack" not in classifier.steps:
         from pipeline.models.lite import lite_step, step_digest
 
         digest = step_digest(classifier.model, float(classifier.temperature), classifier.preprocess.shape)
         step = lite_step(_tf_step(classifier, False), digest, cpu_count(), _raw_outputs(classifier))
-        classifier.info["engine"] = "xnnpack" if step is not None else "tensorflow (not convertible)"
-        classifier.steps["xnnpack"] = step or _tf_step(classifier, False)
-    return classifier.steps["xnnpack"]
+        classifier.steps["xnnpack"] = ((step, "xnnpack") if step is not None
+                                       else (_tf_step(classifier, False), "tensorflow (not convertible)"))
+    step, classifier.info["engine"] = classifier.steps["xnnpack"]
+    return step
 
 
 def _raw_outputs(classifier: Classifier) -> int:

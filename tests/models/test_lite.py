@@ -1,5 +1,6 @@
 """The XNNPACK engine: the classify step converted to TensorFlow Lite computes what TensorFlow computes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_a_quiet_run_writes_nothing_to_stderr_and_leaves_no_process(tmp_path, ca
     for night in (1, 2):
         run = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "in"), "-o",
                                 str(tmp_path / f"{night}.parquet"), "--model", str(card_model), "--quiet",
-                                "--corrections", str(tmp_path / "corr")],
+                                "--corrections", str(tmp_path / "corr"), "--log-file", str(tmp_path / "log.jsonl")],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
         stdout, stderr = run.communicate(timeout=300)
@@ -122,3 +123,5 @@ def test_a_quiet_run_writes_nothing_to_stderr_and_leaves_no_process(tmp_path, ca
             pytest.fail("processes of the run are still alive after it exited")
         assert len(pd.read_parquet(tmp_path / f"{night}.parquet")) == 3
     assert len(list((tmp_path / "cache" / "lite").iterdir())) == 1
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["engine"] for e in events if e["stage"] == "classify"] == ["xnnpack", "xnnpack"]  # for monitoring
