@@ -38,8 +38,9 @@ POWER = 0.5  # the power transform's exponent (``power_transform``; ``models.lay
 LOGIT_SCALE = 16.0  # cosine similarities (-1..1) as logits; the fitted temperature refines it
 OPEN_SET_MARGIN = 0.05  # below the lowest out-of-fold similarity a class's own photos reached
 #: A training photo less similar than this to the rest of its class (leave-one-out, CL2N cosine) is not
-#: of that class: the remote in the TV folder. Set on sample_catalog, where the five misfiled photos score
-#: -0.27..0.06 and the lowest real product 0.14 (README, "Few-shot shop models").
+#: of that class: the remote in the TV folder. Set on sample_catalog, where the five misfiled photos scored
+#: -0.27..0.06 and the lowest real product 0.14 on the raw features; with the power transform the photos
+#: labelcat train leaves out score -0.21..-0.05 and the lowest product 0.17 (README, "Few-shot shop models").
 OUTLIER_SIMILARITY = 0.10
 MIN_CLASS_FOR_OUTLIERS = 3  # a class needs this many photos before one of them can be called unlike the rest
 
