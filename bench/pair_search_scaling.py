@@ -71,9 +71,9 @@ def scaling(sizes: list[int], sample: int) -> None:
         us = (time.perf_counter() - t) / sample * 1e6
         per_photo[n] = us
         mem = sum(getattr(arrays, f).nbytes for f in ("rows", "views", "fine", "has_view", "color", "whole", "has_whole"))
-        mem += sum(a.nbytes for t in search._tables for a in t._order + t._offsets + t._sorted + t._occupied)
+        mem += sum(a.nbytes for t in search.tables for a in t._order + t._offsets + t._sorted + t._occupied)
         bytes_per_photo = mem / n
-        checks = " + ".join(f"{t.checks_per_query:,.0f}" for t in search._tables)
+        checks = " + ".join(f"{t.checks_per_query:,.0f}" for t in search.tables)
         print(f"| {n:,} | {search.blocks} | {build:.1f} | {us:.0f} | {checks} | "
               f"{len(pairs['photo'])} | {mem / 2**30:.2f} GiB |", flush=True)
     if len(per_photo) >= 2:

@@ -167,24 +167,28 @@ class PairSearch:
         self.radius = cfg.phash_threshold
         self.blocks = blocks or plan_blocks(max(len(arrays), 1), self.radius, MAX_BLOCK_BITS)
         everyone = np.arange(len(arrays))
-        self._tables = [BucketTables(arrays.views[:, 0], everyone, self.radius, self.blocks)]
+        self._trimmed = BucketTables(arrays.views[:, 0], everyone, self.radius, self.blocks)
         self._whole_tables: list[tuple[BucketTables, tuple[int, ...]]] = []  # searched with a photo's whole
         for hashes, has, views in ((arrays.whole[:, 0], arrays.has_whole, WHOLE_VIEWS),  # pHash in these views
                                    (arrays.inner, arrays.has_inner, INNER_VIEWS)):
             if has.any():
                 photos = np.flatnonzero(has)
                 self._whole_tables.append((BucketTables(hashes[photos], photos, self.radius, self.blocks), views))
-        self._tables += [table for table, _ in self._whole_tables]
+
+    @property
+    def tables(self) -> list[BucketTables]:
+        """Every bucket table: the trimmed pHashes', then those searched with a photo's whole pHash."""
+        return [self._trimmed, *(table for table, _ in self._whole_tables)]
 
     def query_batch(self) -> int:
         """Queries per vectorised step, so that probes and candidates fit ``PAIR_BUDGET``."""
-        per_query = max(max(t.checks_per_query + t.probes_per_query for t in self._tables), 1.0)  # one at a time
+        per_query = max(max(t.checks_per_query + t.probes_per_query for t in self.tables), 1.0)  # one at a time
         return int(max(1, min(8192, PAIR_BUDGET // per_query)))
 
     def _candidates(self, q: HashArrays, sel: np.ndarray, view: int) -> tuple[np.ndarray, np.ndarray]:
         """(query photo, searched photo) pairs within the radius by the trimmed or the whole pHash (against the
         searched photos' whole ones in ``WHOLE_VIEWS``, and their inner ones in ``INNER_VIEWS``), once each."""
-        qpos, other = self._tables[0].candidates(q.views[sel, view])
+        qpos, other = self._trimmed.candidates(q.views[sel, view])
         photo = [sel[qpos]]
         others = [other]
         sel_w = sel[q.has_whole[sel]]
