@@ -41,7 +41,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
     falls for ever as T → 0, and the model would then say 1.00 to every photo
     at night, its mistakes included. Where NLL has an optimum it is kept:
     holding every fit to the rule made held-out few-shot confidences worse
-    (ECE 0.095 → 0.108 at 5 photos a class, 100 splits of the README's benchmark).
+    (at 5 photos a class, 100 splits of the README's benchmark: ECE per split 0.095 → 0.108, over all
+    splits' held-out photos 0.015 → 0.039).
     """
     if len(labels) == 0:
         return 1.0
