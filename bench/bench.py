@@ -11,8 +11,9 @@ photos), turned by a random hue, so that no two are near duplicates and every ph
 - full pipeline: ``labelcat run`` end to end (ingest, scan/hash, dedupe,
   classify, junk, Parquet);
 - naive baseline: PIL open + resize + ``model.predict`` one image at a time;
-- start-up: a fresh process importing TensorFlow, loading the model and readying its step, the first
-  time (converting the step for XNNPACK, which is then cached) and the next (the cached flatbuffer);
+- start-up: a fresh process importing TensorFlow, loading the classifier and readying its step, the first
+  time (loading the Keras model and converting the step for XNNPACK, which is then cached) and the next
+  (the cached flatbuffer; the Keras model is not loaded);
 - ``labelcat run FOLDER --quiet`` as cron runs it: a fresh process, wall clock, start-up included (the
   median of three runs).
 
@@ -241,7 +242,7 @@ def main() -> None:
     lines += [f"| {label} | {float(results[key]):.1f} | {float(results[key]) / naive:.1f}x | {float(results[key]) / bound:.2f} |"
               for label, key in rows]
     lines += [f"| bound: decode and model sharing the cores, 1/(1/decode + 1/model) | {bound:.1f} | {bound / naive:.1f}x | 1.00 |",
-              "", f"Start-up in a fresh process: {results['startup_load_s']:.1f} s to import TensorFlow and load the model, "
+              "", f"Start-up in a fresh process: {results['startup_load_s']:.1f} s to import TensorFlow and load the classifier, "
               f"{results['startup_s']:.1f} s with its step ready ({results['startup_first_s']:.1f} s the first time, "
               "converting the step)."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

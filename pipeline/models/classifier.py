@@ -9,10 +9,12 @@ classify stage runs images through it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pipeline.models.backbones import BACKBONES
+from pipeline.models.backbones import BACKBONES, weights_file
 from pipeline.models.preprocess import IMAGENET_224, Preprocess
 from pipeline.models.taxonomy import Taxonomy, load_taxonomy, normalise_hint
 from pipeline.ops.device import has_gpu
@@ -21,17 +23,52 @@ from pipeline.registry import Registry
 PRECISIONS = ("auto", "float32", "mixed")
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A Keras model to load on first use (``Classifier.model``)."""
+
+    load: Callable[[], Any]
+
+
+class _ModelSlot:
+    """``Classifier.model``: a Keras model, or a ``Deferred`` one loaded the first time it is read.
+
+    Why: a run whose converted step is cached (``models/lite.py``) needs only the
+    classifier's labels, taxonomy and step key; loading the Keras model is about
+    1 s of start-up CPU it would not use. A dataclass field whose default is a
+    descriptor is set and read through it; ``__get__`` on the class raises
+    ``AttributeError`` so the field keeps no default (Python's "descriptor-typed
+    fields").
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}_slot"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            raise AttributeError("no default")
+        value = obj.__dict__[self._slot]
+        if isinstance(value, Deferred):
+            value = obj.__dict__[self._slot] = value.load()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._slot] = value
+
+
 @dataclass
 class Classifier:
     """A ready-to-run model and what the output rows need to say about it.
 
     ``taxonomy`` is set for ImageNet models (their 1000 outputs are folded
     into shop categories); ``categories`` are the labels confidences are over.
+    ``model`` may be given ``Deferred``; ``step_key`` (the sha256 of the files
+    the model comes from) then finds its converted step without loading it.
     """
 
     name: str
     version: str
-    model: "keras.Model"  # noqa: F821
+    model: "keras.Model" = _ModelSlot()  # noqa: F821 - or Deferred; read as the loaded model
     preprocess: Preprocess
     categories: list[str]
     taxonomy: Taxonomy | None = None
@@ -39,6 +76,12 @@ class Classifier:
     precision: str = "float32"
     info: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict, repr=False)  # compiled per-batch functions, by option (classify)
+    step_key: str | None = None  # the model's source files by sha256, when known before loading it
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the Keras model is in memory (``model`` has been read, or was given loaded)."""
+        return not isinstance(self.__dict__["_model_slot"], Deferred)
 
     def hint_category(self, hint: str | None) -> str | None:
         """The category a folder name or manifest hint names: through the taxonomy's aliases for
@@ -56,19 +99,42 @@ MODELS: Registry = Registry("model")
 
 def _imagenet_classifier(backbone: str, taxonomy: Taxonomy | None, precision: str) -> Classifier:
     has_gpu()  # import TensorFlow quietly before Keras does
-    bb = BACKBONES.get(backbone)()
     tax = taxonomy or load_taxonomy()
-    model = to_mixed_precision(bb.model) if precision == "mixed" else bb.model
-    return Classifier(
+
+    def load():
+        model = BACKBONES.get(backbone)().model
+        return to_mixed_precision(model) if precision == "mixed" else model
+
+    weights = weights_file(backbone)
+    if weights is None:  # a backbone that does not name its weights file: built now, and described by itself
+        bb = BACKBONES.get(backbone)()
+        weights_sha256, origin, key = bb.weights_sha256, bb.weights_origin, None
+    else:
+        weights_sha256, origin, key = weights.sha256, weights.origin, f"{backbone}:{weights.sha256}"
+    clf = Classifier(
         name=backbone,
-        version=f"imagenet-{bb.weights_sha256[:8]}+{tax.name}-{tax.version}-{tax.digest}",
-        model=model,
+        version=f"imagenet-{weights_sha256[:8]}+{tax.name}-{tax.version}-{tax.digest}",
+        model=Deferred(load),
         preprocess=IMAGENET_224,
         categories=list(tax.categories),
         taxonomy=tax,
         precision=precision,
-        info={"weights_origin": bb.weights_origin},
+        info={"weights_origin": origin},
+        step_key=key,
     )
+    return _load_unless_converted(clf)
+
+
+def _load_unless_converted(clf: Classifier) -> Classifier:
+    """Load ``clf``'s model now unless a run on a CPU will not need it: float32, a step key, and its step
+    converted and cached. Loading now is what surfaces a damaged or unsafe model file as a usage error before
+    the run starts; a cached step means this very file was loaded and converted before."""
+    from pipeline.models.lite import converted, key_digest
+
+    if not (clf.step_key and clf.precision == "float32" and not has_gpu()
+            and converted(key_digest(clf.step_key, float(clf.temperature), clf.preprocess.shape))):
+        clf.model  # noqa: B018 - read to load
+    return clf
 
 
 @MODELS.register("efficientnet_lite0")
@@ -141,21 +207,30 @@ def expected_preprocess(name: str) -> Preprocess:
 
 def _card_classifier(folder: Path, precision: str) -> Classifier:
     """A model trained by ``labelcat train``: its card says labels, pixels and temperature."""
-    from pipeline.models.card import load_model
+    from pipeline.models.backbones import file_sha256
+    from pipeline.models.card import MODEL_FILE, load_model, read_card
 
     has_gpu()
-    model, card = load_model(folder)
-    return Classifier(
+    card = read_card(folder)
+
+    def load():
+        model = load_model(folder)[0]
+        return to_mixed_precision(model) if precision == "mixed" else model
+
+    file = folder / MODEL_FILE
+    clf = Classifier(
         name=card.name,
         version=f"{card.arch}-{card.training_data.get('fingerprint', 'unknown')}-{card.created_at}",
-        model=to_mixed_precision(model) if precision == "mixed" else model,
+        model=Deferred(load),
         preprocess=card.preprocessing(),
         categories=list(card.classes),
         temperature=float(card.temperature),
         precision=precision,
         info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold,
               "open_set": card.open_set},
+        step_key=f"card:{file_sha256(file)}:{len(card.classes)}" if file.is_file() else None,
     )
+    return _load_unless_converted(clf)
 
 
 def to_mixed_precision(model):

@@ -18,7 +18,9 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,17 +83,43 @@ def step_digest(model, temperature: float, shape: tuple[int, ...]) -> str:
     return h.hexdigest()
 
 
-def lite_step(tf_step, digest: str, threads: int, n_out: int, cache: Path | None = None) -> LiteStep | None:
-    """The cached or freshly converted engine for ``tf_step``, or ``None`` when TensorFlow Lite cannot
-    express the model (then the caller keeps ``tf_step``; the refusal is cached too, as an empty file)."""
-    path = (cache or cache_dir() / "lite") / f"step-{digest[:32]}.tflite"
+def key_digest(key: str, temperature: float, shape: tuple[int, ...]) -> str:
+    """``step_digest`` from the model's source instead of its loaded weights: ``key`` names the files the
+    model is loaded from by their sha256 (``Classifier.step_key``), so the cached step is found before, and
+    without, loading the model."""
+    import tensorflow as tf
+
+    import keras
+
+    return hashlib.sha256(f"{CONVERSION}|{tf.__version__}|{keras.__version__}|{temperature!r}|{tuple(shape)}|"
+                          f"source:{key}".encode()).hexdigest()
+
+
+def _step_path(digest: str, cache: Path | None = None) -> Path:
+    return (cache or cache_dir() / "lite") / f"step-{digest[:32]}.tflite"
+
+
+def converted(digest: str, cache: Path | None = None) -> bool:
+    """Whether a converted step for ``digest`` is cached (a refusal, cached as an empty file, is not one)."""
+    try:
+        return _step_path(digest, cache).stat().st_size > 0
+    except OSError:
+        return False
+
+
+def lite_step(build: Callable[[], Any], digest: str, threads: int, n_out: int,
+              cache: Path | None = None) -> LiteStep | None:
+    """The cached or freshly converted engine for the TensorFlow step ``build()`` returns (called only to
+    convert), or ``None`` when TensorFlow Lite cannot express the model (then the caller keeps the
+    TensorFlow step; the refusal is cached too, as an empty file)."""
+    path = _step_path(digest, cache)
     if path.exists():
         try:
             blob = path.read_bytes()
             return LiteStep(blob, threads, n_out) if blob else None
         except (OSError, ValueError, RuntimeError):  # damaged (a full disk, a hand edit): converted again below
             pass
-    blob = _convert(tf_step)
+    blob = _convert(build())
     with atomic_path(path, suffix=".tflite") as tmp:
         tmp.write_bytes(blob)
     return LiteStep(blob, threads, n_out) if blob else None

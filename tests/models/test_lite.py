@@ -57,10 +57,10 @@ def test_the_converted_step_is_cached_by_its_weights_and_reused(tmp_path, monkey
     digest = lite.step_digest(clf.model, 1.0, (224, 224, 3))
     assert digest == lite.step_digest(tiny_test().model, 1.0, (224, 224, 3))  # the same weights: the same file
     assert digest != lite.step_digest(clf.model, 0.7, (224, 224, 3))  # a new temperature is a new step
-    first = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    first = lite.lite_step(lambda: tf_step, digest, 1, 1000, cache=tmp_path)
     assert [f.name for f in tmp_path.iterdir()] == [f"step-{digest[:32]}.tflite"]
     monkeypatch.setattr(lite, "_convert", lambda step: pytest.fail("converted again although cached"))
-    again = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    again = lite.lite_step(lambda: tf_step, digest, 1, 1000, cache=tmp_path)
     for probs, feats in (first(x), again(x)):
         assert np.abs(probs - tf_step(x)[0].numpy()).max() < 1e-5
         assert np.abs(feats - tf_step(x)[1].numpy()).max() < 1e-4
@@ -72,7 +72,7 @@ def test_a_damaged_cached_step_is_converted_again(tmp_path):
     tf_step = make_step(clf, engine="tensorflow")
     digest = lite.step_digest(clf.model, 1.0, (224, 224, 3))
     (tmp_path / f"step-{digest[:32]}.tflite").write_bytes(b"TFL3 half a file")
-    step = lite.lite_step(tf_step, digest, 1, 1000, cache=tmp_path)
+    step = lite.lite_step(lambda: tf_step, digest, 1, 1000, cache=tmp_path)
     x = np.zeros((2, 224, 224, 3), np.uint8)
     assert np.abs(step(x)[0] - tf_step(x)[0].numpy()).max() < 1e-5
     assert (tmp_path / f"step-{digest[:32]}.tflite").stat().st_size > 1000
@@ -125,3 +125,49 @@ def test_a_quiet_run_writes_nothing_to_stderr_and_leaves_no_process(tmp_path, ca
     assert len(list((tmp_path / "cache" / "lite").iterdir())) == 1
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["engine"] for e in events if e["stage"] == "classify"] == ["xnnpack", "xnnpack"]  # for monitoring
+
+
+def test_a_model_whose_step_is_cached_is_not_loaded_and_classifies_alike(tmp_path, monkeypatch, card_model):
+    """Start-up: with its converted step cached, a model folder is read (card, file hash) but its Keras
+    model is not loaded, and photos come out as from the loaded model; any change to the model file is a
+    new key, so a damaged file is loaded, and refused, before the run starts, as it always was."""
+    import shutil
+
+    from pipeline.models.card import CardError
+    from pipeline.models.classifier import load_classifier
+
+    monkeypatch.setenv("LABELCAT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    shutil.copytree(card_model, folder)
+    photos = _photos(tmp_path)
+    first = load_classifier(str(folder), precision="float32")
+    assert first.loaded and first.step_key  # nothing converted yet: loaded now, as before
+    converted = predict(first, photos)
+    again = load_classifier(str(folder), precision="float32")
+    assert not again.loaded
+    cached = predict(again, photos)
+    assert not again.loaded and again.info["engine"] == "xnnpack"
+    assert np.array_equal(cached.probs, converted.probs) and np.array_equal(cached.embeddings, converted.embeddings)
+    assert again.model.outputs[0].shape[-1] == 3 and again.loaded  # read on demand (a TensorFlow step, training)
+    (folder / "model.keras").write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(CardError):
+        load_classifier(str(folder), precision="float32")
+
+
+def test_the_default_model_with_its_step_cached_is_not_loaded(tmp_path):
+    """The default ImageNet model is known by its weights file's hash: a second process finds the step the
+    first converted without building or loading Lite0, and labels the same photos the same."""
+    _photos(tmp_path)
+    code = ("import sys, numpy as np; from pathlib import Path; from pipeline.models.classifier import load_classifier; "
+            "from pipeline.stages.classify import predict; "
+            "c = load_classifier('efficientnet_lite0', precision='float32'); loaded = c.loaded; "
+            "p = predict(c, sorted(Path(sys.argv[1]).glob('*.jpg'))); np.save(sys.argv[2], p.probs); "
+            "print(loaded, c.loaded, c.info['engine'])")
+    outs = []
+    for night in (1, 2):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / f"{night}.npy")], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append(done.stdout.split())
+    assert outs[1] == ["False", "False", "xnnpack"]  # whatever the first found in the shared cache
+    assert np.array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "2.npy"))
