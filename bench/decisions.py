@@ -385,11 +385,16 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
 
 
 def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, runs: int, cfg: JunkConfig,
-                   misfiled: float = 0.15, share: float = 0.5, seed: int = 3) -> dict[str, tuple[int, int]]:
+                   misfiled: float = 0.15, share: float = 0.5, seed: int = 3,
+                   evidence: tuple[np.ndarray, np.ndarray, list[str]] | None = None) -> dict[str, tuple[int, int]]:
     """A shop model trained on ``k`` photos a class, then a night on a folder per class as ``labelcat run
-    --model`` decides: the model's own evidence (``open_set_reason``) and the folder's (``folder_verdict``) on
-    the embeddings the model's logits layer reads. Tonight's photos are the products it was not trained on
-    and a random ``share`` of ``junk_emb``, filed by ``file_in_folders``. Returns {tally: (junked, placed)}."""
+    --model`` decides: the photo's own evidence (``semantic_reason`` on the model's calibrated probabilities,
+    then ``open_set_reason``) and the folder's (``folder_verdict``) on the embeddings the model's logits layer
+    reads. Tonight's photos are the products it was not trained on and a random ``share`` of ``junk_emb``,
+    filed by ``file_in_folders``. ``evidence``: (product mass, not-product group masses, group names) of the
+    ImageNet head for the rows of ``emb`` then ``junk_emb``, as a shop model that keeps its backbone's
+    ImageNet output reports them; without it, a shop model's photos have no ImageNet evidence (product mass
+    1, no groups). Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
     names = [str(c) for c in range(len(classes))]
@@ -399,16 +404,25 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
         yk = np.searchsorted(classes, y)
         f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
         card = open_set_card(f)
+        oof = f.cv["oof_logits"]
+        t = calibrate(oof.astype(np.float64), yk[train], names, 0.95)["temperature"] if oof is not None else 1.0
         rows = [i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)]
         placed = file_in_folders(rng, yk[rows], ["held-out products"] * len(rows), list(range(len(classes))),
                                  ["non-products"] * len(junk_emb), misfiled, share)
         photos = np.concatenate([emb[rows], junk_emb])
+        source = np.concatenate([np.asarray(rows), len(emb) + np.arange(len(junk_emb))])[[p for p, _, _ in placed]]
         zz = f.embed(photos[[p for p, _, _ in placed]])
+        probs = softmax(zz @ f.weights + f.bias, t)
         hints = [names[c] for _, c, _ in placed]
         likeness = folder_likeness(zz, hints, cfg)
         for j, (e, hint, (_, _, tally)) in enumerate(zip(zz, hints, placed)):
-            label = names[int((e @ f.weights + f.bias).argmax())]
-            reason = folder_verdict(open_set_reason(e, card, names, label, hint, cfg), likeness.get(j), label, hint, cfg)[0]
+            top = int(probs[j].argmax())
+            label = names[top]
+            mass, groups, group_names = ((evidence[0][source[j]], evidence[1][source[j]], evidence[2]) if evidence
+                                         else (1.0, np.zeros(0, np.float32), []))
+            own = semantic_reason(label, float(probs[j, top]), probs[j], names, float(mass), groups, group_names, hint,
+                                  cfg) or open_set_reason(e, card, names, label, hint, cfg)
+            reason = folder_verdict(own, likeness.get(j), label, hint, cfg)[0]
             _count(out, tally, reason is not None)
     return {key: (v[0], v[1]) for key, v in sorted(out.items())}
 
@@ -513,9 +527,12 @@ def run(work: Path, args: argparse.Namespace) -> None:
             print(f"    {name} caught {recall:.1%}")
     print("\nThe same on a folder per class as `labelcat run --model` decides (the model's evidence, then the folder's; "
           "15% of the held-out products misfiled, half the non-products in random folders), junked:")
+    evidence = (preds.product_mass, preds.group_mass, clf.taxonomy.groups)
     for k in (3, 5):
-        for name, (j, t) in few_shot_trees(emb, y, preds.embeddings[n:], k, max(20, args.splits // 10), cfg).items():
-            print(f"  {k} photos a class, {name}: {j}/{t} = {j / t:.1%}")
+        for kept, label in ((None, "without ImageNet evidence"), (evidence, "with the backbone's ImageNet evidence")):
+            for name, (j, t) in few_shot_trees(emb, y, preds.embeddings[n:], k, max(20, args.splits // 10), cfg,
+                                               evidence=kept).items():
+                print(f"  {k} photos a class, {label}, {name}: {j}/{t} = {j / t:.1%}")
 
 
 if __name__ == "__main__":

@@ -169,9 +169,16 @@ def fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n: int, method: str = 
     return FewShotFit(chosen, mean, w, b, c, cv, min_similarity)
 
 
-def build_model(features, fitted: FewShotFit, size: int = 224):
+def build_model(features, fitted: FewShotFit, size: int = 224,
+                imagenet_head: tuple[np.ndarray, np.ndarray] | None = None):
     """Frozen backbone → power transform → centring → unit length → the fitted ``Dense``: built-in layers
-    and labelcat's registered ``PowerTransform`` only (safe_mode)."""
+    and labelcat's registered ``PowerTransform`` only (safe_mode).
+
+    ``imagenet_head``: the backbone's own ImageNet classifier (weights, bias), kept as a second output
+    (``imagenet``) on the same pooled features. Why: a shop model knows only the shop's classes, so it
+    cannot tell a photo of a dog from a product unlike its classes; its frozen backbone still can. The night
+    folds that output through the taxonomy into the same not-product evidence the default model junks on
+    (``stages.junk.semantic_reason``), at the cost of one 1280 x 1000 matrix product a photo."""
     import keras
     from keras import layers
 
@@ -179,13 +186,19 @@ def build_model(features, fitted: FewShotFit, size: int = 224):
 
     features.trainable = False
     inputs = keras.Input((size, size, 3), name="image")
-    x = PowerTransform(POWER, name="power")(features(inputs, training=False))
+    pooled = features(inputs, training=False)
+    x = PowerTransform(POWER, name="power")(pooled)
     x = layers.Normalization(mean=fitted.mean, variance=np.ones(len(fitted.mean)), name="centre")(x)
     x = layers.UnitNormalization(name="unit")(x)
     logits = layers.Dense(fitted.weights.shape[1], name="logits", dtype="float32")
-    outputs = logits(x)
-    model = keras.Model(inputs, outputs, name=f"fewshot_{fitted.method}")
+    outputs = [logits(x)]
+    if imagenet_head is not None:
+        imagenet = layers.Dense(imagenet_head[0].shape[1], name="imagenet", dtype="float32")
+        outputs.append(imagenet(pooled))
+    model = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=f"fewshot_{fitted.method}")
     logits.set_weights([fitted.weights, fitted.bias])
+    if imagenet_head is not None:
+        imagenet.set_weights(list(imagenet_head))
     return model
 
 

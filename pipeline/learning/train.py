@@ -193,7 +193,7 @@ def unfreeze_top(features, blocks: int) -> list[str]:
 
 def _shop_card(out: str | Path, data: str | Path | list, classes: list[str], photos: LabelledPhotos, cfg: TrainConfig,
                bb, model, cal: dict, arch: str, data_extra: dict, training: dict, open_set: dict | None = None,
-               validated: bool = True) -> ModelCard:
+               validated: bool = True, imagenet_evidence: dict | None = None) -> ModelCard:
     """The card of a shop model (few-shot or fine-tuned): what it learned from, how well, how to trust it."""
     return ModelCard(
         name=Path(out).name, classes=classes, preprocess=IMAGENET_224.to_dict(), arch=arch, backbone=cfg.backbone,
@@ -205,7 +205,7 @@ def _shop_card(out: str | Path, data: str | Path | list, classes: list[str], pho
         temperature=cal["temperature"], ece_before=cal["ece_before"], ece_after=cal["ece_after"],
         recommended_threshold=cal["recommended_threshold"],
         training={**training, "machine": machine(), "parameters": int(model.count_params()), "seed": cfg.seed},
-        open_set=open_set,
+        open_set=open_set, imagenet_evidence=imagenet_evidence,
     )
 
 
@@ -213,7 +213,8 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                   y: np.ndarray, groups: np.ndarray) -> ModelCard:
     """The default: a linear rule on frozen embeddings (``fewshot``), cross-validated, calibrated, open-set."""
     from pipeline.learning.fewshot import POWER, build_model, class_outliers, fit, open_set_card, paths_embeddings
-    from pipeline.models.backbones import backbone_features
+    from pipeline.models.backbones import backbone_features, imagenet_head
+    from pipeline.models.taxonomy import load_taxonomy
 
     t0 = time.perf_counter()
     features, bb = backbone_features(cfg.backbone, 224)
@@ -230,7 +231,13 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     keep = np.setdiff1d(np.arange(len(y)), outliers)
     emb, y, groups = emb[keep], y[keep], groups[keep]
     fitted = fit(emb, y, groups, len(classes), cfg.method, cfg.seed)
-    model = build_model(features, fitted)
+    head = imagenet_head(bb)
+    model = build_model(features, fitted, imagenet_head=head)
+    tax = load_taxonomy()
+    evidence = None if head is None else {
+        "output": "imagenet", "taxonomy": f"{tax.name}-{tax.version}-{tax.digest}",
+        "rule": "the backbone's ImageNet probabilities, folded by the packaged taxonomy at night, junk a photo "
+                "that is not a product (not_product, no_product) as the default model does"}
     seconds = time.perf_counter() - t0
     oof = fitted.cv.pop("oof_logits")
     if oof is not None:
@@ -244,7 +251,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                       training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
                                 "features": f"pooled features ** {POWER} (PowerTransform), centred, unit length",
                                 "calibration": cal["calibration"] + (" (out-of-fold scores)" if oof is not None else "")},
-                      open_set=open_set_card(fitted), validated=oof is not None)
+                      open_set=open_set_card(fitted), validated=oof is not None, imagenet_evidence=evidence)
     save_model(model, card, out, force=cfg.force)
     acc = fitted.cv["accuracy"].get(fitted.method)
     cfg.log(f"few-shot {fitted.method} on {len(y)} photos in {len(classes)} classes: cross-validated accuracy "

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.ops.fsutil import atomic_path, cache_dir
 from pipeline.registry import Registry
 
@@ -226,6 +228,21 @@ def lite0_features(input_size: int = 224):
     net = build_efficientnet_lite0(input_size=input_size)
     net.set_weights(full.get_weights())
     return keras.Model(net.input, net.get_layer("avg_pool").output, name="lite0_features")
+
+
+def imagenet_head(bb: Backbone) -> tuple[np.ndarray, np.ndarray] | None:
+    """(weights, bias) of the backbone's ImageNet classifier when it is a ``Dense`` named ``logits`` on the
+    pooled features (EfficientNet-Lite0's), else ``None``."""
+    import keras
+
+    try:
+        layer = bb.model.get_layer("logits")
+    except ValueError:
+        return None
+    if not isinstance(layer, keras.layers.Dense) or layer.input.shape[-1] != bb.features.output.shape[-1]:
+        return None
+    weights, bias = (np.asarray(w) for w in layer.get_weights())
+    return weights, bias
 
 
 def backbone_features(name: str, input_size: int = 224) -> tuple["keras.Model", Backbone]:  # noqa: F821

@@ -52,6 +52,7 @@ class ModelCard:
     created_at: str = ""
     card_version: str = CARD_VERSION
     open_set: dict | None = None  # few-shot models: unit class means and the similarity below which a photo is declined
+    imagenet_evidence: dict | None = None  # few-shot models: the second output is the frozen backbone's ImageNet logits
 
     def preprocessing(self) -> Preprocess:
         return Preprocess.from_dict(self.preprocess)
@@ -247,4 +248,8 @@ def load_model(folder: str | Path):
     _check_no_lambda(model)
     if model.outputs[0].shape[-1] != len(card.classes):
         raise CardError(f"{folder}: model has {model.outputs[0].shape[-1]} outputs, card lists {len(card.classes)} classes")
+    if len(model.outputs) != (2 if card.imagenet_evidence else 1) or (
+            card.imagenet_evidence and model.outputs[1].shape[-1] != 1000):
+        raise CardError(f"{folder}: model has {len(model.outputs)} outputs; its card "
+                        + ("says the second is ImageNet's 1000 classes" if card.imagenet_evidence else "names one"))
     return model, card

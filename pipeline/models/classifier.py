@@ -77,6 +77,13 @@ class Classifier:
     info: dict = field(default_factory=dict)
     steps: dict = field(default_factory=dict, repr=False)  # compiled per-batch functions, by option (classify)
     step_key: str | None = None  # the model's source files by sha256, when known before loading it
+    evidence: Taxonomy | None = None  # a shop model's: folds its second (ImageNet) output into not-product evidence
+
+    @property
+    def groups(self) -> list[str]:
+        """The not-product evidence groups its predictions carry (none for a shop model without ImageNet's)."""
+        tax = self.taxonomy or self.evidence
+        return list(tax.groups) if tax else []
 
     @property
     def loaded(self) -> bool:
@@ -229,6 +236,7 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
         info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold,
               "open_set": card.open_set},
         step_key=f"card:{file_sha256(file)}:{len(card.classes)}" if file.is_file() else None,
+        evidence=load_taxonomy() if card.imagenet_evidence else None,
     )
     return _load_unless_converted(clf)
 

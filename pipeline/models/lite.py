@@ -39,7 +39,7 @@ class LiteStep:
     batch of a run).
     """
 
-    def __init__(self, flatbuffer: bytes, threads: int, n_out: int) -> None:
+    def __init__(self, flatbuffer: bytes, threads: int, n_out: int, outputs: int = 2) -> None:
         import tensorflow as tf
 
         # tf.lite.Interpreter's deprecation notice and XNNPACK's "Created delegate" line (printed by the
@@ -49,16 +49,17 @@ class LiteStep:
             self._interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
             self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
-        # outputs are named after the step's flat outputs (Identity, Identity_1): probabilities, embeddings
-        outputs = sorted(self._interpreter.get_output_details(), key=lambda d: (len(d["name"]), d["name"]))
-        if len(outputs) != 2 or outputs[0]["shape_signature"][-1] != n_out:
-            raise ValueError(f"converted step's outputs {[(d['name'], d['shape_signature']) for d in outputs]} "
-                             f"are not ({n_out} probabilities, embedding)")
-        self._outputs = [d["index"] for d in outputs]
+        # outputs are named after the step's flat outputs (Identity, Identity_1, ...): probabilities,
+        # embeddings, and a shop model's ImageNet probabilities
+        found = sorted(self._interpreter.get_output_details(), key=lambda d: (len(d["name"]), d["name"]))
+        if len(found) != outputs or found[0]["shape_signature"][-1] != n_out:
+            raise ValueError(f"converted step's outputs {[(d['name'], d['shape_signature']) for d in found]} "
+                             f"are not ({n_out} probabilities, embedding{', ImageNet' if outputs == 3 else ''})")
+        self._outputs = [d["index"] for d in found]
         self._batch = -1
         self._lock = threading.Lock()
 
-    def __call__(self, pixels) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels) -> tuple[np.ndarray, ...]:
         x = np.ascontiguousarray(pixels, dtype=np.uint8)
         with self._lock:
             if x.shape[0] != self._batch:
@@ -67,8 +68,7 @@ class LiteStep:
                 self._batch = x.shape[0]
             self._interpreter.set_tensor(self._input, x)
             self._interpreter.invoke()
-            probs, feats = (self._interpreter.get_tensor(i) for i in self._outputs)
-            return probs.copy(), feats.copy()
+            return tuple(self._interpreter.get_tensor(i).copy() for i in self._outputs)
 
 
 def step_digest(model, temperature: float, shape: tuple[int, ...]) -> str:
@@ -108,7 +108,7 @@ def converted(digest: str, cache: Path | None = None) -> bool:
 
 
 def lite_step(build: Callable[[], Any], digest: str, threads: int, n_out: int,
-              cache: Path | None = None) -> LiteStep | None:
+              cache: Path | None = None, outputs: int = 2) -> LiteStep | None:
     """The cached or freshly converted engine for the TensorFlow step ``build()`` returns (called only to
     convert), or ``None`` when TensorFlow Lite cannot express the model (then the caller keeps the
     TensorFlow step; the refusal is cached too, as an empty file)."""
@@ -116,13 +116,13 @@ def lite_step(build: Callable[[], Any], digest: str, threads: int, n_out: int,
     if path.exists():
         try:
             blob = path.read_bytes()
-            return LiteStep(blob, threads, n_out) if blob else None
+            return LiteStep(blob, threads, n_out, outputs) if blob else None
         except (OSError, ValueError, RuntimeError):  # damaged (a full disk, a hand edit): converted again below
             pass
     blob = _convert(build())
     with atomic_path(path, suffix=".tflite") as tmp:
         tmp.write_bytes(blob)
-    return LiteStep(blob, threads, n_out) if blob else None
+    return LiteStep(blob, threads, n_out, outputs) if blob else None
 
 
 def _convert(tf_step) -> bytes:

@@ -572,10 +572,9 @@ def assemble(
     """One output dict per ingest record of the chunk, in input order. ``hinted``: the predictions'
     probabilities with the folders counted (``with_hints``), where the labels of kept rows come from."""
     classifier, cfg = ctx.classifier, ctx.cfg
-    tax = classifier.taxonomy
     cats = classifier.categories
     pos = {row: i for i, row in enumerate(classified)}
-    groups = tax.groups if tax else []
+    groups = classifier.groups
 
     by_row_rec = {r.row: r for r in records}
     hints = [by_row_rec[row].category_hint for row in classified]

@@ -426,7 +426,7 @@ def ray_engine(model: str, taxonomy: str | None, precision: str, cfg: RunConfig,
         for part in ActorPool(pool).map(lambda actor, b: actor.classify.remote(b), batches) if batches else []:
             parts.append(part)
             progress(len(part.errors))
-        return concat_predictions(parts, len(clf.categories), len(clf.taxonomy.groups) if clf.taxonomy else 0)
+        return concat_predictions(parts, len(clf.categories), len(clf.groups))
 
     attempt = uuid.uuid4().hex[:16]  # this driver's folder in the store's staging, for its workers' parts
     driver_node = ray.get_runtime_context().get_node_id()

@@ -65,7 +65,8 @@ def make_step(classifier: Classifier, jit_compile: bool = False, engine: str = "
         temperature, shape = float(classifier.temperature), classifier.preprocess.shape
         digest = (key_digest(classifier.step_key, temperature, shape) if classifier.step_key
                   else step_digest(classifier.model, temperature, shape))
-        step = lite_step(lambda: _tf_step(classifier, False), digest, cpu_count(), _raw_outputs(classifier))
+        step = lite_step(lambda: _tf_step(classifier, False), digest, cpu_count(),
+                         _raw_outputs(classifier), outputs=_step_outputs(classifier))
         classifier.steps["xnnpack"] = ((step, "xnnpack") if step is not None
                                        else (_tf_step(classifier, False), "tensorflow (not convertible)"))
     step, classifier.info["engine"] = classifier.steps["xnnpack"]
@@ -75,6 +76,11 @@ def make_step(classifier: Classifier, jit_compile: bool = False, engine: str = "
 def _raw_outputs(classifier: Classifier) -> int:
     """The model's own outputs: ImageNet's 1000 classes, or a shop model's categories."""
     return 1000 if classifier.taxonomy is not None else len(classifier.categories)
+
+
+def _step_outputs(classifier: Classifier) -> int:
+    """What the step returns: probabilities and embedding, and a shop model's ImageNet probabilities."""
+    return 3 if classifier.evidence is not None else 2
 
 
 def _tf_step(classifier: Classifier, jit_compile: bool) -> Callable:
@@ -90,13 +96,16 @@ def _tf_step(classifier: Classifier, jit_compile: bool) -> Callable:
     temperature = float(classifier.temperature)
     # The features the last (logits) layer reads are the photo's embedding: returned from the same
     # compiled call, so open-set checks, folder outliers and near-duplicate confirmation cost nothing extra.
-    both = keras.Model(model.inputs, [model.outputs[0], model.layers[-1].input])
+    # A shop model with ImageNet evidence names its logits layer and returns ImageNet's logits second.
+    head = model.get_layer("logits") if classifier.evidence is not None else model.layers[-1]
+    both = keras.Model(model.inputs, [model.outputs[0], head.input, *model.outputs[1:_step_outputs(classifier) - 1]])
 
     @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8)], jit_compile=jit_compile)
     def step(pixels):
-        logits, features = both(tf.cast(pixels, tf.float32), training=False)
+        logits, features, *imagenet = both(tf.cast(pixels, tf.float32), training=False)
         probs = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature, axis=-1)
-        return probs, tf.cast(tf.reshape(features, [tf.shape(features)[0], -1]), tf.float32)
+        embedding = tf.cast(tf.reshape(features, [tf.shape(features)[0], -1]), tf.float32)
+        return (probs, embedding, *(tf.nn.softmax(tf.cast(x, tf.float32), axis=-1) for x in imagenet))
 
     classifier.steps[("tensorflow", jit_compile)] = step
     return step
@@ -179,39 +188,46 @@ def predict(
     """
     n = len(paths)
     raw = np.zeros((n, _raw_outputs(classifier)), np.float32)
+    imagenet = np.zeros((n, 1000 if classifier.evidence is not None else 0), np.float32)
     errors: list[tuple[str, str] | None] = [None] * n
     embeddings = np.zeros((n, 0), np.float32)
     if n:
         step = make_step(classifier, jit_compile, engine)
         for idx, pixels, errs in dataset(paths, classifier.preprocess, batch_size, max_pixels, ready=ready):
-            out, feats = step(pixels)
-            out, feats, idx = np.asarray(out), np.asarray(feats), idx.numpy()
+            out, feats, *evidence = (np.asarray(t) for t in step(pixels))
+            idx = idx.numpy()
             if embeddings.shape[1] != feats.shape[1]:
                 embeddings = np.zeros((n, feats.shape[1]), np.float32)
             raw[idx] = out
             embeddings[idx] = feats
+            if evidence:
+                imagenet[idx] = evidence[0]
             for i, e in zip(idx, errs.numpy()):
                 if e:
                     code, _, detail = e.decode("utf-8", "replace").partition("\t")
                     errors[i] = (code, detail)
-                    raw[i] = 0.0
-                    embeddings[i] = 0.0
+                    raw[i] = imagenet[i] = embeddings[i] = 0.0
             if progress:
                 progress(len(idx))
-    return _fold(classifier, raw, errors, embeddings)
+    return _fold(classifier, raw, errors, embeddings, imagenet)
 
 
 def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] | None],
-          embeddings: np.ndarray) -> Predictions:
-    tax = classifier.taxonomy
+          embeddings: np.ndarray, imagenet: np.ndarray) -> Predictions:
+    """The model's outputs as ``Predictions``: an ImageNet model's 1000 classes folded into the taxonomy's
+    categories and evidence; a shop model's categories as they are, with the evidence of its ImageNet
+    output when it has one (product mass 1 and no groups when not)."""
     n = raw.shape[0]
+    tax = classifier.taxonomy or classifier.evidence
     if tax is None:
         return Predictions(raw, np.ones(n, np.float32), np.zeros((n, 0), np.float32), [None] * n, errors, embeddings)
-    probs, product_mass, group_mass = tax.aggregate(raw)
+    source = raw if classifier.taxonomy is not None else imagenet
+    folded, product_mass, group_mass = tax.aggregate(source)
+    probs = folded if classifier.taxonomy is not None else raw
     names = imagenet_classes()
-    top = raw.argmax(axis=1) if n else np.zeros(0, int)
+    top = source.argmax(axis=1) if n else np.zeros(0, int)
     imagenet_top = [
-        None if errors[i] else f"{names[top[i]].split(',')[0]} ({raw[i, top[i]]:.2f})" for i in range(n)
+        None if errors[i] else f"{names[top[i]].split(',')[0]} ({source[i, top[i]]:.2f})" for i in range(n)
     ]
     for i, e in enumerate(errors):
         if e:

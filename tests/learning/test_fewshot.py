@@ -71,10 +71,50 @@ def test_a_trained_model_declines_what_does_not_belong(few_shot, tmp_path):
     name = {p.rsplit("/", 1)[1]: p for p in t.index}
     for junk in ("cat.jpg", "espresso.jpg"):
         assert t.loc[name[junk], "status"] == "junk", t.loc[name[junk]].to_dict()
-        assert t.loc[name[junk], "junk_reason"].startswith(("unknown", "hint_mismatch"))
+        assert t.loc[name[junk], "junk_reason"].startswith(("unknown", "hint_mismatch", "not_product"))
         assert bool(t.loc[name[junk], "needs_review"])
     for product, cls in (("cl_bogo04_1.jpg", "hoodies"), ("cl_boot07_1.jpg", "t-shirts")):
         assert t.loc[name[product], "status"] == "labelled" and t.loc[name[product], "label"] == cls
+    # the frozen backbone's ImageNet output came with the model: the cat is an animal, the products are products
+    assert t.loc[name["cat.jpg"], "junk_reason"].startswith("not_product: looks like animal")
+    assert "cat" in t.loc[name["cat.jpg"], "imagenet_top"] and t.loc[name["cat.jpg"], "product_evidence"] < 0.2
+    assert t.loc[name["cl_bogo04_1.jpg"], "product_evidence"] > 0.8 and t.loc[name["cl_boot07_1.jpg"], "product_evidence"] > 0.8
+
+
+@pytest.mark.slow
+def test_a_shop_model_keeps_its_backbones_imagenet_evidence(few_shot, tmp_path):
+    """The second output is the backbone's own ImageNet head on the same pooled features: the shop model's
+    ImageNet probabilities are the default model's, so non-products are junked by the same evidence; a card
+    that says so over a one-output model is refused."""
+    import json
+
+    from pipeline.models.card import CARD_FILE, CardError, load_model
+    from pipeline.models.classifier import load_classifier
+    from pipeline.stages.classify import predict
+
+    base, _ = few_shot
+    card = read_card(base / "model")
+    assert card.imagenet_evidence and card.imagenet_evidence["output"] == "imagenet"
+    photos = [SAMPLE / "images" / "cushions" / "cat.jpg", SAMPLE / "images" / "hoodies" / "cl_bogo04_1.jpg",
+              SAMPLE / "images" / "paints" / "rocket.jpg"]
+    shop, default = load_classifier(str(base / "model"), precision="float32"), load_classifier("efficientnet_lite0",
+                                                                                                 precision="float32")
+    ours, theirs = predict(shop, photos), predict(default, photos)
+    assert np.abs(ours.product_mass - theirs.product_mass).max() < 1e-4
+    assert np.abs(ours.group_mass - theirs.group_mass).max() < 1e-4 and ours.imagenet_top == theirs.imagenet_top
+    assert ours.probs.shape == (3, 5) and shop.groups == default.groups
+    one = tmp_path / "one"
+    shutil.copytree(base / "model", one)
+    model, _ = load_model(one)
+    import keras
+
+    keras.Model(model.inputs, model.outputs[0]).save(one / "model.keras")
+    with pytest.raises(CardError, match="outputs"):
+        load_model(one)
+    doc = json.loads((one / CARD_FILE).read_text())
+    doc["imagenet_evidence"] = None
+    (one / CARD_FILE).write_text(json.dumps(doc))
+    assert load_model(one)[0].outputs[0].shape[-1] == 5  # an older card: one output, no ImageNet evidence
 
 
 def test_fit_prefers_the_rule_that_cross_validates_and_finds_outliers():
