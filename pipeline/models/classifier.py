@@ -78,6 +78,7 @@ class Classifier:
     steps: dict = field(default_factory=dict, repr=False)  # compiled per-batch functions, by option (classify)
     step_key: str | None = None  # the model's source files by sha256, when known before loading it
     evidence: Taxonomy | None = None  # a shop model's: folds its second (ImageNet) output into not-product evidence
+    threads: int | None = None  # CPU threads its XNNPACK engine may use (None: every core this process may use)
 
     @property
     def groups(self) -> list[str]:

@@ -48,6 +48,7 @@ class LiteStep:
             warnings.simplefilter("ignore")
             self._interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=threads)
             self._interpreter.allocate_tensors()
+        self.threads = threads
         self._input = self._interpreter.get_input_details()[0]["index"]
         # outputs are named after the step's flat outputs (Identity, Identity_1, ...): probabilities,
         # embeddings, and a shop model's ImageNet probabilities

@@ -255,8 +255,12 @@ class ClassifierActor:
     every run (ray-project/ray#57733), and would load the model again per chunk.
     """
 
-    def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int) -> None:
+    def __init__(self, model: str, taxonomy: str | None, precision: str, batch_size: int, max_pixels: int,
+                 threads: int) -> None:
         self.classifier = load_classifier(model, taxonomy, precision)  # "auto": this worker's GPU decides
+        # XNNPACK sizes its pool to the CPUs the actor reserved, not the node's: several actors on one node
+        # would otherwise each start a thread per core
+        self.classifier.threads = threads
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
@@ -415,7 +419,8 @@ def ray_engine(model: str, taxonomy: str | None, precision: str, cfg: RunConfig,
 
     gpus = resources.get("GPU", 0) >= 1
     remote = ray.remote(num_cpus=actor_cpus, num_gpus=1 if gpus else 0)(ClassifierActor)
-    pool = [remote.remote(model, taxonomy, precision, cfg.batch_size, cfg.max_pixels) for _ in range(actors)]
+    pool = [remote.remote(model, taxonomy, precision, cfg.batch_size, cfg.max_pixels, max(1, round(actor_cpus)))
+            for _ in range(actors)]
 
     def classify(paths: list[Path], ready: list, clf, cfg: RunConfig, progress) -> Predictions:
         from ray.util import ActorPool

@@ -65,7 +65,7 @@ def make_step(classifier: Classifier, jit_compile: bool = False, engine: str = "
         temperature, shape = float(classifier.temperature), classifier.preprocess.shape
         digest = (key_digest(classifier.step_key, temperature, shape) if classifier.step_key
                   else step_digest(classifier.model, temperature, shape))
-        step = lite_step(lambda: _tf_step(classifier, False), digest, cpu_count(),
+        step = lite_step(lambda: _tf_step(classifier, False), digest, classifier.threads or cpu_count(),
                          _raw_outputs(classifier), outputs=_step_outputs(classifier))
         classifier.steps["xnnpack"] = ((step, "xnnpack") if step is not None
                                        else (_tf_step(classifier, False), "tensorflow (not convertible)"))

@@ -168,6 +168,22 @@ def test_pool_is_sized_to_leave_cpus_for_reads():
     assert pool_size(32, 4) == (4, 1.0)  # one actor per GPU
 
 
+def test_a_classifier_actor_runs_xnnpack_on_the_cpus_it_reserved(tmp_path, card_model, monkeypatch):
+    """Several actors share a node: each one's XNNPACK pool is the CPUs it reserved, not one thread per core."""
+    from pipeline.models.lite import LiteStep
+    from pipeline.runners.ray import ClassifierActor
+    from pipeline.stages.decode import DEFAULT_MAX_PIXELS
+
+    monkeypatch.setenv("LABELCAT_CACHE", str(tmp_path / "cache"))
+    photo = SAMPLE / "images" / "hoodies" / "cl_bogo01_1.jpg"
+    for threads in (1, 2):
+        actor = ClassifierActor(str(card_model), None, "float32", 8, DEFAULT_MAX_PIXELS, threads)
+        preds = actor.classify([os.fsencode(photo)])
+        step, engine = actor.classifier.steps["xnnpack"]
+        assert engine == "xnnpack" and isinstance(step, LiteStep) and step.threads == threads
+        assert preds.probs.shape == (1, 3) and preds.errors == [None]
+
+
 def test_scan_tasks_are_sized_to_about_four_per_cpu():
     from pipeline.runners.ray import SCAN_BATCH, scan_batch_size
 
