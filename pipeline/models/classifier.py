@@ -117,12 +117,14 @@ def _imagenet_classifier(backbone: str, taxonomy: Taxonomy | None, precision: st
     if weights is None:  # a backbone that does not name its weights file: built now, and described by itself
         bb = BACKBONES.get(backbone)()
         weights_sha256, origin, key = bb.weights_sha256, bb.weights_origin, None
+        model = to_mixed_precision(bb.model) if precision == "mixed" else bb.model
     else:
         weights_sha256, origin, key = weights.sha256, weights.origin, f"{backbone}:{weights.sha256}"
+        model = Deferred(load)
     clf = Classifier(
         name=backbone,
         version=f"imagenet-{weights_sha256[:8]}+{tax.name}-{tax.version}-{tax.digest}",
-        model=Deferred(load),
+        model=model,
         preprocess=IMAGENET_224,
         categories=list(tax.categories),
         taxonomy=tax,
@@ -236,7 +238,9 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
         precision=precision,
         info={"card": str(folder / "card.json"), "recommended_threshold": card.recommended_threshold,
               "open_set": card.open_set},
-        step_key=f"card:{file_sha256(file)}:{len(card.classes)}" if file.is_file() else None,
+        # what the card says of the model's outputs is part of the key: an edited card is a new step
+        step_key=(f"card:{file_sha256(file)}:{len(card.classes)}:{bool(card.imagenet_evidence)}"
+                  if file.is_file() else None),
         evidence=load_taxonomy() if card.imagenet_evidence else None,
     )
     return _load_unless_converted(clf)
