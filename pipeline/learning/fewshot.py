@@ -211,15 +211,18 @@ def open_set_card(fitted: FewShotFit) -> dict[str, Any] | None:
                     f"(the lowest out-of-fold similarity of a training photo to its own class, minus {OPEN_SET_MARGIN})"}
 
 
-def paths_embeddings(paths: list[Path], backbone, batch_size: int = 32) -> tuple[np.ndarray, list]:
-    """Pooled features of each photo through the classify stage (the same decode and compiled step), from the
-    loaded ``Backbone`` whose frozen trunk the few-shot model is then built on (loaded once for both)."""
+def paths_embeddings(paths: list[Path], backbone, batch_size: int = 32):
+    """``Predictions`` of each photo through the classify stage (the same decode and compiled step), from the
+    loaded ``Backbone`` whose frozen trunk the few-shot model is then built on (loaded once for both): the
+    pooled features, and the backbone's ImageNet evidence folded by the packaged taxonomy (product and
+    not-product masses), which ``labelcat train`` reads to leave non-products out of the training folders."""
     from pipeline.models.classifier import Classifier
     from pipeline.models.preprocess import IMAGENET_224
+    from pipeline.models.taxonomy import load_taxonomy
     from pipeline.stages.classify import predict
 
     n_out = int(backbone.model.outputs[0].shape[-1])
+    tax = load_taxonomy() if n_out == 1000 else None
     clf = Classifier(name=backbone.name, version=backbone.weights_sha256, model=backbone.model, preprocess=IMAGENET_224,
-                     categories=[str(i) for i in range(n_out)])
-    preds = predict(clf, paths, batch_size=batch_size)
-    return preds.embeddings, preds.errors
+                     categories=list(tax.categories) if tax else [str(i) for i in range(n_out)], taxonomy=tax)
+    return predict(clf, paths, batch_size=batch_size)

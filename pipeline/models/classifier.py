@@ -78,6 +78,7 @@ class Classifier:
     steps: dict = field(default_factory=dict, repr=False)  # compiled per-batch functions, by option (classify)
     step_key: str | None = None  # the model's source files by sha256, when known before loading it
     evidence: Taxonomy | None = None  # a shop model's: folds its second (ImageNet) output into not-product evidence
+    evidence_ignored: frozenset[str] = frozenset()  # ...except what most photos of a class showed in training
     threads: int | None = None  # CPU threads its XNNPACK engine may use (None: every core this process may use)
 
     @property
@@ -242,6 +243,7 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
         step_key=(f"card:{file_sha256(file)}:{len(card.classes)}:{bool(card.imagenet_evidence)}"
                   if file.is_file() else None),
         evidence=load_taxonomy() if card.imagenet_evidence else None,
+        evidence_ignored=frozenset((card.imagenet_evidence or {}).get("ignored", ())),
     )
     return _load_unless_converted(clf)
 

@@ -229,6 +229,12 @@ def _fold(classifier: Classifier, raw: np.ndarray, errors: list[tuple[str, str] 
     imagenet_top = [
         None if errors[i] else f"{names[top[i]].split(',')[0]} ({source[i, top[i]]:.2f})" for i in range(n)
     ]
+    if classifier.taxonomy is None:  # a shop model: what its own training photos showed is its products' evidence
+        sold = np.array([g in classifier.evidence_ignored for g in tax.groups], bool)
+        product_mass += group_mass[:, sold].sum(axis=1)
+        group_mass[:, sold] = 0.0
+        if "no_product" in classifier.evidence_ignored:
+            product_mass[:] = 1.0
     for i, e in enumerate(errors):
         if e:
             probs[i] = 0.0

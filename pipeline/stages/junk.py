@@ -74,6 +74,23 @@ def quality_reason(q: Quality, width: int, height: int, cfg: JunkConfig) -> str 
     return None
 
 
+def not_product_evidence(product_mass: float, group_mass: np.ndarray, groups: list[str],
+                         cfg: JunkConfig) -> tuple[str, str] | None:
+    """(what: a not-product group or ``no_product``, the junk reason) when ImageNet's evidence says the
+    photo shows no product, or None (also when there is no evidence: a shop model without an ImageNet
+    output)."""
+    if not group_mass.size:
+        return None
+    g = int(group_mass.argmax())
+    # Only when the photo is more not-product than product: a hard disc that also looks a little like a
+    # circuit board, or a road bike a little like a vehicle, is a product of its category (aliases win).
+    if group_mass[g] >= cfg.not_product and group_mass[g] >= product_mass:
+        return groups[g], f"not_product: looks like {groups[g].replace('_', ' ')} ({group_mass[g]:.2f})"
+    if product_mass < cfg.min_product_evidence:
+        return "no_product", f"no_product: product evidence {product_mass:.2f} < {cfg.min_product_evidence}"
+    return None
+
+
 def semantic_reason(
     label: str,
     confidence: float,
@@ -86,14 +103,9 @@ def semantic_reason(
     cfg: JunkConfig,
 ) -> str | None:
     """Why the model says this photo does not belong, or None."""
-    if group_mass.size:
-        g = int(group_mass.argmax())
-        # Only when the photo is more not-product than product: a hard disc that also looks a little like a
-        # circuit board, or a road bike a little like a vehicle, is a product of its category (aliases win).
-        if group_mass[g] >= cfg.not_product and group_mass[g] >= product_mass:
-            return f"not_product: looks like {groups[g].replace('_', ' ')} ({group_mass[g]:.2f})"
-    if group_mass.size and product_mass < cfg.min_product_evidence:
-        return f"no_product: product evidence {product_mass:.2f} < {cfg.min_product_evidence}"
+    evidence = not_product_evidence(product_mass, group_mass, groups, cfg)
+    if evidence:
+        return evidence[1]
     if hint_category and label != hint_category:
         p_hint = float(probs[categories.index(hint_category)])
         # A contradiction counts by both sides: a confident winner, weak product evidence, or a hinted

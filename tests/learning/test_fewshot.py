@@ -334,3 +334,44 @@ def test_the_saved_few_shot_model_reads_what_the_fit_saw(tmp_path):
     plain = pooled - pooled.mean(axis=0)
     plain /= np.linalg.norm(plain, axis=1, keepdims=True)
     assert np.abs(emb - plain).max() > 1e-2  # the transform is really there
+
+
+@pytest.mark.slow
+def test_training_leaves_out_what_imagenet_calls_no_product_unless_the_class_sells_it(tmp_path):
+    """A class of two photos cannot judge its odd one by likeness; the backbone's ImageNet evidence can (the
+    rocket among cushions). A class whose photos mostly show what ImageNet calls no product is what the shop
+    sells (a pet shop's cats): kept in training, recorded in the card, and not junked for it at night."""
+    import skimage
+
+    from pathlib import Path
+
+    train = tmp_path / "train"
+    for cls, files in {"hoodies": ["hoodies/cl_bogo01_1.jpg", "hoodies/cl_bogo03_1.jpg", "hoodies/cl_bogo04_1.jpg"],
+                       "t-shirts": ["t-shirts/cl_boot01_1.jpg", "t-shirts/cl_boot03_1.jpg", "t-shirts/cl_boot06_1.jpg"],
+                       "cushions": ["cushions/cuschion01.jpg", "paints/rocket.jpg"],
+                       "pets": ["cushions/cat.jpg"]}.items():
+        (train / cls).mkdir(parents=True)
+        for f in files:
+            shutil.copy(SAMPLE / "images" / f, train / cls)
+    shutil.copy(Path(skimage.data.__file__).parent / "chelsea.png", train / "pets" / "chelsea.png")
+    r = CliRunner().invoke(cli, ["train", str(train), "--out", str(tmp_path / "model")])
+    assert r.exit_code == 0, r.output
+    left_out = [line for line in r.output.splitlines() if line.startswith("left out")]
+    assert len(left_out) == 1 and "rocket.jpg: no_product: product evidence" in left_out[0], r.output
+    card = read_card(tmp_path / "model")
+    assert card.training_data["per_class"] == {"hoodies": 3, "t-shirts": 3, "cushions": 1, "pets": 2}
+    assert card.imagenet_evidence["ignored"] == ["animal"]
+    night = tmp_path / "night"
+    (night / "pets").mkdir(parents=True)
+    (night / "hoodies").mkdir(parents=True)
+    shutil.copy(SAMPLE / "images" / "cushions" / "cat.jpg", night / "pets")
+    shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo02_1.jpg", night / "hoodies")
+    shutil.copy(SAMPLE / "images" / "paints" / "rocket.jpg", night / "hoodies")
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(tmp_path / "model"), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas().set_index("path")
+    name = {p.rsplit("/", 1)[1]: p for p in t.index}
+    assert t.loc[name["cat.jpg"], "status"] == "labelled" and t.loc[name["cat.jpg"], "label"] == "pets"
+    assert t.loc[name["cl_bogo02_1.jpg"], "status"] == "labelled"
+    assert t.loc[name["rocket.jpg"], "junk_reason"].startswith(("no_product", "not_product"))
