@@ -57,28 +57,34 @@ def test_few_shot_training_learns_the_shops_own_classes(few_shot):
 @pytest.mark.slow
 def test_a_trained_model_declines_what_does_not_belong(few_shot, tmp_path):
     base, _ = few_shot
-    night = tmp_path / "night"
-    for cls in ("hoodies", "t-shirts"):
-        (night / cls).mkdir(parents=True)
-    shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo04_1.jpg", night / "hoodies")
-    shutil.copy(SAMPLE / "images" / "cushions" / "cat.jpg", night / "hoodies")  # a cat in the hoodie folder
-    shutil.copy(SAMPLE / "images" / "juices" / "espresso.jpg", night / "t-shirts")  # coffee among t-shirts
-    shutil.copy(SAMPLE / "images" / "t-shirts" / "cl_boot07_1.jpg", night / "t-shirts")
-    out = tmp_path / "o.parquet"
-    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(base / "model"), "-o", str(out), "-q"])
-    assert r.exit_code == 0, r.output
-    t = pq.read_table(out).to_pandas().set_index("path")
-    name = {p.rsplit("/", 1)[1]: p for p in t.index}
+    t = night_rows(tmp_path, base / "model", {  # a cat in the hoodie folder, coffee among t-shirts
+        "hoodies": ["hoodies/cl_bogo04_1.jpg", "cushions/cat.jpg"],
+        "t-shirts": ["juices/espresso.jpg", "t-shirts/cl_boot07_1.jpg"]})
     for junk in ("cat.jpg", "espresso.jpg"):
-        assert t.loc[name[junk], "status"] == "junk", t.loc[name[junk]].to_dict()
-        assert t.loc[name[junk], "junk_reason"].startswith(("unknown", "hint_mismatch", "not_product"))
-        assert bool(t.loc[name[junk], "needs_review"])
+        assert t.loc[junk, "status"] == "junk", t.loc[junk].to_dict()
+        assert t.loc[junk, "junk_reason"].startswith(("unknown", "hint_mismatch", "not_product"))
+        assert bool(t.loc[junk, "needs_review"])
     for product, cls in (("cl_bogo04_1.jpg", "hoodies"), ("cl_boot07_1.jpg", "t-shirts")):
-        assert t.loc[name[product], "status"] == "labelled" and t.loc[name[product], "label"] == cls
+        assert t.loc[product, "status"] == "labelled" and t.loc[product, "label"] == cls
     # the frozen backbone's ImageNet output came with the model: the cat is an animal, the products are products
-    assert t.loc[name["cat.jpg"], "junk_reason"].startswith("not_product: looks like animal")
-    assert "cat" in t.loc[name["cat.jpg"], "imagenet_top"] and t.loc[name["cat.jpg"], "product_evidence"] < 0.2
-    assert t.loc[name["cl_bogo04_1.jpg"], "product_evidence"] > 0.8 and t.loc[name["cl_boot07_1.jpg"], "product_evidence"] > 0.8
+    assert t.loc["cat.jpg", "junk_reason"].startswith("not_product: looks like animal")
+    assert "cat" in t.loc["cat.jpg", "imagenet_top"] and t.loc["cat.jpg", "product_evidence"] < 0.2
+    assert t.loc["cl_bogo04_1.jpg", "product_evidence"] > 0.8 and t.loc["cl_boot07_1.jpg", "product_evidence"] > 0.8
+
+
+def night_rows(tmp_path, model, filed: dict[str, list[str]]):
+    """``labelcat run`` with ``model`` on a night's folder tree of sample_catalog photos (folder → files under
+    ``images/``): the rows, indexed by file name."""
+    night = tmp_path / "night"
+    for folder, files in filed.items():
+        (night / folder).mkdir(parents=True)
+        for f in files:
+            shutil.copy(SAMPLE / "images" / f, night / folder)
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(model), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas()
+    return t.set_index(t.path.str.rsplit("/", n=1).str[1])
 
 
 @pytest.mark.slow
@@ -361,17 +367,8 @@ def test_training_leaves_out_what_imagenet_calls_no_product_unless_the_class_sel
     card = read_card(tmp_path / "model")
     assert card.training_data["per_class"] == {"hoodies": 3, "t-shirts": 3, "cushions": 1, "pets": 2}
     assert card.imagenet_evidence["ignored"] == ["animal"]
-    night = tmp_path / "night"
-    (night / "pets").mkdir(parents=True)
-    (night / "hoodies").mkdir(parents=True)
-    shutil.copy(SAMPLE / "images" / "cushions" / "cat.jpg", night / "pets")
-    shutil.copy(SAMPLE / "images" / "hoodies" / "cl_bogo02_1.jpg", night / "hoodies")
-    shutil.copy(SAMPLE / "images" / "paints" / "rocket.jpg", night / "hoodies")
-    out = tmp_path / "o.parquet"
-    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(tmp_path / "model"), "-o", str(out), "-q"])
-    assert r.exit_code == 0, r.output
-    t = pq.read_table(out).to_pandas().set_index("path")
-    name = {p.rsplit("/", 1)[1]: p for p in t.index}
-    assert t.loc[name["cat.jpg"], "status"] == "labelled" and t.loc[name["cat.jpg"], "label"] == "pets"
-    assert t.loc[name["cl_bogo02_1.jpg"], "status"] == "labelled"
-    assert t.loc[name["rocket.jpg"], "junk_reason"].startswith(("no_product", "not_product"))
+    t = night_rows(tmp_path, tmp_path / "model", {"pets": ["cushions/cat.jpg"],
+                                                  "hoodies": ["hoodies/cl_bogo02_1.jpg", "paints/rocket.jpg"]})
+    assert t.loc["cat.jpg", "status"] == "labelled" and t.loc["cat.jpg", "label"] == "pets"
+    assert t.loc["cl_bogo02_1.jpg", "status"] == "labelled"
+    assert t.loc["rocket.jpg", "junk_reason"].startswith(("no_product", "not_product"))
