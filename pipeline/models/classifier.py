@@ -253,16 +253,17 @@ def to_mixed_precision(model):
 
     Mixed precision is a property each layer gets when it is built, so a model
     loaded in float32 has to be cloned layer by layer; the weights are copied
-    and the final layer stays float32 so softmax sees full-precision logits.
+    and the layers that make the model's outputs stay float32 so softmax sees full-precision logits (a
+    few-shot model's shop logits and its backbone's ImageNet logits alike).
     """
     import keras
 
     policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
-    last = model.layers[-1].name
+    outputs = set(model.output_names)
 
     def clone(layer):
         config = layer.get_config()
-        if layer.name != last and not isinstance(layer, keras.layers.InputLayer):
+        if layer.name not in outputs and not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 

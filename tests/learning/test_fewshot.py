@@ -112,6 +112,11 @@ def test_a_shop_model_keeps_its_backbones_imagenet_evidence(few_shot, tmp_path):
     one = tmp_path / "one"
     shutil.copytree(base / "model", one)
     model, _ = load_model(one)
+    from pipeline.models.classifier import to_mixed_precision
+
+    mixed = to_mixed_precision(model)  # a GPU's: both outputs' layers stay float32, the trunk does not
+    assert [mixed.get_layer(n).dtype_policy.name for n in ("logits", "imagenet")] == ["float32", "float32"]
+    assert mixed.get_layer("unit").dtype_policy.name.startswith("mixed_")
     import keras
 
     keras.Model(model.inputs, model.outputs[0]).save(one / "model.keras")
