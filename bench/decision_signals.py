@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decisions import junk_rates, more_shop_photos, saleor_photos, skimage_photos  # noqa: E402
+from decisions import draw_split, junk_rates, more_shop_photos, saleor_photos, skimage_photos  # noqa: E402
 
 from pipeline.learning.fewshot import LOGIT_SCALE, centroid_rule, fit  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
@@ -73,8 +73,7 @@ def few_shot(features: dict[str, np.ndarray], y: np.ndarray, junk: dict[str, np.
     yk = np.searchsorted(classes, y)
     scores: dict[str, list[float]] = {}
     for _ in range(splits):
-        train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
-        test = np.setdiff1d(np.flatnonzero(np.isin(y, classes)), train)
+        train, test = draw_split(rng, y, classes, k)
         for name, x in features.items():
             mean = x[train].mean(axis=0)
             zt, zs = normalise(x[train], mean), normalise(x[test], mean)

@@ -235,6 +235,20 @@ def gcompris_photos(workdir: Path) -> tuple[list[tuple[Path, str, str]], list[Pa
     return products, [p for folder in ("animals", *GCOMPRIS_NON_PRODUCTS) for p in by_folder[folder]]
 
 
+def draw_split(rng: np.random.Generator, y: np.ndarray, classes: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random few-shot split: ``k`` training photos of each of ``classes``, and the rest of those classes'
+    photos held out (in index order)."""
+    train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+    return train, np.setdiff1d(np.flatnonzero(np.isin(y, classes)), train)
+
+
+def card_temperature(f, y_train: np.ndarray, n: int) -> float:
+    """The temperature ``labelcat train`` writes in the card: fitted on the out-of-fold scores (T = 1 without)."""
+    oof = f.cv["oof_logits"]
+    return calibrate(oof.astype(np.float64), y_train, [str(c) for c in range(n)], 0.95)["temperature"] \
+        if oof is not None else 1.0
+
+
 def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0) -> dict[tuple[int, str], float]:
     """Mean held-out accuracy over random splits with k photos a class (classes with more than k photos)."""
     rng = np.random.default_rng(seed)
@@ -242,8 +256,7 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
     for k in ks:
         classes = [c for c in np.unique(y) if (y == c).sum() > k]
         for _ in range(splits):
-            train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
-            test = np.array([i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)])
+            train, test = draw_split(rng, y, classes, k)
             yk = np.searchsorted(classes, y)
             mean = emb[train].mean(axis=0)
             zt, zs = normalise(emb[train], mean), normalise(emb[test], mean)
@@ -283,13 +296,9 @@ def few_shot_calibration(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: 
         yk = np.searchsorted(classes, y)
         per, floor, probs, labels = [], [], [], []
         for _ in range(splits):
-            train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
-            test = np.array([i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)])
+            train, test = draw_split(rng, y, classes, k)
             f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
-            oof = f.cv["oof_logits"]
-            t = calibrate(oof.astype(np.float64), yk[train], [str(c) for c in classes], 0.95)["temperature"] \
-                if oof is not None else 1.0
-            p = softmax(f.embed(emb[test]) @ f.weights + f.bias, t)
+            p = softmax(f.embed(emb[test]) @ f.weights + f.bias, card_temperature(f, yk[train], len(classes)))
             per.append(ece(p, yk[test]))
             conf, top = p.max(axis=1), p.argmax(axis=1)
             floor.append(np.mean([ece(p, np.where(draw.random(len(conf)) < conf, top, (top + 1) % len(classes)))
@@ -311,7 +320,7 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
     caught, lost, n_junk, n_prod = 0, 0, 0, 0
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
     for _ in range(splits):
-        train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+        train, test = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
         f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
         threshold = f.min_similarity if f.min_similarity is not None else -1.0
@@ -322,7 +331,6 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
             label = int((z @ f.weights + f.bias).argmax())
             return bool(sims.max() < threshold or (label != hint and sims[hint] < OUTLIER_SIMILARITY))
 
-        test = [i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)]
         lost += sum(junked(emb[i], int(yk[i])) for i in test)
         n_prod += len(test)
         caught += sum(junked(e, int(rng.integers(len(classes)))) for e in junk_emb)
@@ -400,17 +408,15 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
     names = [str(c) for c in range(len(classes))]
     out: dict[str, list[int]] = {}
     for _ in range(runs):
-        train = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in classes])
+        train, rows = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
         f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
         card = open_set_card(f)
-        oof = f.cv["oof_logits"]
-        t = calibrate(oof.astype(np.float64), yk[train], names, 0.95)["temperature"] if oof is not None else 1.0
-        rows = [i for i in np.flatnonzero(np.isin(y, classes)) if i not in set(train)]
+        t = card_temperature(f, yk[train], len(classes))
         placed = file_in_folders(rng, yk[rows], ["held-out products"] * len(rows), list(range(len(classes))),
                                  ["non-products"] * len(junk_emb), misfiled, share)
         photos = np.concatenate([emb[rows], junk_emb])
-        source = np.concatenate([np.asarray(rows), len(emb) + np.arange(len(junk_emb))])[[p for p, _, _ in placed]]
+        source = np.concatenate([rows, len(emb) + np.arange(len(junk_emb))])[[p for p, _, _ in placed]]
         zz = f.embed(photos[[p for p, _, _ in placed]])
         probs = softmax(zz @ f.weights + f.bias, t)
         hints = [names[c] for _, c, _ in placed]
