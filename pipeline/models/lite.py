@@ -72,11 +72,18 @@ class LiteStep:
             return tuple(self._interpreter.get_tensor(i).copy() for i in self._outputs)
 
 
-def step_digest(model, temperature: float, shape: tuple[int, ...]) -> str:
-    """What the converted step depends on: the weights, the temperature, the input shape, the converter."""
+def _digest(temperature: float, shape: tuple[int, ...]):
+    """The hash both digests start from: the converter, the libraries that trace the step, its constants."""
     import tensorflow as tf
 
-    h = hashlib.sha256(f"{CONVERSION}|{tf.__version__}|{temperature!r}|{tuple(shape)}|".encode())
+    import keras
+
+    return hashlib.sha256(f"{CONVERSION}|{tf.__version__}|{keras.__version__}|{temperature!r}|{tuple(shape)}|".encode())
+
+
+def step_digest(model, temperature: float, shape: tuple[int, ...]) -> str:
+    """What the converted step depends on: the weights, the temperature, the input shape, the converter."""
+    h = _digest(temperature, shape)
     for i, w in enumerate(model.weights):  # by position: Keras' layer names vary with what else the process built
         value = np.ascontiguousarray(w.numpy())
         h.update(f"{i}:{value.dtype}:{value.shape}|".encode())
@@ -88,12 +95,9 @@ def key_digest(key: str, temperature: float, shape: tuple[int, ...]) -> str:
     """``step_digest`` from the model's source instead of its loaded weights: ``key`` names the files the
     model is loaded from by their sha256 (``Classifier.step_key``), so the cached step is found before, and
     without, loading the model."""
-    import tensorflow as tf
-
-    import keras
-
-    return hashlib.sha256(f"{CONVERSION}|{tf.__version__}|{keras.__version__}|{temperature!r}|{tuple(shape)}|"
-                          f"source:{key}".encode()).hexdigest()
+    h = _digest(temperature, shape)
+    h.update(f"source:{key}".encode())
+    return h.hexdigest()
 
 
 def _step_path(digest: str, cache: Path | None = None) -> Path:
