@@ -234,9 +234,11 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     tax = load_taxonomy()
     seen = [not_product_evidence(float(m), g, tax.groups if g.size else [], JunkConfig())
             for m, g in zip(preds.product_mass[ok], preds.group_mass[ok])]
-    shown = [e[0] if e else None for e in seen]
-    ignored = sorted({what for k in range(len(classes)) for what in {shown[i] for i in np.flatnonzero(y == k)} - {None}
-                      if 2 * sum(shown[i] == what for i in np.flatnonzero(y == k)) > (y == k).sum()})
+    ignored: set[str] = set()
+    for k in range(len(classes)):
+        members = np.flatnonzero(y == k)
+        shown = Counter(seen[i][0] for i in members if seen[i])
+        ignored |= {what for what, count in shown.items() if 2 * count > len(members)}
     not_products = {i: e[1] for i, e in enumerate(seen) if e and e[0] not in ignored}
     unlike = set(class_outliers(emb, y).tolist())
     outliers = np.array(sorted(unlike | set(not_products)), int)
@@ -253,7 +255,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
         "rule": "the backbone's ImageNet probabilities, folded by the packaged taxonomy at night, junk a photo "
                 "that is not a product (not_product, no_product) as the default model does, except what most "
                 "photos of a class showed in training (ignored: the shop sells it, its mass counts as product evidence)",
-        "ignored": ignored}
+        "ignored": sorted(ignored)}
     seconds = time.perf_counter() - t0
     oof = fitted.cv.pop("oof_logits")
     if oof is not None:
