@@ -36,6 +36,7 @@ class JunkConfig:
     ruled_out: float = 0.01  # ...or the hint's category gets less than this...
     ruled_out_winner: float = 0.5  # ...while another category gets at least this
     outlier_similarity: float = 0.10  # CL2N cosine to the other photos of its hint below which a photo is an outlier
+    mismatch_alternative: float = 0.20  # a shop model's hint_mismatch needs its nearest class at least this alike
     outlier_min_group: int = 5  # a hint needs this many photos (tonight's and earlier) before one can be unlike the rest
     outlier_coherent: float = 0.30  # ...and its photos must agree this much (median similarity) to judge one
     outlier_reference: int = 200  # earlier photos kept per hint to judge tonight's against (the most recent)
@@ -297,9 +298,14 @@ def open_set_reason(embedding: np.ndarray, open_set: dict | None, categories: li
     ``unknown``: the photo is far from every class the model knows (below the
     card's ``min_similarity``). ``hint_mismatch``: it is filed under a class it
     is unlike (similarity below ``outlier_similarity``) while the model's
-    nearest class is another one: the cat in the shoe folder, which a
-    softmax would otherwise call confidently whichever class it is least
-    unlike. ``embedding`` is what the logits layer reads (centred, unit length).
+    nearest class is another one, and one it is like (``mismatch_alternative``):
+    the cat in the shoe folder, which a softmax would otherwise call
+    confidently whichever class it is least unlike. Why the alternative: a
+    photo unlike every class says only that the model has not seen its kind,
+    which is what a few photos of a broad class (a multimeter among tools
+    trained on hammers and pliers) look like too; the card's ``min_similarity``
+    and the ImageNet evidence judge those, and folder mates may flag them.
+    ``embedding`` is what the logits layer reads (centred, unit length).
     """
     if not open_set or embedding.size == 0:
         return None
@@ -313,7 +319,7 @@ def open_set_reason(embedding: np.ndarray, open_set: dict | None, categories: li
                 f"< {float(open_set['min_similarity']):.2f}")
     if hint_category in categories and label != hint_category:
         s_hint = float(sims[categories.index(hint_category)])
-        if s_hint < cfg.outlier_similarity:
+        if s_hint < cfg.outlier_similarity and sims[best] >= cfg.mismatch_alternative:
             return (f"hint_mismatch: filed as {hint_category} but unlike its photos (similarity {s_hint:.2f}); "
                     f"nearest class {categories[best]} ({sims[best]:.2f})")
     return None

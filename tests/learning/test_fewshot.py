@@ -12,7 +12,7 @@ from pipeline.cli import cli
 from pipeline.learning.fewshot import class_outliers, fit, power_transform
 from pipeline.models.embeddings import leave_one_out_similarity
 from pipeline.models.card import read_card
-from pipeline.stages.junk import HintReference, JunkConfig, Likeness, folder_likeness, folder_verdict
+from pipeline.stages.junk import HintReference, JunkConfig, Likeness, folder_likeness, folder_verdict, open_set_reason
 
 #: Real product photos per class in sample_catalog (near copies and misfiled photos excluded).
 PRODUCTS = {
@@ -173,6 +173,30 @@ def test_a_mixed_folder_judges_each_photo_by_its_most_alike_mate():
     # a mate's likeness never vouches for a contradicted hint: two misfiled sneakers would vouch for each other
     mismatch = "hint_mismatch: filed as beauty_health (0.00) but looks like footwear (0.95)"
     assert folder_verdict(mismatch, likeness[0], "footwear", "beauty_health", cfg) == (mismatch, None)
+
+
+def test_a_contradicted_hint_needs_a_class_the_photo_is_like():
+    """A shop model says ``hint_mismatch`` when a photo is unlike its folder's class *and* like another (a sneaker
+    in the hoodie folder); a photo unlike every class it knows (a multimeter filed under tools that were
+    trained on hammers and pliers) is no evidence of misfiling: above the card's ``min_similarity`` it keeps its
+    folder, below it it is ``unknown``."""
+    cfg = JunkConfig()
+    cats = ["hoodies", "sneakers", "tools"]
+    card = {"centroids": np.eye(3, 4).tolist(), "min_similarity": 0.05}
+
+    def photo(*sims: float) -> np.ndarray:  # a unit vector with these cosines to the three class means
+        v = np.array([*sims, 0.0])
+        v[3] = np.sqrt(1 - (v ** 2).sum())
+        return v.astype(np.float32)
+
+    sneaker = photo(0.02, 0.6, 0.0)
+    assert open_set_reason(sneaker, card, cats, "sneakers", "hoodies", cfg).startswith(
+        "hint_mismatch: filed as hoodies but unlike its photos (similarity 0.02); nearest class sneakers (0.60)")
+    assert open_set_reason(sneaker, card, cats, "sneakers", "sneakers", cfg) is None
+    novel = photo(0.08, 0.0, cfg.mismatch_alternative - 0.05)  # unlike the tools it knows, like nothing else either
+    assert open_set_reason(novel, card, cats, "hoodies", "tools", cfg) is None
+    assert open_set_reason(photo(0.03, 0.04, 0.0), card, cats, "sneakers", "tools", cfg).startswith(
+        "unknown: nearest class sneakers at similarity 0.04 < 0.05")
 
 
 def outliers(emb, hints, ref=None):
