@@ -155,6 +155,19 @@ def machine() -> str:
     return f"{cpu}, {cpu_count()} cores{gpu}"
 
 
+def environment() -> str:
+    """The interpreter's versions, and whether scikit-learn is installed. Why: Keras, which TensorFlow imports
+    eagerly, imports scikit-learn when it is there (0.8 s of start-up on the 2-core machine); labelcat does not
+    need it, so a venv with only labelcat's own and test requirements starts faster than one shared with
+    peers' tools (imagededup needs it). Run the bench from the venv a user has, or read this line."""
+    import importlib.metadata as md
+    import importlib.util
+
+    versions = ", ".join(f"{name} {md.version(name)}" for name in ("tensorflow", "keras"))
+    sklearn = "scikit-learn installed (imported with Keras)" if importlib.util.find_spec("sklearn") else "no scikit-learn"
+    return f"Python {platform.python_version()}, {versions}, {sklearn}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="photos for the pipeline measurements")
@@ -188,6 +201,7 @@ def main() -> None:
         results["cli_wall"] = rate(len(paths), wall)
         classifier = load_classifier(args.model, precision=args.precision)
         results["model"], results["precision"], results["machine"] = classifier.name, classifier.precision, machine()
+        results["environment"] = environment()
         bench_decode(paths[: args.batch_size], args.batch_size, None)  # warm the file cache and tf.data
         results["decode_parallel"] = bench_decode(paths, args.batch_size, None)
         results["decode_1_thread"] = bench_decode(paths, args.batch_size, 1)
@@ -237,7 +251,7 @@ def main() -> None:
         rows.insert(2, ("labelcat full pipeline, `--runner ray` (local Ray, start-up included)", "ray_pipeline"))
     lines = [f"Machine: {results['machine']}; {args.n} photo-content JPEGs 1600x1200 q90; batch {args.batch_size}; "
              f"chunks of {args.chunk_size}; "
-             f"{results['model']} ({results['precision']})", "",
+             f"{results['model']} ({results['precision']}); {results['environment']}", "",
              "| measurement | images/s | vs naive | of the bound |", "|---|---:|---:|---:|"]
     lines += [f"| {label} | {float(results[key]):.1f} | {float(results[key]) / naive:.1f}x | {float(results[key]) / bound:.2f} |"
               for label, key in rows]

@@ -50,8 +50,8 @@ from pipeline.learning.recipe import calibrate  # noqa: E402
 from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
-from pipeline.stages.junk import (JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
-                                  open_set_reason, semantic_reason)
+from pipeline.stages.junk import (Catalogue, JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
+                                  open_set_reason, semantic_reason, sold_posterior, unsold_reason)
 
 FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
           "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
@@ -362,7 +362,8 @@ def _count(tallies: dict[str, list[int]], name: str, junked: bool) -> None:
 
 
 def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[int], cfg: JunkConfig, runs: int,
-                 misfiled: float = 0.15, share: float = 0.5, seed: int = 2) -> dict[str, tuple[int, int]]:
+                 misfiled: float = 0.15, share: float = 0.5, seed: int = 2,
+                 sold: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
     """Junk decisions as ``labelcat run`` makes them on a folder per category, all photos in one chunk.
 
     Each run files the photos (``file_in_folders``: every product in its own category's folder, except a random
@@ -371,6 +372,8 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
     (``folder_verdict``: a photo unlike the others of its folder is junk when the model disagrees with the
     folder too; one as like them as they are like each other overrules a ``hint_mismatch``). ``kinds[i]`` names
     row ``i``'s tally ('dev', 'test' for products, anything else for non-products; ``hinted[i]`` is -1 there).
+    ``sold``: the shop's catalogue (``Catalogue.sold``; what ``--catalogue auto`` makes of a tree that files
+    photos under every category of ``shop``): the probabilities given it, and ``unsold_reason``, as the runner.
     Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     cats = clf.categories
@@ -384,10 +387,10 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
         hints = [cats[f] for _, f, _ in placed]
         likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
         for j, (i, hint, (_, _, tally)) in enumerate(zip(rows, hints, placed)):
-            p = preds.probs[i]
+            p = sold_posterior(preds.probs[i:i + 1], sold)[0]
             label = cats[int(p.argmax())]
-            reason = semantic_reason(label, float(p.max()), p, cats, float(preds.product_mass[i]), preds.group_mass[i],
-                                     clf.taxonomy.groups, hint, cfg)
+            reason = (semantic_reason(label, float(p.max()), p, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                                      clf.taxonomy.groups, hint, cfg) or unsold_reason(preds.probs[i], sold, cats, cfg))
             _count(out, tally, folder_verdict(reason, likeness.get(j), label, hint, cfg)[0] is not None)
     return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
@@ -470,49 +473,59 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print("\nZero-shot (ImageNet Lite0 + taxonomy): label == the folder's category")
     hinted = np.array([clf.categories.index(clf.hint_category(f)) for _, f, _ in photos])
     cfg = JunkConfig()
-    fused = hint_posterior(preds.probs[:n], hinted, cfg.hint_trust)
-
-    def junked(i: int, hint: int) -> bool:
-        """The default model's junk rules on photo ``i`` filed under category ``hint``."""
-        p = preds.probs[i]
-        return semantic_reason(clf.categories[int(p.argmax())], float(p.max()), p, clf.categories,
-                               float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups,
-                               clf.categories[hint], cfg) is not None
-
-    for name in ("dev", "test"):
-        idx = np.flatnonzero(part == name)
-        alone = sum(int(preds.probs[i].argmax()) == hinted[i] for i in idx)
-        lost = [i for i in idx if junked(i, hinted[i])]
-        kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in lost)
-        print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
-              f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(lost)}")
-    print("\nJunk from the default model's rules (not a product, no product, a contradicted hint)")
+    cats = list(clf.categories)
     shop = sorted(set(hinted.tolist()))
-    for name in ("dev", "test"):
-        idx = np.flatnonzero(part == name)
-        misfiled = [(i, h) for i in idx for h in shop if h != hinted[i]]
-        caught = sum(junked(i, h) for i, h in misfiled)
-        print(f"  {name}: real products junked in their own folder {sum(junked(i, hinted[i]) for i in idx)}/{len(idx)}; "
-              f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
+    # what `--catalogue auto` makes of a night that files photos under every folder: the shop's categories
+    catalogues = {"all": None, "auto": Catalogue(cats, seen={cats[h] for h in shop}).sold()}
+
+    def junked(i: int, hint: int, sold: np.ndarray | None) -> bool:
+        """The default model's junk rules on photo ``i`` filed under category ``hint``, the runner's way."""
+        p = sold_posterior(preds.probs[i:i + 1], sold)[0]
+        return (semantic_reason(cats[int(p.argmax())], float(p.max()), p, cats, float(preds.product_mass[i]),
+                                preds.group_mass[i], clf.taxonomy.groups, cats[hint], cfg)
+                or unsold_reason(preds.probs[i], sold, cats, cfg)) is not None
+
+    for catalogue, sold in catalogues.items():
+        probs = sold_posterior(preds.probs[:n], sold)
+        fused = hint_posterior(probs, hinted, cfg.hint_trust)
+        print(f" --catalogue {catalogue} ({len(cats) if sold is None else int(sold.sum())} categories)")
+        for name in ("dev", "test"):
+            idx = np.flatnonzero(part == name)
+            alone = sum(int(probs[i].argmax()) == hinted[i] for i in idx)
+            lost = [i for i in idx if junked(i, hinted[i], sold)]
+            kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in lost)
+            print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
+                  f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(lost)}")
+    print("\nJunk from the default model's rules (not a product, no product, a contradicted hint, not sold)")
+    for catalogue, sold in catalogues.items():
+        for name in ("dev", "test"):
+            idx = np.flatnonzero(part == name)
+            misfiled = [(i, h) for i in idx for h in shop if h != hinted[i]]
+            caught = sum(junked(i, h, sold) for i, h in misfiled)
+            print(f"  --catalogue {catalogue}, {name}: real products junked in their own folder "
+                  f"{sum(junked(i, hinted[i], sold) for i in idx)}/{len(idx)}; "
+                  f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
     nonproducts = {"non-products": range(n, n + len(junk))}
     start = n + len(junk)
     for name, paths in held_out_sets.items():
         nonproducts[f"held-out non-products ({len(paths)} {name})"] = range(start, start + len(paths))
         start += len(paths)
-    for label, rows in nonproducts.items():
-        if rows:
-            caught = sum(junked(i, h) for i in rows for h in shop)
-            print(f"  {label} filed in each category's folder, junked {caught}/{len(rows) * len(shop)} = "
-                  f"{caught / (len(rows) * len(shop)):.1%}")
+    for catalogue, sold in catalogues.items():
+        for label, rows in nonproducts.items():
+            if rows:
+                caught = sum(junked(i, h, sold) for i in rows for h in shop)
+                print(f"  --catalogue {catalogue}, {label} filed in each category's folder, junked "
+                      f"{caught}/{len(rows) * len(shop)} = {caught / (len(rows) * len(shop)):.1%}")
     kinds = [s for _, _, s in photos] + ["scikit-image non-products"] * len(junk) + [
         f"held-out non-products ({name})" for name, paths in held_out_sets.items() for _ in paths]
     runs = max(10, args.splits // 4)
-    trees = folder_trees(preds, clf, np.concatenate([hinted, -np.ones(len(junk) + len(held_out), int)]), kinds, shop,
-                         cfg, runs)
     print(f"\nAs `labelcat run` decides on a folder per category ({runs} random trees, all photos in one chunk: 15% of "
           f"the products misfiled, half the non-products filed in random folders), junked:")
-    for name, (j, t) in trees.items():
-        print(f"  {name}: {j}/{t} = {j / t:.1%}")
+    for catalogue, sold in catalogues.items():
+        trees = folder_trees(preds, clf, np.concatenate([hinted, -np.ones(len(junk) + len(held_out), int)]), kinds,
+                             shop, cfg, runs, sold=sold)
+        for name, (j, t) in trees.items():
+            print(f"  --catalogue {catalogue}, {name}: {j}/{t} = {j / t:.1%}")
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
     curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
     for (k, rule), acc in sorted(curve.items()):

@@ -155,6 +155,10 @@ def cli() -> None:
 @limit_options
 @dedupe_options
 @junk_options
+@click.option("--catalogue", default="auto", show_default=True, metavar="auto|all|CATEGORY,...",
+              help="The categories the shop sells: labels name only these, and a photo the model confidently calls "
+                   "something else is junk (not_sold). auto: the categories photos are filed under (folders or hint "
+                   "column, tonight's and earlier nights'), once there are two, for the default model; all: any.")
 @click.option("--corrections", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CORRECTIONS,
               show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
@@ -176,7 +180,8 @@ def cli() -> None:
 @quiet_option
 def run(
     input_path: Path, out: Path, summary_json: Path | None, model: str, taxonomy: Path | None, precision: str,
-    batch_size: int, top_k: int, embeddings: bool, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, corrections: Path,
+    batch_size: int, top_k: int, embeddings: bool, limits: Limits, dedupe: DedupeConfig, junk: JunkConfig, catalogue: str,
+    corrections: Path,
     review_threshold: float | None, store: Path | str | None, chunk_size: int, relabel: bool, skip_seen: bool,
     allow_outside: bool, log_file: Path | None, fail_on_row_errors: bool, runner: str, ray_address: str | None,
     quiet: bool,
@@ -189,7 +194,7 @@ def run(
     1 when the run failed; 2 on usage errors; 3 when the store is locked.
     """
     from pipeline.stages.ingest import IngestError
-    from pipeline.runners.local import RunConfig, log_to_file, run as run_pipeline, write_summary_json
+    from pipeline.runners.local import CatalogueError, RunConfig, log_to_file, run as run_pipeline, write_summary_json
     from pipeline.ops.store import Store, StoreError, StoreLocked
 
     if (relabel or skip_seen) and store is None:
@@ -222,7 +227,7 @@ def run(
         workers=limits.workers, dedupe=dedupe, junk=junk,
         quiet=quiet, corrections=corrections, review_threshold=review_threshold, store=store,
         chunk_size=chunk_size, relabel=relabel, skip_seen=skip_seen, allow_outside=allow_outside, log=log,
-        embeddings=embeddings,
+        embeddings=embeddings, catalogue=catalogue,
     )
     if store is not None:  # refuse a foreign or locked store before spending seconds on the model
         try:
@@ -246,7 +251,7 @@ def run(
                                        cfg, preprocess=expected)
     except click.UsageError:
         raise
-    except (IngestError, StoreError) as exc:
+    except (IngestError, StoreError, CatalogueError) as exc:
         raise click.UsageError(str(exc)) from None
     except StoreLocked as exc:
         _locked(exc, log)

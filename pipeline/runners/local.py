@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -46,8 +47,9 @@ from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import (HintReference, JunkConfig, folder_likeness, folder_verdict, hint_posterior,
-                                  open_set_reason, quality_reason, semantic_reason)
+from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, folder_likeness, folder_verdict,
+                                  hint_posterior, open_set_reason, quality_reason, semantic_reason, sold_posterior,
+                                  unsold_reason)
 from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -55,6 +57,28 @@ from pipeline.contract import LABEL_FIELDS
 from pipeline.ops.store import History, Store, dequantise, fault_point, index_record
 
 DEFAULT_CHUNK = 2048
+
+
+class CatalogueError(ValueError):
+    """A ``--catalogue`` the model cannot use (a usage error: nothing was written)."""
+
+
+def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
+    """The run's ``Catalogue`` from ``--catalogue``: ``auto`` (the categories photos are filed under, for
+    the default model: a trained model's classes are the shop's already), ``all``, or names, each a model
+    category or a folder name that maps to one (``Classifier.hint_category``)."""
+    cats = list(classifier.categories)
+    if option == "auto":
+        return Catalogue(cats, auto=classifier.taxonomy is not None)
+    if option == "all":
+        return Catalogue(cats, auto=False)
+    names = [n.strip() for n in option.split(",") if n.strip()]
+    mapped = {n: classifier.hint_category(n) for n in names}
+    unknown = [n for n, c in mapped.items() if c is None]
+    if unknown or not names:
+        raise CatalogueError(f"--catalogue: {', '.join(unknown) or 'no category'} is not a category of "
+                             f"{classifier.name} (its categories: {', '.join(cats)})")
+    return Catalogue(cats, fixed=frozenset(mapped.values()))
 
 
 @dataclass
@@ -78,6 +102,7 @@ class RunConfig:
     skip_seen: bool = False  # with a store: leave already-labelled photos out of the output
     embeddings: bool = False  # write each classified photo's embedding to the output
     allow_outside: bool = False  # manifest paths may leave the manifest's folder
+    catalogue: str = "auto"  # what labels may name: "auto" (the hints' categories), "all", or a comma-separated list
     log: Callable[[dict[str, Any]], None] = field(default=lambda event: None)
 
 
@@ -222,6 +247,7 @@ class Context:
     engine: Engine = field(default_factory=local_engine)
     hint_reference: HintReference = field(default_factory=HintReference)  # labelled photos by hint, for outliers
     copies: EmbeddingIndex = field(default_factory=EmbeddingIndex)  # kept classified photos, for the copy check
+    catalogue: Catalogue | None = None  # the categories the shop sells (``catalogue_for``); None: any
 
     def remember(self, rec: dict[str, Any]) -> None:
         """Put an index record's embedding among the reference photos for folder outliers (labelled rows
@@ -251,6 +277,8 @@ class Context:
             self.index.add(key, rec["sha256"], Hashes.from_fields(rec))
         self.keep_for_copies(key, rec)
         self.remember(rec)
+        if self.catalogue is not None:  # what the shop filed photos under on earlier nights
+            self.catalogue.add(self.classifier.hint_category(rec.get("category_hint")))
         rec.pop("embedding_q8", None)
         rec.pop("thumb", None)
 
@@ -339,10 +367,11 @@ def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> 
 
 
 def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
-                 hinted: np.ndarray, ctx: Context, processed_at: datetime) -> list[dict[str, Any]]:
+                 hinted: np.ndarray, ctx: Context, processed_at: datetime,
+                 unsold: list[str | None] | None = None) -> list[dict[str, Any]]:
     """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
     rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, hinted,
-                    ctx, processed_at)
+                    ctx, processed_at, unsold)
     for r in rows:  # errors, duplicates and seen rows: nothing for a person to decide on this row
         r.setdefault("needs_review", False)
     if ctx.corrections:
@@ -374,12 +403,22 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                                     [plan.good[row].pixels for row in plan.to_classify], clf, cfg, bar.update)
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
+    sold = None
+    if ctx.catalogue is not None:
+        for rec in records:
+            ctx.catalogue.add(clf.hint_category(rec.category_hint))
+        sold = ctx.catalogue.sold()
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3),
-             **({"engine": clf.info["engine"]} if "engine" in clf.info else {})})  # the Ray runner's is its actors'
+             **({"engine": clf.info["engine"]} if "engine" in clf.info else {}),  # the Ray runner's is its actors'
+             **({"catalogue": [c for c, s in zip(clf.categories, sold) if s]} if sold is not None else {})})
+    # the photo shows something the shop sells: the labels, the junk rules and the copy check's categories
+    # read the probabilities given that; the model's own say which photos show something it does not sell
+    unsold = [unsold_reason(p, sold, list(clf.categories), cfg.junk) for p in preds.probs] if sold is not None else None
+    preds = dataclasses.replace(preds, probs=sold_posterior(preds.probs, sold))
     hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx)
     confirm_copies(plan, preds, hinted, ctx)
 
-    rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at)
+    rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, unsold)
     index_records = []
     for r in rows:  # every row of tonight is remembered, so later nights call it seen whatever its status
         s = plan.good.get(r["row"])
@@ -469,6 +508,7 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
             classifier = classifier.result()
             if preprocess != classifier.preprocess:  # the model takes another input: scan again
                 early = None
+        catalogue = catalogue_for(classifier, cfg.catalogue)  # a usage error before anything is written
         run_id = new_run_id(started)
         run_date = f"{started:%Y-%m-%d}"
         done: set[int] | None = set()
@@ -481,7 +521,8 @@ def run(source: str | Path, out: str | Path | None, classifier: Classifier | Fut
         corrections = load_corrections(cfg.corrections) if cfg.corrections else {}
         search = engine.segment_search(cfg.dedupe) if engine.segment_search else None
         ctx = Context(classifier, cfg, run_id, BatchIndex(cfg.dedupe, search), history, corrections, engine=engine,
-                      hint_reference=HintReference(cfg.junk.outlier_reference))
+                      hint_reference=HintReference(cfg.junk.outlier_reference),
+                      catalogue=catalogue)
         for key, rec in history.entries.items():  # in publishing order: the most recent stay in the reference
             ctx.recall(key, rec)
         meta = run_meta(source, batch, classifier, cfg, run_id, started)
@@ -568,9 +609,11 @@ def assemble(
     hinted: np.ndarray,
     ctx: Context,
     processed_at: datetime,
+    unsold: list[str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One output dict per ingest record of the chunk, in input order. ``hinted``: the predictions'
-    probabilities with the folders counted (``with_hints``), where the labels of kept rows come from."""
+    probabilities with the folders counted (``with_hints``), where the labels of kept rows come from;
+    ``unsold``: each classified photo's ``not_sold`` reason, if any (``unsold_reason``)."""
     classifier, cfg = ctx.classifier, ctx.cfg
     cats = classifier.categories
     pos = {row: i for i, row in enumerate(classified)}
@@ -631,7 +674,8 @@ def assemble(
             reason, review_note = folder_verdict(semantic_reason(
                 label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
                 preds.group_mass[i], groups, hint_cat, cfg.junk,
-            ) or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk),
+            ) or (unsold[i] if unsold else None)
+                or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk),
                 likeness.get(i), label, hint_cat, cfg.junk)
         if reason:  # junk keeps what the photo looks like, for the reviewer to overrule
             row.update(label=label, confidence=confidence, topk_labels=alone_labels[i], topk_scores=alone_scores[i],

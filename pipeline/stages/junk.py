@@ -120,6 +120,61 @@ def semantic_reason(
     return None
 
 
+@dataclass
+class Catalogue:
+    """The categories the shop sells, among a model's ``categories``: what labels may name.
+
+    Why: the default model's label space is the taxonomy's 29 categories, and
+    most of its zero-shot mistakes name one the shop does not sell (tweezers
+    as ``office_books``, a running shoe as ``sports``, a tablet as
+    ``appliances``). Knowing the photo shows one of the shop's categories is
+    evidence, and Bayes' rule counts it (``sold_posterior``). ``fixed``: the
+    categories a person named (``--catalogue``). Otherwise, when ``auto``, the
+    categories the shop files its photos under (its folders or hint column,
+    tonight's and earlier nights'), once there are two: a night of one folder
+    says nothing about what else the shop sells. ``None`` where neither holds.
+    """
+
+    categories: list[str]
+    fixed: frozenset[str] | None = None
+    auto: bool = True
+    seen: set[str] = field(default_factory=set)
+
+    def add(self, category: str | None) -> None:
+        """A category the shop filed a photo under (a hint's category; ``None`` for no usable hint)."""
+        if category in self.categories:
+            self.seen.add(category)
+
+    def sold(self) -> np.ndarray | None:
+        """A boolean mask over ``categories``, or None when labels may name any of them."""
+        names = self.fixed if self.fixed is not None else self.seen if self.auto and len(self.seen) >= 2 else None
+        return None if names is None else np.array([c in names for c in self.categories])
+
+
+def sold_posterior(probs: np.ndarray, sold: np.ndarray | None) -> np.ndarray:
+    """The category probabilities given that the photo shows something the shop sells: the model's, zero
+    outside ``sold`` and renormalised (rows with no mass there, a failed decode's zeros, stay zero)."""
+    if sold is None or probs.ndim != 2 or not len(probs):
+        return probs
+    kept = np.where(sold, probs, 0.0)
+    mass = kept.sum(axis=1, keepdims=True)
+    return np.divide(kept, mass, out=np.zeros_like(kept), where=mass > 0).astype(probs.dtype)
+
+
+def unsold_reason(probs: np.ndarray, sold: np.ndarray | None, categories: list[str], cfg: JunkConfig) -> str | None:
+    """``not_sold`` when the model confidently names a category the shop does not sell and gives the shop's
+    own categories together less than the hint floor: a sneaker in a shop of TVs. ``probs``: one photo's
+    probabilities before ``sold_posterior`` (which would call it the least unlikely TV)."""
+    if sold is None or not sold.any() or sold.all():
+        return None
+    mass = float(probs[sold].sum())
+    other = int(np.where(sold, -1.0, probs).argmax())
+    if mass < cfg.hint_floor and probs[other] >= cfg.mismatch_confidence:
+        return (f"not_sold: looks like {categories[other]} ({probs[other]:.2f}); "
+                f"the shop's categories get {mass:.2f}")
+    return None
+
+
 def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float) -> np.ndarray:
     """The category probabilities once the photo's folder or hint is counted as evidence too.
 

@@ -83,3 +83,34 @@ def test_the_folder_counts_as_evidence_for_the_label():
     # the prior is Bayes' rule: at trust t over K categories the hinted one is weighted t (K-1) / (1-t) to 1
     w = 0.9 * (len(cats) - 1) / 0.1
     assert post[0, cats.index("computers")] == pytest.approx(0.22 * w / (0.22 * w + 0.78), rel=1e-5)
+
+
+def test_the_shops_catalogue_is_evidence_and_what_it_does_not_sell_is_junk():
+    """Given the photo shows something the shop sells, Bayes' rule zeroes and renormalises the rest; a photo the
+    model confidently calls something the shop does not sell, with the shop's own categories under the hint
+    floor together, is ``not_sold``. The catalogue is the categories a person named, or (auto) the categories
+    photos were filed under once there are two."""
+    from pipeline.stages.junk import Catalogue, sold_posterior, unsold_reason
+
+    cats = ["tops", "footwear", "office_books", "tools_diy"]
+    auto = Catalogue(cats)
+    auto.add("tools_diy")
+    auto.add(None)
+    auto.add("not a category")
+    assert auto.sold() is None  # one folder says nothing of what else the shop sells
+    auto.add("tops")
+    sold = auto.sold()
+    assert sold.tolist() == [True, False, False, True]
+    assert Catalogue(cats, auto=False, seen={"tops", "tools_diy"}).sold() is None
+    assert Catalogue(cats, fixed=frozenset({"footwear"})).sold().tolist() == [False, True, False, False]
+
+    tweezers = np.array([[0.02, 0.0, 0.94, 0.04]], np.float32)  # ImageNet's "letter opener": office_books
+    assert np.allclose(sold_posterior(tweezers, sold), [[1 / 3, 0.0, 0.0, 2 / 3]])
+    assert sold_posterior(tweezers, None) is tweezers
+    assert sold_posterior(np.zeros((1, 4), np.float32), sold).tolist() == [[0.0] * 4]  # a failed decode stays zero
+    assert unsold_reason(tweezers[0], sold, cats, CFG) is None  # the shop's categories get 0.06: not under the floor
+    book = np.array([0.01, 0.0, 0.98, 0.01], np.float32)
+    assert unsold_reason(book, sold, cats, CFG) == "not_sold: looks like office_books (0.98); the shop's categories get 0.02"
+    unsure = np.array([0.01, 0.2, 0.78, 0.01], np.float32)  # nothing confident outside the catalogue
+    assert unsold_reason(unsure, sold, cats, CFG) is None
+    assert unsold_reason(book, None, cats, CFG) is None
