@@ -325,15 +325,16 @@ def folder_verdict(reason: str | None, likeness: Likeness | None, label: str, hi
     - A photo unlike the other photos of its folder (``outlier_similarity``) is junk ``hint_outlier`` when
       the model's ``label`` disagrees with the folder too; when the model agrees (the shop's deliberate
       "espresso filed under drinks"), a person is shown it instead.
-    - A ``hint_mismatch`` is overruled when the photo is as like its folder's other photos as they are like
-      each other (``outlier_coherent``): a sneaker shot from the sole, which ImageNet calls a knee pad with
+    - A ``hint_mismatch`` (or ``not_sold``: the same contradiction by a category the shop does not sell) is
+      overruled when the photo is as like its folder's other photos as they are like each other
+      (``outlier_coherent``): a sneaker shot from the sole, which ImageNet calls a knee pad with
       footwear at 0.00, still looks like the other sneakers, while a product misfiled in another category's
       folder or a non-product does not (none of the bench's development photos reaches 0.30 there). It
       is kept, labelled as the photo and its folder say together (``hint_posterior``), and shown to a
       person. Only a coherent folder's typical photo vouches: in a
       mixed folder (``Likeness.nearest``), two misfiled photos of one kind would vouch for each other.
     """
-    if (reason and reason.startswith("hint_mismatch") and likeness and not likeness.nearest
+    if (reason and reason.startswith(("hint_mismatch", "not_sold")) and likeness and not likeness.nearest
             and likeness.similarity >= cfg.outlier_coherent):
         return None, (f"hint_vouched: {reason.split(': ', 1)[1]}; like {likeness.others} "
                       f"(similarity {likeness.similarity:.2f})")

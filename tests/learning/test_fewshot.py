@@ -218,6 +218,8 @@ def test_the_folder_has_its_say_on_the_models_reason():
                                      "other 8 photos filed as sneakers (similarity 0.34)")
     for weak in (None, Likeness(cfg.outlier_coherent - 0.01, "the other 8 photos filed as sneakers")):
         assert folder_verdict(mismatch, weak, "sports", "footwear", cfg) == (mismatch, None)
+    not_sold = "not_sold: looks like sports (0.91); the shop's categories get 0.03"  # contradicted by what it does not sell
+    assert folder_verdict(not_sold, like, "footwear", "footwear", cfg)[0] is None
     not_product = "not_product: looks like animal (0.90)"  # only the folder's category contradicted is overruled
     assert folder_verdict(not_product, like, "animal", "footwear", cfg) == (not_product, None)
     unlike = Likeness(cfg.outlier_similarity - 0.2, "the other 5 photos filed as drinks")
@@ -297,21 +299,38 @@ def test_a_folder_of_like_photos_overrules_a_contradicted_hint_but_not_an_intrud
     """With a strict --mismatch-confidence, the photo alone would junk two Saleor juice bottles in their own folder
     (ImageNet: lotion, beauty_health 0.68-0.74, food_drink 0.03-0.04); they look like the other juices, so they
     are labelled by their folder and shown to a person. A paint tin moved among the juices (the same
-    contradiction, beauty_health 0.77) is unlike them and stays junk, as do the sneaker in the hoodies."""
+    contradiction, beauty_health 0.77) is unlike them and stays junk, as do the sneaker in the hoodies.
+    Among all 29 categories (``--catalogue all``) the contradiction is a ``hint_mismatch``; with the shop's
+    catalogue (the folders' five categories, which hold no beauty_health) the one bottle whose contradiction
+    stays strict enough is ``not_sold``, and the folder overrules that the same way."""
     shutil.copytree(SAMPLE / "images", tmp_path / "in")
     shutil.move(tmp_path / "in" / "paints" / "paints_01.jpg", tmp_path / "in" / "juices" / "paints_01.jpg")
-    out = tmp_path / "out.parquet"
-    r = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(out), "-q", "--mismatch-confidence", "0.6"])
-    assert r.exit_code == 0, r.output
-    rows = pq.read_table(out).to_pandas().set_index("path")
-    row = {name: rows.loc[str(tmp_path / "in" / name)] for name in (
-        "juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg", "juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg")}
+
+    def rows_with(*options: str):
+        out = tmp_path / "out.parquet"
+        r = CliRunner().invoke(cli, ["run", str(tmp_path / "in"), "--out", str(out), "-q", "--mismatch-confidence", "0.6",
+                                     *options])
+        assert r.exit_code == 0, r.output
+        rows = pq.read_table(out).to_pandas().set_index("path")
+        return {name: rows.loc[str(tmp_path / "in" / name)] for name in (
+            "juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg", "juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg")}
+
+    row = rows_with("--catalogue", "all")
     for name in ("juices/fd_juice_01.jpg", "juices/fd_juice_06.jpg"):
         assert row[name].status == "labelled" and row[name].label == "food_drink" and row[name].needs_review
         assert row[name].review_reason.startswith("hint_vouched: filed as food_drink"), row[name].review_reason
         assert "like the other 6 photos filed as juices" in row[name].review_reason
     for name in ("juices/paints_01.jpg", "hoodies/sneakers_misfiled.jpg"):
         assert row[name].status == "junk" and row[name].junk_reason.startswith("hint_mismatch"), row[name].junk_reason
+
+    row = rows_with()
+    vouched = row["juices/fd_juice_01.jpg"]
+    assert vouched.status == "labelled" and vouched.label == "food_drink" and vouched.needs_review
+    assert vouched.review_reason.startswith("hint_vouched: looks like beauty_health"), vouched.review_reason
+    assert "like the other 6 photos filed as juices" in vouched.review_reason
+    assert row["juices/fd_juice_06.jpg"].label == "food_drink" and row["juices/fd_juice_06.jpg"].status == "labelled"
+    assert row["juices/paints_01.jpg"].status == "junk"  # unlike the juices, whatever the model calls it
+    assert row["hoodies/sneakers_misfiled.jpg"].junk_reason.startswith("hint_mismatch: filed as tops")
 
 
 @pytest.mark.slow
