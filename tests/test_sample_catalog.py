@@ -115,3 +115,41 @@ def test_a_named_catalogue_junks_what_the_shop_does_not_sell(tmp_path):
     bad = tmp_path / "bad.parquet"
     r = CliRunner().invoke(cli, ["run", str(night.parent), "--out", str(bad), "--quiet", "--catalogue", "cushions,spaceships"])
     assert r.exit_code == 2 and "spaceships is not a category" in r.output and not bad.exists()
+
+
+@pytest.mark.slow
+def test_the_catalogue_remembers_what_earlier_nights_filed(tmp_path):
+    """``--catalogue auto`` needs two categories: a night of one folder alone says nothing of what else the
+    shop sells, so its juice cartons (lotion to ImageNet) are labelled by their folder and shown to a person.
+    With ``--store``, the folders of earlier nights count too: after a night of hoodies and juices, the next
+    night's lone juice folder is read among tops and drinks, and the photos say food_drink themselves."""
+    def night(name: str, files: list[str]):
+        for f in files:
+            (tmp_path / name / f.split("/")[0]).mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_bytes((SAMPLE / "images" / f).read_bytes())
+        return tmp_path / name
+
+    first = night("first", ["hoodies/cl_bogo01_1.jpg", "juices/fd_juice_01.jpg"])
+    second = night("second", ["juices/fd_juice_03.jpg", "juices/fd_juice_05.jpg"])
+
+    def juices(source, *options):
+        out = tmp_path / f"{source.name}{len(options)}.parquet"
+        r = CliRunner().invoke(cli, ["run", str(source), "--out", str(out), "--quiet", "--log-file",
+                                     str(tmp_path / "log.jsonl"), *options])
+        assert r.exit_code == 0, r.output
+        t = pq.read_table(out).to_pandas()
+        return t[t["path"].str.contains("fd_juice_0[35]")]
+
+    alone = juices(second)
+    assert (alone["label"] == "food_drink").all() and (alone["label_source"] == "hint").all() and alone["needs_review"].all()
+    store = ["--store", str(tmp_path / "store")]
+    juices(first, *store)
+    remembered = juices(second, *store)
+    assert len(remembered) == 2 and (remembered["status"] == "labelled").all()
+    assert (remembered["label"] == "food_drink").all() and (remembered["label_source"] == "model").all()
+    assert not remembered["needs_review"].any()
+    import json
+
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    catalogues = [e.get("catalogue") for e in events if e["stage"] == "classify"]
+    assert catalogues == [None, ["tops", "food_drink"], ["tops", "food_drink"]]
