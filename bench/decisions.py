@@ -487,7 +487,7 @@ def run(work: Path, args: argparse.Namespace) -> None:
 
     for catalogue, sold in catalogues.items():
         probs = sold_posterior(preds.probs[:n], sold)
-        fused = hint_posterior(probs, hinted, cfg.hint_trust)
+        fused = hint_posterior(probs, hinted, cfg.hint_trust, int(sold.sum()) if sold is not None else None)
         print(f" --catalogue {catalogue} ({len(cats) if sold is None else int(sold.sum())} categories)")
         for name in ("dev", "test"):
             idx = np.flatnonzero(part == name)

@@ -333,14 +333,15 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
     return Plan(good, quality_junk, seen, duplicates, to_classify)
 
 
-def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context) -> np.ndarray:
+def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context, sold: np.ndarray | None = None) -> np.ndarray:
     """The classified photos' category probabilities with their folders or hints counted (``--hint-trust``):
     what a kept row's label and top-k come from, so also what the copy check groups photos by (the index
-    records of earlier chunks and nights carry that top-k)."""
+    records of earlier chunks and nights carry that top-k). ``sold``: the catalogue in force, which the
+    prior is spread over."""
     cats = ctx.classifier.categories
     named = [ctx.classifier.hint_category(h) for h in hints]
     return hint_posterior(probs, np.array([cats.index(c) if c in cats else -1 for c in named], int),
-                          ctx.cfg.junk.hint_trust)
+                          ctx.cfg.junk.hint_trust, int(sold.sum()) if sold is not None else None)
 
 
 def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> None:
@@ -415,7 +416,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     # read the probabilities given that; the model's own say which photos show something it does not sell
     unsold = [unsold_reason(p, sold, list(clf.categories), cfg.junk) for p in preds.probs] if sold is not None else None
     preds = dataclasses.replace(preds, probs=sold_posterior(preds.probs, sold))
-    hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx)
+    hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, unsold)

@@ -175,7 +175,7 @@ def unsold_reason(probs: np.ndarray, sold: np.ndarray | None, categories: list[s
     return None
 
 
-def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float) -> np.ndarray:
+def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float, categories: int | None = None) -> np.ndarray:
     """The category probabilities once the photo's folder or hint is counted as evidence too.
 
     Why: the shop filed the tablet under ``computers``; the photo alone says
@@ -186,8 +186,11 @@ def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float) -> np.ndar
     hint out to win against it (at 0.9 over 29 categories, 252 to 1), and those
     are what ``semantic_reason`` junks. ``hint`` holds each row's category
     index, -1 where there is no usable hint; such rows are returned unchanged.
+    ``categories``: how many categories the prior shares the rest over, when
+    fewer than the columns are possible (the shop's catalogue, ``Catalogue``):
+    ``trust`` stays the prior probability of the hinted one among them.
     """
-    k = probs.shape[1] if probs.ndim == 2 else 0
+    k = (categories or probs.shape[1]) if probs.ndim == 2 else 0
     rows = np.flatnonzero(np.asarray(hint) >= 0)
     if k < 2 or not rows.size or trust <= 1.0 / k:
         return probs

@@ -83,6 +83,9 @@ def test_the_folder_counts_as_evidence_for_the_label():
     # the prior is Bayes' rule: at trust t over K categories the hinted one is weighted t (K-1) / (1-t) to 1
     w = 0.9 * (len(cats) - 1) / 0.1
     assert post[0, cats.index("computers")] == pytest.approx(0.22 * w / (0.22 * w + 0.78), rel=1e-5)
+    # over a catalogue of 5 categories the same trust is the hinted one's prior among those 5: 36 to 1
+    few = hint_posterior(probs, hint, 0.9, categories=5)
+    assert few[0, cats.index("computers")] == pytest.approx(0.22 * 36 / (0.22 * 36 + 0.78), rel=1e-5)
 
 
 def test_the_shops_catalogue_is_evidence_and_what_it_does_not_sell_is_junk():
