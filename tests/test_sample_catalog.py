@@ -115,6 +115,8 @@ def test_a_named_catalogue_junks_what_the_shop_does_not_sell(tmp_path):
     bad = tmp_path / "bad.parquet"
     r = CliRunner().invoke(cli, ["run", str(night.parent), "--out", str(bad), "--quiet", "--catalogue", "cushions,spaceships"])
     assert r.exit_code == 2 and "spaceships is not a category" in r.output and not bad.exists()
+    r = CliRunner().invoke(cli, ["run", str(night.parent), "--out", str(bad), "--quiet", "--catalogue", " , "])
+    assert r.exit_code == 2 and "--catalogue names no category" in r.output and not bad.exists()
 
 
 @pytest.mark.slow

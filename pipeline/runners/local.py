@@ -75,9 +75,11 @@ def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
     names = [n.strip() for n in option.split(",") if n.strip()]
     mapped = {n: classifier.hint_category(n) for n in names}
     unknown = [n for n, c in mapped.items() if c is None]
-    if unknown or not names:
-        raise CatalogueError(f"--catalogue: {', '.join(unknown) or 'no category'} is not a category of "
-                             f"{classifier.name} (its categories: {', '.join(cats)})")
+    if not names:
+        raise CatalogueError("--catalogue names no category (auto, all, or categories separated by commas)")
+    if unknown:
+        raise CatalogueError(f"--catalogue: {', '.join(unknown)} is not a category of {classifier.name} "
+                             f"(its categories: {', '.join(cats)})")
     return Catalogue(cats, fixed=frozenset(mapped.values()))
 
 
