@@ -51,12 +51,12 @@ def build_tiny_model():
 @MODELS.register("tiny_test")
 def tiny_test(taxonomy: Taxonomy | None = None, precision: str = "float32") -> Classifier:
     """A tiny random network with the ImageNet output contract, for tests only."""
-    from pipeline.models.classifier import to_mixed_precision
+    from pipeline.models.classifier import at_precision
 
     tax = taxonomy or load_taxonomy()
     model = build_tiny_model()
     return Classifier(
-        name="tiny_test", version=f"tiny-1+{tax.digest}", model=to_mixed_precision(model) if precision == "mixed" else model,
+        name="tiny_test", version=f"tiny-1+{tax.digest}", model=at_precision(model, precision),
         preprocess=IMAGENET_224, categories=list(tax.categories), taxonomy=tax, precision=precision,
     )
 

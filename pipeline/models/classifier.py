@@ -87,6 +87,16 @@ class Classifier:
         tax = self.taxonomy or self.evidence
         return list(tax.groups) if tax else []
 
+    def step_digest(self) -> str:
+        """The digest its converted XNNPACK step is cached under (``models/lite.py``): from ``step_key`` when
+        the model's source files are known, so the cache is found without loading the model; else from the
+        loaded weights."""
+        from pipeline.models.lite import key_digest, step_digest
+
+        temperature, shape = float(self.temperature), self.preprocess.shape
+        return (key_digest(self.step_key, temperature, shape) if self.step_key
+                else step_digest(self.model, temperature, shape))
+
     @property
     def loaded(self) -> bool:
         """Whether the Keras model is in memory (``model`` has been read, or was given loaded)."""
@@ -111,14 +121,13 @@ def _imagenet_classifier(backbone: str, taxonomy: Taxonomy | None, precision: st
     tax = taxonomy or load_taxonomy()
 
     def load():
-        model = BACKBONES.get(backbone)().model
-        return to_mixed_precision(model) if precision == "mixed" else model
+        return at_precision(BACKBONES.get(backbone)().model, precision)
 
     weights = weights_file(backbone)
     if weights is None:  # a backbone that does not name its weights file: built now, and described by itself
         bb = BACKBONES.get(backbone)()
         weights_sha256, origin, key = bb.weights_sha256, bb.weights_origin, None
-        model = to_mixed_precision(bb.model) if precision == "mixed" else bb.model
+        model = at_precision(bb.model, precision)
     else:
         weights_sha256, origin, key = weights.sha256, weights.origin, f"{backbone}:{weights.sha256}"
         model = Deferred(load)
@@ -140,10 +149,9 @@ def _load_unless_converted(clf: Classifier) -> Classifier:
     """Load ``clf``'s model now unless a run on a CPU will not need it: float32, a step key, and its step
     converted and cached. Loading now is what surfaces a damaged or unsafe model file as a usage error before
     the run starts; a cached step means this very file was loaded and converted before."""
-    from pipeline.models.lite import converted, key_digest
+    from pipeline.models.lite import converted
 
-    if not (clf.step_key and clf.precision == "float32" and not has_gpu()
-            and converted(key_digest(clf.step_key, float(clf.temperature), clf.preprocess.shape))):
+    if not (clf.step_key and clf.precision == "float32" and not has_gpu() and converted(clf.step_digest())):
         clf.model  # noqa: B018 - read to load
     return clf
 
@@ -225,8 +233,7 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
     card = read_card(folder)
 
     def load():
-        model = load_model(folder)[0]
-        return to_mixed_precision(model) if precision == "mixed" else model
+        return at_precision(load_model(folder)[0], precision)
 
     file = folder / MODEL_FILE
     clf = Classifier(
@@ -246,6 +253,11 @@ def _card_classifier(folder: Path, precision: str) -> Classifier:
         evidence_ignored=frozenset((card.imagenet_evidence or {}).get("ignored", ())),
     )
     return _load_unless_converted(clf)
+
+
+def at_precision(model, precision: str):
+    """``model`` as ``precision`` ("mixed" or "float32", resolved) runs it."""
+    return to_mixed_precision(model) if precision == "mixed" else model
 
 
 def to_mixed_precision(model):

@@ -60,12 +60,9 @@ def make_step(classifier: Classifier, jit_compile: bool = False, engine: str = "
         classifier.info["engine"] = "tensorflow (XLA)" if jit_compile else "tensorflow"
         return _tf_step(classifier, jit_compile)
     if "xnnpack" not in classifier.steps:
-        from pipeline.models.lite import key_digest, lite_step, step_digest
+        from pipeline.models.lite import lite_step
 
-        temperature, shape = float(classifier.temperature), classifier.preprocess.shape
-        digest = (key_digest(classifier.step_key, temperature, shape) if classifier.step_key
-                  else step_digest(classifier.model, temperature, shape))
-        step = lite_step(lambda: _tf_step(classifier, False), digest, classifier.threads or cpu_count(),
+        step = lite_step(lambda: _tf_step(classifier, False), classifier.step_digest(), classifier.threads or cpu_count(),
                          _raw_outputs(classifier), outputs=_step_outputs(classifier))
         classifier.steps["xnnpack"] = ((step, "xnnpack") if step is not None
                                        else (_tf_step(classifier, False), "tensorflow (not convertible)"))
