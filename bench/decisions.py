@@ -51,7 +51,7 @@ from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
 from pipeline.stages.junk import (Catalogue, JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
-                                  open_set_reason, semantic_reason, sold_posterior, unsold_reason)
+                                  open_set_reason, photo_reason, sold_posterior)
 
 FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
           "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
@@ -368,18 +368,19 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
 
     Each run files the photos (``file_in_folders``: every product in its own category's folder, except a random
     ``misfiled`` share put in another category's folder, and a random ``share`` of the non-products in random
-    folders); then the runner's rules decide: the photo's own evidence (``semantic_reason``), then its folder
+    folders); then the runner's rules decide: the photo's own evidence (``photo_reason``), then its folder
     (``folder_verdict``: a photo unlike the others of its folder is junk when the model disagrees with the
     folder too; one as like them as they are like each other overrules a ``hint_mismatch``). ``kinds[i]`` names
     row ``i``'s tally ('dev', 'test' for products, anything else for non-products; ``hinted[i]`` is -1 there).
     ``sold``: the shop's catalogue (``Catalogue.sold``; what ``--catalogue auto`` makes of a tree that files
-    photos under every category of ``shop``): the probabilities given it, and ``unsold_reason``, as the runner.
+    photos under every category of ``shop``): the probabilities given it, and ``not_sold``, as the runner.
     Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     cats = clf.categories
     out: dict[str, list[int]] = {}
     photos = np.concatenate([np.flatnonzero(hinted >= 0), np.flatnonzero(hinted < 0)])
     n_products = int((hinted >= 0).sum())
+    given = sold_posterior(preds.probs, sold)
     for _ in range(runs):
         placed = file_in_folders(rng, hinted[photos[:n_products]], [f"{kinds[i]} products" for i in photos[:n_products]],
                                  shop, [kinds[i] for i in photos[n_products:]], misfiled, share)
@@ -387,10 +388,9 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
         hints = [cats[f] for _, f, _ in placed]
         likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
         for j, (i, hint, (_, _, tally)) in enumerate(zip(rows, hints, placed)):
-            p = sold_posterior(preds.probs[i:i + 1], sold)[0]
-            label = cats[int(p.argmax())]
-            reason = (semantic_reason(label, float(p.max()), p, cats, float(preds.product_mass[i]), preds.group_mass[i],
-                                      clf.taxonomy.groups, hint, cfg) or unsold_reason(preds.probs[i], sold, cats, cfg))
+            label = cats[int(given[i].argmax())]
+            reason = photo_reason(given[i], preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                                  clf.taxonomy.groups, hint, cfg)
             _count(out, tally, folder_verdict(reason, likeness.get(j), label, hint, cfg)[0] is not None)
     return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
@@ -429,8 +429,8 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
             label = names[top]
             mass, groups, group_names = ((evidence[0][source[j]], evidence[1][source[j]], evidence[2]) if evidence
                                          else (1.0, np.zeros(0, np.float32), []))
-            own = semantic_reason(label, float(probs[j, top]), probs[j], names, float(mass), groups, group_names, hint,
-                                  cfg) or open_set_reason(e, card, names, label, hint, cfg)
+            own = (photo_reason(probs[j], probs[j], None, names, float(mass), groups, group_names, hint, cfg)
+                   or open_set_reason(e, card, names, label, hint, cfg))
             reason = folder_verdict(own, likeness.get(j), label, hint, cfg)[0]
             _count(out, tally, reason is not None)
     return {key: (v[0], v[1]) for key, v in sorted(out.items())}
@@ -478,42 +478,43 @@ def run(work: Path, args: argparse.Namespace) -> None:
     # what `--catalogue auto` makes of a night that files photos under every folder: the shop's categories
     catalogues = {"all": None, "auto": Catalogue(cats, seen={cats[h] for h in shop}).sold()}
 
-    def junked(i: int, hint: int, sold: np.ndarray | None) -> bool:
+    given = {catalogue: sold_posterior(preds.probs, sold) for catalogue, sold in catalogues.items()}
+
+    def junked(i: int, hint: int, catalogue: str) -> bool:
         """The default model's junk rules on photo ``i`` filed under category ``hint``, the runner's way."""
-        p = sold_posterior(preds.probs[i:i + 1], sold)[0]
-        return (semantic_reason(cats[int(p.argmax())], float(p.max()), p, cats, float(preds.product_mass[i]),
-                                preds.group_mass[i], clf.taxonomy.groups, cats[hint], cfg)
-                or unsold_reason(preds.probs[i], sold, cats, cfg)) is not None
+        return photo_reason(given[catalogue][i], preds.probs[i], catalogues[catalogue], cats,
+                            float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups, cats[hint],
+                            cfg) is not None
 
     for catalogue, sold in catalogues.items():
-        probs = sold_posterior(preds.probs[:n], sold)
+        probs = given[catalogue][:n]
         fused = hint_posterior(probs, hinted, cfg.hint_trust, int(sold.sum()) if sold is not None else None)
         print(f" --catalogue {catalogue} ({len(cats) if sold is None else int(sold.sum())} categories)")
         for name in ("dev", "test"):
             idx = np.flatnonzero(part == name)
             alone = sum(int(probs[i].argmax()) == hinted[i] for i in idx)
-            lost = [i for i in idx if junked(i, hinted[i], sold)]
+            lost = [i for i in idx if junked(i, hinted[i], catalogue)]
             kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in lost)
             print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
                   f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(lost)}")
     print("\nJunk from the default model's rules (not a product, no product, a contradicted hint, not sold)")
-    for catalogue, sold in catalogues.items():
+    for catalogue in catalogues:
         for name in ("dev", "test"):
             idx = np.flatnonzero(part == name)
             misfiled = [(i, h) for i in idx for h in shop if h != hinted[i]]
-            caught = sum(junked(i, h, sold) for i, h in misfiled)
+            caught = sum(junked(i, h, catalogue) for i, h in misfiled)
             print(f"  --catalogue {catalogue}, {name}: real products junked in their own folder "
-                  f"{sum(junked(i, hinted[i], sold) for i in idx)}/{len(idx)}; "
+                  f"{sum(junked(i, hinted[i], catalogue) for i in idx)}/{len(idx)}; "
                   f"filed in each other category's folder, junked {caught}/{len(misfiled)} = {caught / len(misfiled):.1%}")
     nonproducts = {"non-products": range(n, n + len(junk))}
     start = n + len(junk)
     for name, paths in held_out_sets.items():
         nonproducts[f"held-out non-products ({len(paths)} {name})"] = range(start, start + len(paths))
         start += len(paths)
-    for catalogue, sold in catalogues.items():
+    for catalogue in catalogues:
         for label, rows in nonproducts.items():
             if rows:
-                caught = sum(junked(i, h, sold) for i in rows for h in shop)
+                caught = sum(junked(i, h, catalogue) for i in rows for h in shop)
                 print(f"  --catalogue {catalogue}, {label} filed in each category's folder, junked "
                       f"{caught}/{len(rows) * len(shop)} = {caught / (len(rows) * len(shop)):.1%}")
     kinds = [s for _, _, s in photos] + ["scikit-image non-products"] * len(junk) + [

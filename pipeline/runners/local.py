@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -48,8 +47,7 @@ from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
 from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, folder_likeness, folder_verdict,
-                                  hint_posterior, open_set_reason, quality_reason, semantic_reason, sold_posterior,
-                                  unsold_reason)
+                                  hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior)
 from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -370,11 +368,11 @@ def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> 
 
 
 def finish_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], plan: Plan, preds: Any,
-                 hinted: np.ndarray, ctx: Context, processed_at: datetime,
-                 unsold: list[str | None] | None = None) -> list[dict[str, Any]]:
+                 hinted: np.ndarray, ctx: Context, processed_at: datetime, given: np.ndarray | None = None,
+                 sold: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Rows from the plan and the model's predictions: assemble, human corrections, inherited labels."""
     rows = assemble(records, scans, plan.quality_junk, plan.duplicates, plan.seen, plan.to_classify, preds, hinted,
-                    ctx, processed_at, unsold)
+                    ctx, processed_at, given, sold)
     for r in rows:  # errors, duplicates and seen rows: nothing for a person to decide on this row
         r.setdefault("needs_review", False)
     if ctx.corrections:
@@ -416,12 +414,11 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
              **({"catalogue": [c for c, s in zip(clf.categories, sold) if s]} if sold is not None else {})})
     # the photo shows something the shop sells: the labels, the junk rules and the copy check's categories
     # read the probabilities given that; the model's own say which photos show something it does not sell
-    unsold = [unsold_reason(p, sold, list(clf.categories), cfg.junk) for p in preds.probs] if sold is not None else None
-    preds = dataclasses.replace(preds, probs=sold_posterior(preds.probs, sold))
-    hinted = with_hints(preds.probs, [by_row[row].category_hint for row in plan.to_classify], ctx, sold)
+    given = sold_posterior(preds.probs, sold)
+    hinted = with_hints(given, [by_row[row].category_hint for row in plan.to_classify], ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
-    rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, unsold)
+    rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)
     index_records = []
     for r in rows:  # every row of tonight is remembered, so later nights call it seen whatever its status
         s = plan.good.get(r["row"])
@@ -612,11 +609,13 @@ def assemble(
     hinted: np.ndarray,
     ctx: Context,
     processed_at: datetime,
-    unsold: list[str | None] | None = None,
+    given: np.ndarray | None = None,
+    sold: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """One output dict per ingest record of the chunk, in input order. ``hinted``: the predictions'
     probabilities with the folders counted (``with_hints``), where the labels of kept rows come from;
-    ``unsold``: each classified photo's ``not_sold`` reason, if any (``unsold_reason``)."""
+    ``given``: the probabilities given the catalogue ``sold`` (``sold_posterior``; the predictions' own when
+    there is none), what the photo alone looks like."""
     classifier, cfg = ctx.classifier, ctx.cfg
     cats = classifier.categories
     pos = {row: i for i, row in enumerate(classified)}
@@ -625,7 +624,8 @@ def assemble(
     by_row_rec = {r.row: r for r in records}
     hints = [by_row_rec[row].category_hint for row in classified]
     # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
-    alone_labels, alone_scores = top_k(preds.probs, cats, cfg.top_k)
+    given = preds.probs if given is None else given
+    alone_labels, alone_scores = top_k(given, cats, cfg.top_k)
     labels, scores = top_k(hinted, cats, cfg.top_k)
     likeness = folder_likeness(preds.embeddings, hints, cfg.junk, ctx.hint_reference.for_hints(hints))
     open_set = classifier.info.get("open_set")
@@ -674,10 +674,9 @@ def assemble(
                    embedding=preds.embeddings[i] if preds.embeddings.shape[1] else None)
         reason, review_note = quality_junk.get(rec.row), None
         if not reason:
-            reason, review_note = folder_verdict(semantic_reason(
-                label, confidence, preds.probs[i], cats, float(preds.product_mass[i]),
-                preds.group_mass[i], groups, hint_cat, cfg.junk,
-            ) or (unsold[i] if unsold else None)
+            reason, review_note = folder_verdict(
+                photo_reason(given[i], preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                             groups, hint_cat, cfg.junk)
                 or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk),
                 likeness.get(i), label, hint_cat, cfg.junk)
         if reason:  # junk keeps what the photo looks like, for the reviewer to overrule

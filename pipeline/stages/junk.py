@@ -175,6 +175,19 @@ def unsold_reason(probs: np.ndarray, sold: np.ndarray | None, categories: list[s
     return None
 
 
+def photo_reason(given: np.ndarray, probs: np.ndarray, sold: np.ndarray | None, categories: list[str],
+                 product_mass: float, group_mass: np.ndarray, groups: list[str], hint_category: str | None,
+                 cfg: JunkConfig) -> str | None:
+    """What one photo's own model evidence says against it, or None: ``semantic_reason`` on ``given`` (its
+    probabilities given the catalogue, ``sold_posterior``; the label and confidence are their top), then
+    ``unsold_reason`` on ``probs`` (the model's own). One place, so the runner and the benches that
+    measure it decide alike."""
+    top = int(given.argmax())
+    return (semantic_reason(categories[top], float(given[top]), given, categories, product_mass, group_mass, groups,
+                            hint_category, cfg)
+            or unsold_reason(probs, sold, categories, cfg))
+
+
 def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float, categories: int | None = None) -> np.ndarray:
     """The category probabilities once the photo's folder or hint is counted as evidence too.
 
