@@ -77,13 +77,17 @@ def bench_decode(paths: list[Path], batch_size: int, parallel: int | None) -> fl
 
 
 def bench_model(classifier, batch_size: int, batches: int, engine: str = "auto") -> float:
-    step = make_step(classifier, engine=engine)
     x = np.random.default_rng(1).integers(0, 255, (batch_size, *classifier.preprocess.shape), dtype=np.uint8)
+    return step_rate(make_step(classifier, engine=engine), x, batches)
+
+
+def step_rate(step, x: np.ndarray, batches: int) -> float:
+    """Images a second of a compiled step on the ready batch ``x``, after one call that traces it."""
     np.asarray(step(x)[0])  # trace once
     t = time.perf_counter()
     for _ in range(batches):
         np.asarray(step(x)[0])
-    return rate(batch_size * batches, time.perf_counter() - t)
+    return rate(len(x) * batches, time.perf_counter() - t)
 
 
 def bench_naive(classifier, paths: list[Path]) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "sample_catalog"))
 
-from bench import make_photos  # noqa: E402
+from bench import make_photos, step_rate  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.models.lite import LiteStep  # noqa: E402
 from pipeline.ops.device import cpu_count  # noqa: E402
@@ -43,14 +42,6 @@ def quantised_step(classifier) -> LiteStep:
     converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_step.get_concrete_function()], tf_step)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return LiteStep(converter.convert(), cpu_count(), _raw_outputs(classifier), _step_outputs(classifier))
-
-
-def rate(step, x: np.ndarray, batches: int) -> float:
-    step(x)
-    t = time.perf_counter()
-    for _ in range(batches):
-        step(x)
-    return len(x) * batches / (time.perf_counter() - t)
 
 
 def outputs(step, pixels: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +61,8 @@ def main() -> None:
     x = np.random.default_rng(1).integers(0, 255, (args.batch_size, *classifier.preprocess.shape), dtype=np.uint8)
     rates: dict[str, list[float]] = {"float32": [], "dynamic-range int8": []}
     for _ in range(2):
-        rates["float32"].append(rate(float_step, x, args.batches))
-        rates["dynamic-range int8"].append(rate(int8_step, x, args.batches))
+        rates["float32"].append(step_rate(float_step, x, args.batches))
+        rates["dynamic-range int8"].append(step_rate(int8_step, x, args.batches))
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
