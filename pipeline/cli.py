@@ -40,6 +40,15 @@ from pipeline.models.backbones import BACKBONES  # noqa: E402
 DEFAULT_OUT = "labelcat-output/labels.parquet"
 
 
+def catalogue_option(consequence: str, source: str) -> Callable[[Callable], Callable]:
+    """``--catalogue`` as ``run`` and ``evaluate`` both take it (``junk.catalogue_for``): one spelling, one
+    meaning, so an evaluation scores the labels a run would give."""
+    return click.option(
+        "--catalogue", default="auto", show_default=True, metavar="auto|all|CATEGORY,...",
+        help=f"The categories the shop sells: labels name only these{consequence}. auto: the categories photos "
+             f"are {source}, once there are two, for the default model; all: any.")
+
+
 def quiet_option(fn: Callable) -> Callable:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary (for cron).")(fn)
 
@@ -155,10 +164,8 @@ def cli() -> None:
 @limit_options
 @dedupe_options
 @junk_options
-@click.option("--catalogue", default="auto", show_default=True, metavar="auto|all|CATEGORY,...",
-              help="The categories the shop sells: labels name only these, and a photo the model confidently calls "
-                   "something else is junk (not_sold). auto: the categories photos are filed under (folders or hint "
-                   "column, tonight's and earlier nights'), once there are two, for the default model; all: any.")
+@catalogue_option(" and a photo the model confidently calls something else is junk (not_sold)",
+                  "filed under (folders or hint column, tonight's and earlier nights')")
 @click.option("--corrections", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CORRECTIONS,
               show_default=True, help="Review corrections store; photos a person labelled get the person's label.")
 @click.option("--review-threshold", type=click.FloatRange(0, 1), default=None,
@@ -194,7 +201,8 @@ def run(
     1 when the run failed; 2 on usage errors; 3 when the store is locked.
     """
     from pipeline.stages.ingest import IngestError
-    from pipeline.runners.local import CatalogueError, RunConfig, log_to_file, run as run_pipeline, write_summary_json
+    from pipeline.runners.local import RunConfig, log_to_file, run as run_pipeline, write_summary_json
+    from pipeline.stages.junk import CatalogueError
     from pipeline.ops.store import Store, StoreError, StoreLocked
 
     if (relabel or skip_seen) and store is None:
@@ -439,11 +447,15 @@ def train(data: tuple[str, ...], out: Path, arch: str | None, backbone: str, met
 @click.option("--target-precision", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Recommend the lowest confidence threshold whose accepted rows reach this precision.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per model call.")
+@catalogue_option("", "labelled with (DATA's folders or label column)")
 @quiet_option
-def evaluate(model: str, data: str, report_dir: Path | None, target_precision: float, batch_size: int, quiet: bool) -> None:
+def evaluate(model: str, data: str, report_dir: Path | None, target_precision: float, batch_size: int, catalogue: str,
+             quiet: bool) -> None:
     """Measure MODEL (registered name or model folder) on DATA (labelled folder/manifest, or `fashion-mnist`
     for its official test set): accuracy, per-class precision/recall/F1, ECE, confusion matrix,
     reliability diagram and the coverage table, written as Markdown + PNG + JSON.
+
+    Labels are read as `labelcat run` gives them: among the categories of --catalogue.
     """
     from pipeline.models.card import CardError
     from pipeline.learning.evaluate import evaluate_model, summary_line, write_report
@@ -451,6 +463,7 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     from pipeline.models.classifier import resolve_model
     from pipeline.ops.device import has_gpu
     from pipeline.stages.ingest import IngestError
+    from pipeline.stages.junk import CatalogueError
 
     has_gpu()  # imports TensorFlow with its start-up log muted
 
@@ -461,8 +474,8 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     if data != "fashion-mnist" and not Path(data).exists():
         raise click.UsageError(f"DATA {data!r} does not exist (a labelled folder, a manifest or `fashion-mnist`)")
     try:
-        metrics = evaluate_model(model, data, target_precision, batch_size, quiet)
-    except (IngestError, DatasetMissing, CardError, ValueError) as exc:
+        metrics = evaluate_model(model, data, target_precision, batch_size, quiet, catalogue)
+    except (IngestError, DatasetMissing, CardError, CatalogueError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     folder = report_dir or Path("reports") / Path(model).name
     overlap = metrics.get("training_overlap")
@@ -477,6 +490,8 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     if not quiet:
         rt = metrics["recommended_threshold"]
         click.echo(f"{model} on {data}: {summary_line(metrics)}")
+        if metrics.get("catalogue"):
+            click.echo(f"  catalogue: {', '.join(metrics['catalogue'])} (labels name only these; --catalogue all: any)")
         click.echo(f"  review threshold for precision {target_precision}: "
                    + (f"{rt} (rows below it need a person)" if rt is not None else "not reachable"))
         if metrics["skipped"]:

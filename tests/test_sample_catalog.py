@@ -1,5 +1,7 @@
 """The real default model on the shipped sample catalogue: the product's promise."""
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -155,3 +157,34 @@ def test_the_catalogue_remembers_what_earlier_nights_filed(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     catalogues = [e.get("catalogue") for e in events if e["stage"] == "classify"]
     assert catalogues == [None, ["tops", "food_drink"], ["tops", "food_drink"]]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_labels_a_run_gives(tmp_path):
+    """``labelcat evaluate`` reads the default model among the categories DATA is labelled with, as a run reads
+    it among the categories its photos are filed under: the juice cartons ImageNet calls lotion are food_drink
+    in a shop of drinks and t-shirts (the report names that catalogue), beauty_health with ``--catalogue all``.
+    A name that is no category is a usage error, as for ``run``."""
+    data = tmp_path / "labelled"
+    for folder, names in (("juices", ("fd_juice_01", "fd_juice_02", "fd_juice_03")),
+                          ("t-shirts", ("cl_boot01_1", "cl_boot03_1", "cl_boot07_1"))):
+        (data / folder).mkdir(parents=True)
+        for name in names:
+            (data / folder / f"{name}.jpg").write_bytes((SAMPLE / "images" / folder / f"{name}.jpg").read_bytes())
+
+    def report(catalogue: str) -> dict:
+        rep = tmp_path / f"rep-{catalogue}"
+        r = CliRunner().invoke(cli, ["evaluate", "efficientnet_lite0", str(data), "--report", str(rep),
+                                     "--catalogue", catalogue])
+        assert r.exit_code == 0, r.output
+        return json.loads((rep / "report.json").read_text()), r.output
+
+    shop, output = report("auto")
+    assert shop["catalogue"] == ["tops", "food_drink"] and "catalogue: tops, food_drink" in output
+    assert shop["per_class"]["food_drink"]["recall"] == 1.0 and shop["accuracy"] == 1.0
+    every, _ = report("all")
+    assert every["catalogue"] is None
+    assert every["per_class"]["food_drink"]["recall"] == 0.0 and every["per_class"]["beauty_health"]["support"] == 0
+    r = CliRunner().invoke(cli, ["evaluate", "efficientnet_lite0", str(data), "--report", str(tmp_path / "x"),
+                                 "--catalogue", "tops,spaceships"])
+    assert r.exit_code == 2 and "spaceships is not a category" in r.output and not (tmp_path / "x").exists()

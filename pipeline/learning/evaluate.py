@@ -99,6 +99,9 @@ def write_report(metrics: dict[str, Any], folder: str | Path, title: str) -> Pat
 def render_markdown(m: dict[str, Any], title: str) -> str:
     lines = [f"# {title}", "", f"{m['n']} photos; accuracy **{m['accuracy']:.4f}**; macro F1 {m['macro']['f1']:.4f}; "
              f"weighted F1 {m['weighted']['f1']:.4f}; ECE {m['ece']:.4f}", ""]
+    if m.get("catalogue"):
+        lines += [f"Catalogue: {', '.join(m['catalogue'])} (labels name only these, as `labelcat run --catalogue` "
+                  "gives them)", ""]
     if "recommended_threshold" in m:
         rt = m["recommended_threshold"]
         lines += [f"Recommended review threshold for precision {m['target_precision']}: "
@@ -137,12 +140,19 @@ def training_overlap(card_path: str | None, sha256: list[str]) -> dict[str, Any]
 
 
 def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, batch_size: int = 64,
-                   quiet: bool = True) -> dict[str, Any]:
-    """Metrics of a model (registered name or folder) on ``fashion-mnist`` (its test set) or labelled photos."""
+                   quiet: bool = True, catalogue: str = "auto") -> dict[str, Any]:
+    """Metrics of a model (registered name or folder) on ``fashion-mnist`` (its test set) or labelled photos.
+
+    ``catalogue``: as ``labelcat run --catalogue`` (``junk.catalogue_for``); ``auto`` reads the default
+    model's probabilities among the categories the photos are labelled with, as a run does among the
+    categories its photos are filed under, so the report scores the labels a run would give.
+    """
     from pipeline.models.classifier import load_classifier
     from pipeline.stages.classify import make_step, predict
+    from pipeline.stages.junk import catalogue_for, sold_posterior
 
     clf = load_classifier(model_ref, precision="float32")
+    shop = catalogue_for(clf, catalogue)
     skipped: list[tuple[str, str]] = []
     if data == "fashion-mnist":
         from pipeline.learning import fashion_mnist as fm
@@ -171,8 +181,12 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
         preds = predict(clf, keep, batch_size=batch_size)
         ok = [i for i, e in enumerate(preds.errors) if e is None]
         probs, y = preds.probs[ok], np.array(y_list, dtype=int)[ok]
+        for c in sorted(set(y.tolist())):
+            shop.add(clf.categories[c])
         overlap = training_overlap(clf.info.get("card"), photos.sha256)
-    metrics = classification_metrics(y, probs, clf.categories)
+    sold = shop.sold()
+    metrics = classification_metrics(y, sold_posterior(probs, sold), clf.categories)
+    metrics["catalogue"] = None if sold is None else [c for c, s in zip(clf.categories, sold) if s]
     if data != "fashion-mnist":
         metrics["training_overlap"] = overlap
     metrics.update(model=str(model_ref), model_version=clf.version, data=str(data), skipped=skipped,

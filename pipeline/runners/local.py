@@ -46,8 +46,8 @@ from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, folder_likeness, folder_verdict,
-                                  hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior)
+from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, catalogue_for, folder_likeness,
+                                  folder_verdict, hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior)
 from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -55,30 +55,6 @@ from pipeline.contract import LABEL_FIELDS
 from pipeline.ops.store import History, Store, dequantise, fault_point, index_record
 
 DEFAULT_CHUNK = 2048
-
-
-class CatalogueError(ValueError):
-    """A ``--catalogue`` the model cannot use (a usage error: nothing was written)."""
-
-
-def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
-    """The run's ``Catalogue`` from ``--catalogue``: ``auto`` (the categories photos are filed under, for
-    the default model: a trained model's classes are the shop's already), ``all``, or names, each a model
-    category or a folder name that maps to one (``Classifier.hint_category``)."""
-    cats = list(classifier.categories)
-    if option == "auto":
-        return Catalogue(cats, auto=classifier.taxonomy is not None)
-    if option == "all":
-        return Catalogue(cats, auto=False)
-    names = [n.strip() for n in option.split(",") if n.strip()]
-    mapped = {n: classifier.hint_category(n) for n in names}
-    unknown = [n for n, c in mapped.items() if c is None]
-    if not names:
-        raise CatalogueError("--catalogue names no category (auto, all, or categories separated by commas)")
-    if unknown:
-        raise CatalogueError(f"--catalogue: {', '.join(unknown)} is not a category of {classifier.name} "
-                             f"(its categories: {', '.join(cats)})")
-    return Catalogue(cats, fixed=frozenset(mapped.values()))
 
 
 @dataclass

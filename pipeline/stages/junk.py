@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from pipeline.models.embeddings import leave_one_out_similarity, normalise
+
+if TYPE_CHECKING:
+    from pipeline.models.classifier import Classifier
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,31 @@ class Catalogue:
         """A boolean mask over ``categories``, or None when labels may name any of them."""
         names = self.fixed if self.fixed is not None else self.seen if self.auto and len(self.seen) >= 2 else None
         return None if names is None else np.array([c in names for c in self.categories])
+
+
+class CatalogueError(ValueError):
+    """A ``--catalogue`` the model cannot use (a usage error: nothing was written)."""
+
+
+def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
+    """The ``Catalogue`` a ``--catalogue`` option names, for ``run`` and ``evaluate`` alike: ``auto`` (the
+    categories photos are filed under or labelled with, for the default model: a trained model's classes are
+    the shop's already), ``all``, or names, each a model category or a folder name that maps to one
+    (``Classifier.hint_category``)."""
+    cats = list(classifier.categories)
+    if option == "auto":
+        return Catalogue(cats, auto=classifier.taxonomy is not None)
+    if option == "all":
+        return Catalogue(cats, auto=False)
+    names = [n.strip() for n in option.split(",") if n.strip()]
+    mapped = {n: classifier.hint_category(n) for n in names}
+    unknown = [n for n, c in mapped.items() if c is None]
+    if not names:
+        raise CatalogueError("--catalogue names no category (auto, all, or categories separated by commas)")
+    if unknown:
+        raise CatalogueError(f"--catalogue: {', '.join(unknown)} is not a category of {classifier.name} "
+                             f"(its categories: {', '.join(cats)})")
+    return Catalogue(cats, fixed=frozenset(mapped.values()))
 
 
 def sold_posterior(probs: np.ndarray, sold: np.ndarray | None) -> np.ndarray:
