@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -212,7 +213,8 @@ def _shop_card(out: str | Path, data: str | Path | list, classes: list[str], pho
 def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: LabelledPhotos, classes: list[str],
                   y: np.ndarray, groups: np.ndarray) -> ModelCard:
     """The default: a linear rule on frozen embeddings (``fewshot``), cross-validated, calibrated, open-set."""
-    from pipeline.learning.fewshot import POWER, build_model, class_outliers, fit, open_set_card, paths_embeddings
+    from pipeline.learning.fewshot import (POWER, build_model, class_outliers, fit, open_set_card, paths_embeddings,
+                                           taxonomy_prior)
     from pipeline.models.backbones import backbone_features, imagenet_head
     from pipeline.models.taxonomy import load_taxonomy
     from pipeline.stages.junk import JunkConfig, not_product_evidence
@@ -247,9 +249,13 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                 f"unlike the other photos labelled {classes[y[i]]} (not trained on; review it)"))
     keep = np.setdiff1d(np.arange(len(y)), outliers)
     emb, y, groups = emb[keep], y[keep], groups[keep]
-    fitted = fit(emb, y, groups, len(classes), cfg.method, cfg.seed)
     head = imagenet_head(bb)
-    model = build_model(features, fitted, imagenet_head=head)
+    # the classes' taxonomy categories: the backbone's ImageNet head says which of them a photo shows
+    spec = taxonomy_prior(classes, tax) if head is not None else None
+    prior = spec.log_prior(preds.probs[ok][keep]) if spec is not None else None
+    fitted = fit(emb, y, groups, len(classes), cfg.method, cfg.seed, prior=prior)
+    model = build_model(features, fitted, imagenet_head=head,
+                        prior=(spec, tax.product_matrix) if spec is not None else None)
     evidence = None if head is None else {
         "output": "imagenet", "taxonomy": f"{tax.name}-{tax.version}-{tax.digest}",
         "rule": "the backbone's ImageNet probabilities, folded by the packaged taxonomy at night, junk a photo "
@@ -267,6 +273,7 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                       data_extra={"photos": int(len(y)), "per_class": dict(counts),
                                   "left_out_as_outliers": [str(paths[i]) for i in outliers]},
                       training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
+                                "taxonomy_prior": _prior_card(spec, classes, fitted.prior_weight, fitted.cv, tax),
                                 "features": f"pooled features ** {POWER} (PowerTransform), centred, unit length",
                                 "calibration": cal["calibration"] + (" (out-of-fold scores)" if oof is not None else "")},
                       open_set=open_set_card(fitted), validated=oof is not None, imagenet_evidence=evidence)
@@ -275,6 +282,21 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     cfg.log(f"few-shot {fitted.method} on {len(y)} photos in {len(classes)} classes: cross-validated accuracy "
             + (f"{acc:.3f}" if acc is not None else "n/a") + f", T={cal['temperature']:.2f}, {seconds:.0f}s; saved to {out}")
     return card
+
+
+def _prior_card(spec, classes: list[str], weight: float, cv: dict[str, Any], tax) -> dict[str, Any]:
+    """The card's ``training.taxonomy_prior``: the classes' categories and the weight cross-validation chose
+    (``fewshot.TaxonomyPrior``), or why there is none."""
+    if spec is None:
+        unnamed = [c for c in classes if tax.resolve_hint(c) is None]
+        return {"weight": 0.0, "why_not": (f"classes {', '.join(unnamed)} name no category of the taxonomy" if unnamed
+                                           else "the classes name fewer than two categories of the taxonomy")}
+    return {"weight": weight, "taxonomy": f"{tax.name}-{tax.version}-{tax.digest}",
+            "categories": {c: spec.categories[k] for c, k in zip(classes, spec.classes)},
+            "accuracy_by_weight": cv.get("taxonomy_prior"),
+            "rule": "the few-shot logits plus weight x log P(the class's category), the backbone's ImageNet "
+                    "probabilities folded by the taxonomy among the classes' categories; the weight with the best "
+                    "out-of-fold accuracy on the training photos (0: not used)"}
 
 
 def train_images(data: str | Path | list, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:

@@ -260,18 +260,24 @@ def at_precision(model, precision: str):
     return to_mixed_precision(model) if precision == "mixed" else model
 
 
+#: Layers of a few-shot model that compute its logits without being an output themselves when the
+#: taxonomy prior is added to them (``fewshot.build_model``): kept float32 under mixed precision.
+FLOAT32_HEADS = frozenset({"logits", "taxonomy_prior"})
+
+
 def to_mixed_precision(model):
     """Clone ``model`` with float16 compute (bfloat16 on CPUs) and float32 outputs.
 
     Mixed precision is a property each layer gets when it is built, so a model
     loaded in float32 has to be cloned layer by layer; the weights are copied
     and the layers that make the model's outputs stay float32 so softmax sees full-precision logits (a
-    few-shot model's shop logits and its backbone's ImageNet logits alike).
+    few-shot model's shop logits and its backbone's ImageNet logits alike, and the two heads a shop
+    model's taxonomy prior adds together: ``FLOAT32_HEADS``).
     """
     import keras
 
     policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
-    outputs = set(model.output_names)
+    outputs = set(model.output_names) | FLOAT32_HEADS
 
     def clone(layer):
         config = layer.get_config()

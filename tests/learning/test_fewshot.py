@@ -115,7 +115,8 @@ def test_a_shop_model_keeps_its_backbones_imagenet_evidence(few_shot, tmp_path):
     from pipeline.models.classifier import to_mixed_precision
 
     mixed = to_mixed_precision(model)  # a GPU's: both outputs' layers stay float32, the trunk does not
-    assert [mixed.get_layer(n).dtype_policy.name for n in ("logits", "imagenet")] == ["float32", "float32"]
+    heads = ["logits", "imagenet"] + (["taxonomy_prior"] if card.training["taxonomy_prior"]["weight"] else [])
+    assert [mixed.get_layer(n).dtype_policy.name for n in heads] == ["float32"] * len(heads)
     assert mixed.get_layer("unit").dtype_policy.name.startswith("mixed_")
     import keras
 
@@ -354,6 +355,74 @@ def test_a_mixed_folder_of_real_photos_flags_the_photo_with_no_mate(tmp_path):
     assert flagged.review_reason.iloc[0].startswith("hint_outlier: unlike each of the other 8 photos filed as gifts "
                                                     "(most alike ")
     assert (gifts.status == "labelled").all()
+
+
+@pytest.mark.slow
+def test_a_shop_model_adds_what_imagenet_says_of_its_categories(few_shot):
+    """The classes (hoodies, juices, polos, sneakers, t-shirts) are taxonomy categories (tops, food_drink,
+    footwear), so the model adds the default model's answer among them to its few-shot logits, with the weight
+    cross-validation chose: the saved, converted model's probabilities are softmax((few-shot logits + weight x
+    log P(category)) / T), P from the default model on the same photos."""
+    from pipeline.learning.calibration import softmax
+    from pipeline.learning.fewshot import taxonomy_prior
+    from pipeline.models.classifier import load_classifier
+    from pipeline.models.taxonomy import load_taxonomy
+    from pipeline.stages.classify import predict
+
+    base, _ = few_shot
+    card = read_card(base / "model")
+    prior = card.training["taxonomy_prior"]
+    assert prior["categories"] == {"hoodies": "tops", "juices": "food_drink", "polos": "tops", "sneakers": "footwear",
+                                   "t-shirts": "tops"}
+    assert prior["weight"] > 0 and set(prior["accuracy_by_weight"]) == {"0", "0.125", "0.25", "0.5", "0.75", "1"}
+    photos = [base / "test" / cls / f"{stems[-1]}.jpg" for cls, stems in PRODUCTS.items()] + [
+        SAMPLE / "images" / "cushions" / "cat.jpg"]
+    shop, default = load_classifier(str(base / "model"), precision="float32"), load_classifier("efficientnet_lite0",
+                                                                                                 precision="float32")
+    ours = predict(shop, photos)
+    head = shop.model.get_layer("logits").get_weights()
+    log_prior = taxonomy_prior(list(card.classes), load_taxonomy()).log_prior(predict(default, photos).probs)
+    want = softmax(ours.embeddings @ head[0] + head[1] + prior["weight"] * log_prior, card.temperature)
+    assert np.abs(ours.probs - want).max() < 1e-3
+    without = softmax(ours.embeddings @ head[0] + head[1], card.temperature)
+    assert np.abs(ours.probs - without).max() > 1e-2  # the prior is really in the model
+
+
+def test_the_taxonomy_prior_is_the_default_models_answer_among_the_classes_categories():
+    """``CategoryPrior`` (in the saved model) and ``TaxonomyPrior.log_prior`` (in training) compute the same
+    thing: the default model's probabilities given the classes' categories (``sold_posterior``), per class. A
+    class the taxonomy cannot name, or classes of one category, get no prior."""
+    from pipeline.learning.calibration import softmax
+    from pipeline.learning.fewshot import taxonomy_prior
+    from pipeline.models.layers import CategoryPrior
+    from pipeline.models.taxonomy import load_taxonomy
+    from pipeline.stages.junk import sold_posterior
+
+    tax = load_taxonomy()
+    spec = taxonomy_prior(["t-shirts", "photo gear", "hoodies", "plants"], tax)
+    assert spec.categories == ["tops", "cameras", "garden_plants"] and spec.classes == [0, 1, 0, 2]
+    assert taxonomy_prior(["t-shirts", "spaceships"], tax) is None and taxonomy_prior(["t-shirts", "hoodies"], tax) is None
+    logits = np.random.default_rng(0).normal(0, 3, (6, 1000)).astype(np.float32)
+    layer = CategoryPrior(len(spec.categories), spec.classes, 0.5)
+    layer.build((None, 1000))
+    layer.set_weights([spec.membership(tax.product_matrix)])
+    folded = tax.aggregate(softmax(logits.astype(np.float64), 1.0))[0]
+    given = sold_posterior(folded, np.isin(tax.categories, spec.categories))
+    want = 0.5 * np.log(given[:, [tax.categories.index(c) for c in ("tops", "cameras", "tops", "garden_plants")]] + 1e-4)
+    assert np.abs(np.asarray(layer(logits)) - want).max() < 1e-4
+    assert np.abs(0.5 * spec.log_prior(folded) - want).max() < 1e-5
+
+
+def test_the_prior_gets_the_weight_cross_validation_gives_it():
+    """A prior that puts the out-of-fold mistakes right gets a weight; one that points the wrong way gets 0."""
+    from pipeline.learning.fewshot import _prior_weight
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    oof = np.array([[1, 0], [0.2, 0], [-0.1, 0], [0, 1], [0, 0.3], [0.1, 0]])  # two of six wrong
+    helpful = np.log(np.where(np.eye(2)[y] > 0, 0.9, 0.1))
+    weight, accuracy = _prior_weight(oof, helpful, y)
+    assert weight > 0 and accuracy["0"] == pytest.approx(4 / 6, abs=1e-3) and accuracy[f"{weight:g}"] == 1.0
+    assert _prior_weight(oof, helpful[:, ::-1], y)[0] == 0.0
 
 
 def test_the_saved_few_shot_model_reads_what_the_fit_saw(tmp_path):
