@@ -78,7 +78,7 @@ def main() -> None:
         folder = [np.mean(fused[part == s].argmax(axis=1) == hinted[part == s]) for s in ("dev", "test")]
         emb = preds.embeddings
         curve = few_shot_curve(emb[:n], y, [1, 3], args.splits)
-        auto = {k: v for (k, rule), v in curve.items() if rule.startswith("labelcat auto")}
+        auto = {k: v for (k, rule), v in curve.items() if rule.startswith("labelcat auto (")}
         caught, lost = junk_rates(emb[:n], y, emb[n:], 3, max(20, args.splits // 5))
         print(f"| Lite{variant} | {size} px | {alone[0]:.1%} / {alone[1]:.1%} | {folder[0]:.1%} / {folder[1]:.1%} "
               f"| {auto[1]:.1%} | {auto[3]:.1%} | {caught:.1%} / {lost:.1%} | {bench_model(clf, 32, 5):.0f} |", flush=True)

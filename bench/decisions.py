@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT / "sample_catalog"))
 from build import PLACEHOLDERS, fetch_saleor  # noqa: E402
 
 from pipeline.learning.calibration import ece, softmax  # noqa: E402
-from pipeline.learning.fewshot import LOGIT_SCALE, OUTLIER_SIMILARITY, centroid_rule, fit, open_set_card  # noqa: E402
+from pipeline.learning.fewshot import (LOGIT_SCALE, OUTLIER_SIMILARITY, FewShotFit, centroid_rule, fit,  # noqa: E402
+                                       open_set_card, taxonomy_prior)
 from pipeline.learning.recipe import calibrate  # noqa: E402
 from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
@@ -249,8 +250,30 @@ def card_temperature(f, y_train: np.ndarray, n: int) -> float:
         if oof is not None else 1.0
 
 
-def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0) -> dict[tuple[int, str], float]:
-    """Mean held-out accuracy over random splits with k photos a class (classes with more than k photos)."""
+#: (classes) -> the (photos, classes) ``TaxonomyPrior.log_prior`` of every photo the bench classified, or None
+#: when the classes' folders do not all name taxonomy categories: what ``labelcat train`` adds to the logits
+PriorOf = Callable[[list[int]], "np.ndarray | None"]
+
+
+def shop_fit(emb: np.ndarray, yk: np.ndarray, train: np.ndarray, n: int, prior: np.ndarray | None,
+             method: str = "auto") -> FewShotFit:
+    """The few-shot head as ``labelcat train`` fits it on the ``train`` rows (with the taxonomy prior's rows
+    of them, when the classes have one)."""
+    return fit(emb[train], yk[train], np.arange(len(train)), n, method,
+               prior=None if prior is None else prior[train])
+
+
+def shop_logits(f: FewShotFit, e: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """A trained shop model's logits on pooled features ``e`` (``prior``: the same photos' prior rows)."""
+    logits = f.embed(e) @ f.weights + f.bias
+    return logits + f.prior_weight * prior if prior is not None and f.prior_weight else logits
+
+
+def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0,
+                   prior_of: PriorOf | None = None) -> dict[tuple[int, str], float]:
+    """Mean held-out accuracy over random splits with k photos a class (classes with more than k photos);
+    ``labelcat auto`` as ``labelcat train`` fits it (with the taxonomy prior, from ``prior_of``) and
+    without the prior."""
     rng = np.random.default_rng(seed)
     out: dict[tuple[int, str], list[float]] = {}
     for k in ks:
@@ -273,13 +296,18 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
             out.setdefault((k, "nearest training photo (1-NN)"), []).append(
                 float((yk[train][(zp_s @ zp_t.T).argmax(axis=1)] == yk[test]).mean()))
             pred = (zp_s @ f.weights + f.bias).argmax(axis=1)
-            out.setdefault((k, f"labelcat auto ({'/'.join(['centroid', 'logreg'])} by CV)"), []).append(
+            out.setdefault((k, "labelcat auto without the taxonomy prior"), []).append(float((pred == yk[test]).mean()))
+            prior = prior_of(classes) if prior_of is not None else None
+            if prior is not None:
+                fp = shop_fit(emb, yk, train, len(classes), prior)
+                pred = shop_logits(fp, emb[test], prior[test]).argmax(axis=1)
+            out.setdefault((k, "labelcat auto (centroid/logreg by CV, taxonomy prior weighted by CV)"), []).append(
                 float((pred == yk[test]).mean()))
     return {key: float(np.mean(v)) for key, v in out.items()}
 
 
 def few_shot_calibration(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0,
-                         draws: int = 20) -> dict[int, dict[str, float]]:
+                         draws: int = 20, prior_of: PriorOf | None = None) -> dict[int, dict[str, float]]:
     """Held-out calibration of the few-shot model as ``labelcat train`` fits it (temperature from the
     out-of-fold scores, ``recipe.calibrate``), per k photos a class: accuracy, mean confidence, ECE per split
     (averaged), the per-split ECE a perfectly calibrated model with the same confidences would show
@@ -297,8 +325,10 @@ def few_shot_calibration(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: 
         per, floor, probs, labels = [], [], [], []
         for _ in range(splits):
             train, test = draw_split(rng, y, classes, k)
-            f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
-            p = softmax(f.embed(emb[test]) @ f.weights + f.bias, card_temperature(f, yk[train], len(classes)))
+            prior = prior_of(classes) if prior_of is not None else None
+            f = shop_fit(emb, yk, train, len(classes), prior)
+            p = softmax(shop_logits(f, emb[test], None if prior is None else prior[test]),
+                        card_temperature(f, yk[train], len(classes)))
             per.append(ece(p, yk[test]))
             conf, top = p.max(axis=1), p.argmax(axis=1)
             floor.append(np.mean([ece(p, np.where(draw.random(len(conf)) < conf, top, (top + 1) % len(classes)))
@@ -313,27 +343,31 @@ def few_shot_calibration(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: 
     return out
 
 
-def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, splits: int, seed: int = 1) -> tuple[float, float]:
+def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, splits: int, seed: int = 1,
+               prior_of: PriorOf | None = None, junk_rows: np.ndarray | None = None) -> tuple[float, float]:
     """(junk recall, products lost) of a few-shot model's own evidence, with each non-product filed in a random
-    folder and each held-out product in its own: the rule ``open_set_reason`` applies at night."""
+    folder and each held-out product in its own: the rule ``open_set_reason`` applies at night. ``prior_of``:
+    as in ``few_shot_curve``, its rows ``junk_rows`` for ``junk_emb``."""
     rng = np.random.default_rng(seed)
     caught, lost, n_junk, n_prod = 0, 0, 0, 0
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
     for _ in range(splits):
         train, test = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
-        f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
+        prior = prior_of(classes) if prior_of is not None else None
+        f = shop_fit(emb, yk, train, len(classes), prior)
         threshold = f.min_similarity if f.min_similarity is not None else -1.0
 
-        def junked(e: np.ndarray, hint: int) -> bool:
+        def junked(e: np.ndarray, hint: int, row: int) -> bool:
             z = f.embed(e[None, :])[0]
             sims = f.centroids @ z
-            label = int((z @ f.weights + f.bias).argmax())
+            label = int(shop_logits(f, e[None, :], None if prior is None else prior[row][None, :])[0].argmax())
             return bool(sims.max() < threshold or (label != hint and sims[hint] < OUTLIER_SIMILARITY))
 
-        lost += sum(junked(emb[i], int(yk[i])) for i in test)
+        lost += sum(junked(emb[i], int(yk[i]), i) for i in test)
         n_prod += len(test)
-        caught += sum(junked(e, int(rng.integers(len(classes)))) for e in junk_emb)
+        rows = junk_rows if junk_rows is not None else np.zeros(len(junk_emb), int)
+        caught += sum(junked(e, int(rng.integers(len(classes))), int(r)) for e, r in zip(junk_emb, rows))
         n_junk += len(junk_emb)
     return caught / n_junk, lost / n_prod
 
@@ -397,7 +431,8 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
 
 def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, runs: int, cfg: JunkConfig,
                    misfiled: float = 0.15, share: float = 0.5, seed: int = 3,
-                   evidence: tuple[np.ndarray, np.ndarray, list[str]] | None = None) -> dict[str, tuple[int, int]]:
+                   evidence: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
+                   prior_of: PriorOf | None = None) -> dict[str, tuple[int, int]]:
     """A shop model trained on ``k`` photos a class, then a night on a folder per class as ``labelcat run
     --model`` decides: the photo's own evidence (``semantic_reason`` on the model's calibrated probabilities,
     then ``open_set_reason``) and the folder's (``folder_verdict``) on the embeddings the model's logits layer
@@ -405,7 +440,8 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
     filed by ``file_in_folders``. ``evidence``: (product mass, not-product group masses, group names) of the
     ImageNet head for the rows of ``emb`` then ``junk_emb``, as a shop model that keeps its backbone's
     ImageNet output reports them; without it, a shop model's photos have no ImageNet evidence (product mass
-    1, no groups). Returns {tally: (junked, placed)}."""
+    1, no groups). ``prior_of``: as in ``few_shot_curve``, over the rows of ``emb`` then ``junk_emb``.
+    Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
     names = [str(c) for c in range(len(classes))]
@@ -413,7 +449,8 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
     for _ in range(runs):
         train, rows = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
-        f = fit(emb[train], yk[train], np.arange(len(train)), len(classes), "auto")
+        prior = prior_of(classes) if prior_of is not None else None
+        f = shop_fit(emb, yk, train, len(classes), prior)
         card = open_set_card(f)
         t = card_temperature(f, yk[train], len(classes))
         placed = file_in_folders(rng, yk[rows], ["held-out products"] * len(rows), list(range(len(classes))),
@@ -421,7 +458,7 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
         photos = np.concatenate([emb[rows], junk_emb])
         source = np.concatenate([rows, len(emb) + np.arange(len(junk_emb))])[[p for p, _, _ in placed]]
         zz = f.embed(photos[[p for p, _, _ in placed]])
-        probs = softmax(zz @ f.weights + f.bias, t)
+        probs = softmax(shop_logits(f, photos[[p for p, _, _ in placed]], None if prior is None else prior[source]), t)
         hints = [names[c] for _, c, _ in placed]
         likeness = folder_likeness(zz, hints, cfg)
         for j, (e, hint, (_, _, tally)) in enumerate(zip(zz, hints, placed)):
@@ -527,31 +564,39 @@ def run(work: Path, args: argparse.Namespace) -> None:
                              shop, cfg, runs, sold=sold)
         for name, (j, t) in trees.items():
             print(f"  --catalogue {catalogue}, {name}: {j}/{t} = {j / t:.1%}")
+    def prior_of(classes: list[int]) -> np.ndarray | None:
+        """What ``labelcat train`` adds to a shop model's logits when its classes are these folders."""
+        spec = taxonomy_prior([folders[c] for c in classes], clf.taxonomy)
+        return None if spec is None else spec.log_prior(preds.probs)
+
     print(f"\nFew-shot learning curve (mean held-out accuracy over {args.splits} random splits, all {n} photos)")
-    curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits)
+    curve = few_shot_curve(emb, y, [1, 2, 3, 5], args.splits, prior_of=prior_of)
     for (k, rule), acc in sorted(curve.items()):
         print(f"  k={k}  {rule:40s} {acc:.1%}")
     print(f"  (k=5: only the {sum((y == c).sum() > 5 for c in np.unique(y))} categories with more than 5 photos)")
     print(f"\nFew-shot calibration (temperature fitted on the out-of-fold scores as `labelcat train` does; held-out "
           f"photos, {max(20, args.splits // 2)} random splits)")
-    for k, c in few_shot_calibration(emb, y, [3, 5], max(20, args.splits // 2)).items():
+    for k, c in few_shot_calibration(emb, y, [3, 5], max(20, args.splits // 2), prior_of=prior_of).items():
         print(f"  k={k}: accuracy {c['accuracy']:.1%}, mean confidence {c['confidence']:.1%}; ECE per split "
               f"{c['per_split']:.3f} (a perfectly calibrated model on {c['test_photos']:.0f} photos: {c['floor']:.3f}), "
               f"ECE over all splits' photos {c['pooled']:.3f}")
     print("\nJunk from the few-shot model's own evidence (non-products filed in random folders)")
     for k in (3, 5):
-        recall, lost = junk_rates(emb, y, junk_emb, k, max(20, args.splits // 10))
+        recall, lost = junk_rates(emb, y, junk_emb, k, max(20, args.splits // 10), prior_of=prior_of,
+                                  junk_rows=np.arange(n, n + len(junk)))
         print(f"  {k} photos a class: junk recall {recall:.1%}, products lost {lost:.1%}  (logit scale {LOGIT_SCALE})")
         for name, rows in list(nonproducts.items())[1:]:
-            recall, _ = junk_rates(emb, y, preds.embeddings[rows.start:rows.stop], k, max(20, args.splits // 10))
+            recall, _ = junk_rates(emb, y, preds.embeddings[rows.start:rows.stop], k, max(20, args.splits // 10),
+                                   prior_of=prior_of, junk_rows=np.arange(rows.start, rows.stop))
             print(f"    {name} caught {recall:.1%}")
     print("\nThe same on a folder per class as `labelcat run --model` decides (the model's evidence, then the folder's; "
           "15% of the held-out products misfiled, half the non-products in random folders), junked:")
     evidence = (preds.product_mass, preds.group_mass, clf.taxonomy.groups)
     for k in (3, 5):
+        # a model without its backbone's ImageNet head has neither its evidence nor the taxonomy prior
         for kept, label in ((None, "without ImageNet evidence"), (evidence, "with the backbone's ImageNet evidence")):
             for name, (j, t) in few_shot_trees(emb, y, preds.embeddings[n:], k, max(20, args.splits // 10), cfg,
-                                               evidence=kept).items():
+                                               evidence=kept, prior_of=prior_of if kept else None).items():
                 print(f"  {k} photos a class, {label}, {name}: {j}/{t} = {j / t:.1%}")
 
 
