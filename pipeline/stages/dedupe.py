@@ -371,7 +371,7 @@ _CROP_MATRICES = np.stack([_resample_matrix(0.0), *[_BLUR @ _resample_matrix(c) 
 _WHOLE_BLURRED = len(ALIGN_CROPS)
 _PAIRS_A = np.array([0, *range(1, len(ALIGN_CROPS)), *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1)])
 _PAIRS_B = np.array([0, *[_WHOLE_BLURRED] * (len(ALIGN_CROPS) - 1), *range(1, len(ALIGN_CROPS))])
-ALIGN_BATCH = 1024  # pairs compared at once (about 60 MB of float32)
+ALIGN_BATCH = 128  # pairs compared at once (about 7.5 MB of float32 temporaries: they stay in the caches)
 ALIGN_MIN_SHARE = 128  # pairs a thread is given at least: fewer are not worth a thread
 
 
