@@ -287,6 +287,8 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
 def _prior_card(spec, classes: list[str], weight: float, cv: dict[str, Any], tax) -> dict[str, Any]:
     """The card's ``training.taxonomy_prior``: the classes' categories and the weight cross-validation chose
     (``fewshot.TaxonomyPrior``), or why there is none."""
+    from pipeline.learning.fewshot import PRIOR_WEIGHT_UNVALIDATED
+
     if spec is None:
         unnamed = [c for c in classes if tax.resolve_hint(c) is None]
         return {"weight": 0.0, "why_not": (f"classes {', '.join(unnamed)} name no category of the taxonomy" if unnamed
@@ -296,7 +298,9 @@ def _prior_card(spec, classes: list[str], weight: float, cv: dict[str, Any], tax
             "accuracy_by_weight": cv.get("taxonomy_prior"),
             "rule": "the few-shot logits plus weight x log P(the class's category), the backbone's ImageNet "
                     "probabilities folded by the taxonomy among the classes' categories; the weight with the best "
-                    "out-of-fold accuracy on the training photos (0: not used)"}
+                    "out-of-fold accuracy on the training photos (0: not used)"
+                    + ("" if cv.get("taxonomy_prior") else
+                       f"; without out-of-fold scores (one photo a class) the default, {PRIOR_WEIGHT_UNVALIDATED:g}")}
 
 
 def train_images(data: str | Path | list, out: str | Path, cfg: TrainConfig) -> tuple[ModelCard, LabelledPhotos]:

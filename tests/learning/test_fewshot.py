@@ -425,6 +425,22 @@ def test_the_prior_gets_the_weight_cross_validation_gives_it():
     assert _prior_weight(oof, helpful[:, ::-1], y)[0] == 0.0
 
 
+def test_fit_weighs_the_prior_by_cross_validation_and_by_default_without_it():
+    """With out-of-fold scores ``fit`` picks the prior's weight from ``PRIOR_WEIGHTS`` and the card's table has
+    each weight's accuracy; with one photo a class there are none, and the weight is the default."""
+    from pipeline.learning.fewshot import PRIOR_WEIGHT_UNVALIDATED, PRIOR_WEIGHTS
+
+    rng = np.random.default_rng(3)
+    x = np.abs(rng.normal(0, 1, (12, 16))).astype(np.float32)
+    y = np.arange(12) % 2
+    prior = np.log(np.where(np.eye(2)[y] > 0, 0.8, 0.2)).astype(np.float32)
+    with_cv = fit(x, y, np.arange(12), 2, prior=prior)
+    assert with_cv.prior_weight in PRIOR_WEIGHTS and set(with_cv.cv["taxonomy_prior"]) == {f"{w:g}" for w in PRIOR_WEIGHTS}
+    one = fit(x[:2], y[:2], np.arange(2), 2, prior=prior[:2])
+    assert one.prior_weight == PRIOR_WEIGHT_UNVALIDATED and "taxonomy_prior" not in one.cv
+    assert fit(x[:2], y[:2], np.arange(2), 2).prior_weight == 0.0
+
+
 def test_the_saved_few_shot_model_reads_what_the_fit_saw(tmp_path):
     """The saved head applies the power transform, the centring and the unit length that ``fit`` used (loaded
     back with ``safe_mode``, on both engines): a head that skipped the transform would rank the classes
