@@ -21,6 +21,11 @@ size on the README's benchmark), and the same out-of-fold scores fit the tempera
 open-set threshold (``min_similarity``): a photo less similar than that to
 every class mean is declined (``unknown``) instead of being given a confident
 wrong label.
+
+Where the classes name categories of the packaged taxonomy, the model also
+adds what the backbone's ImageNet head says of those categories
+(``TaxonomyPrior``, ``models.layers.CategoryPrior``), weighted by the same
+cross-validation.
 """
 
 from __future__ import annotations
