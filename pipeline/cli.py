@@ -366,7 +366,8 @@ def _echo(quiet: bool) -> Callable[[str], None]:
 @click.option("--backbone", type=click.Choice(BACKBONES.list()), default="efficientnet_lite0",
               show_default=True, help="Pretrained backbone for shop photos.")
 @click.option("--method", type=click.Choice(["auto", "centroid", "logreg", "finetune"]), default="auto", show_default=True,
-              help="Shop photos: auto picks centroid or logreg (few-shot on frozen embeddings) by cross-validation; "
+              help="Shop photos: auto picks centroid or logreg (few-shot on frozen embeddings) by cross-validation, "
+                   "and the weight of the taxonomy prior where class names are taxonomy categories; "
                    "finetune trains the top of the backbone.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (phase 1); default per architecture, 12 for shop photos.")
 @click.option("--fine-tune-epochs", type=click.IntRange(0), default=6, show_default=True,
