@@ -273,7 +273,8 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
                       data_extra={"photos": int(len(y)), "per_class": dict(counts),
                                   "left_out_as_outliers": [str(paths[i]) for i in outliers]},
                       training={"method": fitted.method, "cross_validation": fitted.cv, "seconds": round(seconds, 1),
-                                "taxonomy_prior": _prior_card(spec, classes, fitted.prior_weight, fitted.cv, tax),
+                                "taxonomy_prior": _prior_card(spec, classes, fitted.prior_weight, fitted.cv, tax,
+                                                              head is not None),
                                 "features": f"pooled features ** {POWER} (PowerTransform), centred, unit length",
                                 "calibration": cal["calibration"] + (" (out-of-fold scores)" if oof is not None else "")},
                       open_set=open_set_card(fitted), validated=oof is not None, imagenet_evidence=evidence)
@@ -284,15 +285,17 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: TrainConfig, photos: L
     return card
 
 
-def _prior_card(spec, classes: list[str], weight: float, cv: dict[str, Any], tax) -> dict[str, Any]:
+def _prior_card(spec, classes: list[str], weight: float, cv: dict[str, Any], tax, has_head: bool) -> dict[str, Any]:
     """The card's ``training.taxonomy_prior``: the classes' categories and the weight cross-validation chose
     (``fewshot.TaxonomyPrior``), or why there is none."""
     from pipeline.learning.fewshot import PRIOR_WEIGHT_UNVALIDATED
 
     if spec is None:
         unnamed = [c for c in classes if tax.resolve_hint(c) is None]
-        return {"weight": 0.0, "why_not": (f"classes {', '.join(unnamed)} name no category of the taxonomy" if unnamed
-                                           else "the classes name fewer than two categories of the taxonomy")}
+        why = ("the backbone keeps no ImageNet head to read it from" if not has_head else
+               f"classes {', '.join(unnamed)} name no category of the taxonomy" if unnamed else
+               "the classes name fewer than two categories of the taxonomy")
+        return {"weight": 0.0, "why_not": why}
     return {"weight": weight, "taxonomy": f"{tax.name}-{tax.version}-{tax.digest}",
             "categories": {c: spec.categories[k] for c, k in zip(classes, spec.classes)},
             "accuracy_by_weight": cv.get("taxonomy_prior"),

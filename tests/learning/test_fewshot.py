@@ -249,6 +249,9 @@ def test_a_single_photo_class_is_warned_about_and_the_card_says_what_it_lacks(tm
     assert "warning: polos has fewer than 3 photos" in r.output
     card = read_card(tmp_path / "m")
     assert card.open_set is None and card.temperature == 1.0 and "not fitted" in card.training["calibration"]
+    # hoodies and polos are both tops: the taxonomy cannot tell them apart, so no prior (the card says why)
+    assert card.training["taxonomy_prior"] == {"weight": 0.0,
+                                               "why_not": "the classes name fewer than two categories of the taxonomy"}
 
 
 @pytest.mark.slow
