@@ -52,7 +52,7 @@ from pipeline.models.embeddings import normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
 from pipeline.stages.junk import (Catalogue, JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
-                                  open_set_reason, photo_reason, sold_posterior)
+                                  open_set_reason, photo_reason, sold_posterior, unfiled_hints)
 
 FOLDER = {"beer": "beer", "cl_bogo": "hoodies", "cl_boot": "t-shirts", "cl_polo": "polos", "cuschion": "cushions",
           "fd_juice": "juices", "paints": "paints", "sneakers": "sneakers", "wine": "wine"}
@@ -402,7 +402,8 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
 
     Each run files the photos (``file_in_folders``: every product in its own category's folder, except a random
     ``misfiled`` share put in another category's folder, and a random ``share`` of the non-products in random
-    folders); then the runner's rules decide: the photo's own evidence (``photo_reason``), then its folder
+    folders); then the runner's rules decide (a folder most of whose photos the model confidently places
+    elsewhere is no hint: ``unfiled_hints``): the photo's own evidence (``photo_reason``), then its folder
     (``folder_verdict``: a photo unlike the others of its folder is junk when the model disagrees with the
     folder too; one as like them as they are like each other overrules a ``hint_mismatch``). ``kinds[i]`` names
     row ``i``'s tally ('dev', 'test' for products, anything else for non-products; ``hinted[i]`` is -1 there).
@@ -420,6 +421,9 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
                                  shop, [kinds[i] for i in photos[n_products:]], misfiled, share)
         rows = [int(photos[p]) for p, _, _ in placed]
         hints = [cats[f] for _, f, _ in placed]
+        unfiled = unfiled_hints(preds.probs[rows], hints, hints, cats, preds.product_mass[rows],
+                                preds.group_mass[rows], clf.taxonomy.groups, cfg)
+        hints = [None if h in unfiled else h for h in hints]
         likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
         for j, (i, hint, (_, _, tally)) in enumerate(zip(rows, hints, placed)):
             label = cats[int(given[i].argmax())]

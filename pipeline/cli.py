@@ -229,6 +229,8 @@ def run(
             raise click.UsageError(f"cannot write --log-file {log_file}: {exc.strerror or exc}") from None
     else:
         log = RunConfig().log
+    if not quiet:
+        log = _warning_echo(log)
 
     cfg = RunConfig(
         batch_size=batch_size, top_k=top_k, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
@@ -281,6 +283,17 @@ def run(
         click.echo(summary.render())
     if fail_on_row_errors and summary.by_status.get("error"):
         sys.exit(4)
+
+
+def _warning_echo(log: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``log`` that also tells the terminal when a folder's name was found to be no category hint (the run's
+    one decision a person should hear of at once: every photo in that folder lost its hint)."""
+    def echo(event: dict) -> None:
+        log(event)
+        if event.get("stage") == "hints":
+            click.echo(f"labelcat: warning: {event['message']}", err=True)
+
+    return echo
 
 
 def _store_location(value: str | None) -> Path | str | None:

@@ -188,3 +188,25 @@ def test_evaluate_scores_the_labels_a_run_gives(tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", "efficientnet_lite0", str(data), "--report", str(tmp_path / "x"),
                                  "--catalogue", "tops,spaceships"])
     assert r.exit_code == 2 and "spaceships is not a category" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_folder_whose_name_is_no_category_of_its_photos_is_no_hint(tmp_path):
+    """Photos uploaded to a folder called ``home`` (an alias of home_decor): the model confidently places 6 of
+    the 7 elsewhere, so the folder's name names no category of them. They are labelled from the photo
+    alone (shirts as tops, the cushion as home_textiles) instead of junked as contradictions of home_decor,
+    the Parquet keeps the folder name but no hint category, and the terminal hears of it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for f in ("hoodies/cl_bogo01_1", "t-shirts/cl_boot01_1", "t-shirts/cl_boot03_1", "cushions/cuschion01",
+              "sneakers/sneakers_01_1", "sneakers/sneakers_02_3", "wine/wine-red"):
+        (home / f"{f.split('/')[1]}.jpg").write_bytes((SAMPLE / "images" / f"{f}.jpg").read_bytes())
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(home), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "filed under 'home' confidently show another category than home_decor" in r.output
+    t = pq.read_table(out).to_pandas().set_index("path")
+    assert (t["status"] == "labelled").all() and (t["category_hint"] == "home").all() and t["hint_category"].isna().all()
+    label = {p.rsplit("/", 1)[1]: v for p, v in t["label"].items()}
+    assert label["cl_bogo01_1.jpg"] == label["cl_boot01_1.jpg"] == "tops" and label["cuschion01.jpg"] == "home_textiles"
+    assert label["wine-red.jpg"] == "food_drink" and label["sneakers_02_3.jpg"] == "footwear"

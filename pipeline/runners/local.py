@@ -47,7 +47,8 @@ from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
 from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, catalogue_for, folder_likeness,
-                                  folder_verdict, hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior)
+                                  folder_verdict, hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior,
+                                  unfiled_hints)
 from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -224,6 +225,12 @@ class Context:
     hint_reference: HintReference = field(default_factory=HintReference)  # labelled photos by hint, for outliers
     copies: EmbeddingIndex = field(default_factory=EmbeddingIndex)  # kept classified photos, for the copy check
     catalogue: Catalogue | None = None  # the categories the shop sells (``catalogue_for``); None: any
+    unfiled: set[str] = field(default_factory=set)  # tonight's folder names that name no category (``unfiled_hints``)
+
+    def hint(self, rec: Record) -> str | None:
+        """The record's category hint as the run uses it: none where its folder name named no category of the
+        photos filed under it (``unfiled_hints``), tonight, in this chunk or an earlier one."""
+        return None if rec.category_hint in self.unfiled else rec.category_hint
 
     def remember(self, rec: dict[str, Any]) -> None:
         """Put an index record's embedding among the reference photos for folder outliers (labelled rows
@@ -380,10 +387,18 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                                     [plan.good[row].pixels for row in plan.to_classify], clf, cfg, bar.update)
     for scan in plan.good.values():  # the model inputs have served; the chunk's memory goes back
         scan.pixels = None
+    hints = [by_row[row].category_hint for row in plan.to_classify]
+    unfiled = unfiled_hints(preds.probs, hints, [clf.hint_category(h) for h in hints], list(clf.categories),
+                            preds.product_mass, preds.group_mass, clf.groups, cfg.junk)
+    for name, (contradicted, photos) in sorted(unfiled.items()):
+        cfg.log({"stage": "hints", "ignored": name, "category": clf.hint_category(name),
+                 "message": f"{contradicted} of the {photos} photos filed under {name!r} confidently show another "
+                            f"category than {clf.hint_category(name)}: the folder is no category hint"})
+    ctx.unfiled |= set(unfiled)
     sold = None
     if ctx.catalogue is not None:
         for rec in records:
-            ctx.catalogue.add(clf.hint_category(rec.category_hint))
+            ctx.catalogue.add(clf.hint_category(ctx.hint(rec)))
         sold = ctx.catalogue.sold()
     cfg.log({"stage": "classify", "rows": len(plan.to_classify), "seconds": round(time.perf_counter() - t, 3),
              **({"engine": clf.info["engine"]} if "engine" in clf.info else {}),  # the Ray runner's is its actors'
@@ -391,7 +406,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     # the photo shows something the shop sells: the labels, the junk rules and the copy check's categories
     # read the probabilities given that; the model's own say which photos show something it does not sell
     given = sold_posterior(preds.probs, sold)
-    hinted = with_hints(given, [by_row[row].category_hint for row in plan.to_classify], ctx, sold)
+    hinted = with_hints(given, [ctx.hint(by_row[row]) for row in plan.to_classify], ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)
@@ -408,6 +423,9 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
                                               kept and r["row"] not in plan.quality_junk, clf.version))
         elif r["status"] == "error":
             index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
+        else:
+            continue
+        index_records[-1]["category_hint"] = ctx.hint(by_row[r["row"]])  # what later nights may count as a hint
     for rec in index_records:  # later chunks judge their folder outliers, and their copies, against these too
         ctx.remember(rec)
         ctx.keep_for_copies(rec["row"], rec)
@@ -598,7 +616,7 @@ def assemble(
     groups = classifier.groups
 
     by_row_rec = {r.row: r for r in records}
-    hints = [by_row_rec[row].category_hint for row in classified]
+    hints = [ctx.hint(by_row_rec[row]) for row in classified]
     # The photo alone decides junk; the photo and its folder together decide the label of what is kept.
     given = preds.probs if given is None else given
     alone_labels, alone_scores = top_k(given, cats, cfg.top_k)
@@ -607,7 +625,7 @@ def assemble(
     open_set = classifier.info.get("open_set")
     rows: list[dict[str, Any]] = []
     for rec in records:
-        hint_cat = classifier.hint_category(rec.category_hint)
+        hint_cat = classifier.hint_category(ctx.hint(rec))
         row: dict[str, Any] = {
             "row": rec.row, "sku": rec.sku, "path": rec.path, "category_hint": rec.category_hint,
             "hint_category": hint_cat, "model": classifier.name, "model_version": classifier.version,

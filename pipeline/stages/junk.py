@@ -216,6 +216,32 @@ def photo_reason(given: np.ndarray, probs: np.ndarray, sold: np.ndarray | None, 
             or unsold_reason(probs, sold, categories, cfg))
 
 
+def unfiled_hints(probs: np.ndarray, hints: list[str | None], hint_categories: list[str | None],
+                  categories: list[str], product_mass: np.ndarray, group_mass: np.ndarray, groups: list[str],
+                  cfg: JunkConfig) -> dict[str, tuple[int, int]]:
+    """Folder names (or hint values) that name no category of the photos filed under them: {hint: (photos the
+    model confidently contradicts, photos)} for each hint with ``outlier_min_group`` photos or more, most of
+    which ``semantic_reason`` calls ``hint_mismatch`` on the model's own probabilities.
+
+    Why: the folder a photo sits in is its hint, and a shop's upload folder may be called ``home``,
+    ``photo`` or ``video``, which are aliases of categories; every shirt and sneaker in it would then be
+    junked as a contradiction of ``home_decor``. A category folder holds a few misfiled photos, not a
+    majority; a folder most of whose photos the model confidently places elsewhere is not filed by
+    category, so its name is no hint (the runner reads those photos as it reads photos without one).
+    """
+    counts: dict[str, list[int]] = {}
+    for i, (hint, cat) in enumerate(zip(hints, hint_categories)):
+        if hint is None or cat is None:
+            continue
+        top = int(probs[i].argmax())
+        reason = semantic_reason(categories[top], float(probs[i, top]), probs[i], categories, float(product_mass[i]),
+                                 group_mass[i], groups, cat, cfg)
+        tally = counts.setdefault(hint, [0, 0])
+        tally[0] += bool(reason and reason.startswith("hint_mismatch"))
+        tally[1] += 1
+    return {h: (c, n) for h, (c, n) in counts.items() if n >= cfg.outlier_min_group and 2 * c > n}
+
+
 def hint_posterior(probs: np.ndarray, hint: np.ndarray, trust: float, categories: int | None = None) -> np.ndarray:
     """The category probabilities once the photo's folder or hint is counted as evidence too.
 

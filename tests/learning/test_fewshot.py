@@ -444,6 +444,20 @@ def test_fit_weighs_the_prior_by_cross_validation_and_by_default_without_it():
     assert fit(x[:2], y[:2], np.arange(2), 2).prior_weight == 0.0
 
 
+def test_a_folder_most_of_whose_photos_are_confidently_elsewhere_names_no_category():
+    """``unfiled_hints``: a hint with enough photos (``outlier_min_group``) most of which the model confidently
+    calls another category is reported with its counts; a folder of a few misfiled photos, or too few
+    photos to judge, is not."""
+    from pipeline.stages.junk import unfiled_hints
+
+    cats = ["tops", "footwear", "home_decor"]
+    elsewhere, own = np.array([0.97, 0.02, 0.01]), np.array([0.02, 0.03, 0.95])
+    probs = np.stack([elsewhere] * 3 + [own] * 2 + [elsewhere] * 2 + [own] * 3 + [elsewhere] * 4)
+    hints = ["home"] * 5 + ["decor"] * 5 + ["lamps"] * 4
+    found = unfiled_hints(probs, hints, ["home_decor"] * 14, cats, np.ones(14), np.zeros((14, 0)), [], JunkConfig())
+    assert found == {"home": (3, 5)}
+
+
 def test_the_saved_few_shot_model_reads_what_the_fit_saw(tmp_path):
     """The saved head applies the power transform, the centring and the unit length that ``fit`` used (loaded
     back with ``safe_mode``, on both engines): a head that skipped the transform would rank the classes
