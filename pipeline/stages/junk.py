@@ -220,8 +220,10 @@ def unfiled_hints(probs: np.ndarray, hints: list[str | None], hint_categories: l
                   categories: list[str], product_mass: np.ndarray, group_mass: np.ndarray, groups: list[str],
                   cfg: JunkConfig) -> dict[str, tuple[int, int]]:
     """Folder names (or hint values) that name no category of the photos filed under them: {hint: (photos the
-    model confidently contradicts, photos)} for each hint with ``outlier_min_group`` photos or more, most of
-    which ``semantic_reason`` calls ``hint_mismatch`` on the model's own probabilities.
+    model confidently places elsewhere, photos)} for each hint with ``outlier_min_group`` photos or more,
+    most of which are products (``weak_evidence`` or more) of another category by ``mismatch_confidence``
+    while the hint's gets under ``hint_floor``: the confident contradiction of ``semantic_reason``, on the
+    model's own probabilities (a landscape, which contradicts a folder only weakly, counts as a photo).
 
     Why: the folder a photo sits in is its hint, and a shop's upload folder may be called ``home``,
     ``photo`` or ``video``, which are aliases of categories; every shirt and sneaker in it would then be
@@ -231,13 +233,13 @@ def unfiled_hints(probs: np.ndarray, hints: list[str | None], hint_categories: l
     """
     counts: dict[str, list[int]] = {}
     for i, (hint, cat) in enumerate(zip(hints, hint_categories)):
-        if hint is None or cat is None:
+        if hint is None or cat not in categories:
             continue
         top = int(probs[i].argmax())
-        reason = semantic_reason(categories[top], float(probs[i, top]), probs[i], categories, float(product_mass[i]),
-                                 group_mass[i], groups, cat, cfg)
+        elsewhere = (categories[top] != cat and probs[i, top] >= cfg.mismatch_confidence
+                     and probs[i, categories.index(cat)] < cfg.hint_floor and product_mass[i] >= cfg.weak_evidence)
         tally = counts.setdefault(hint, [0, 0])
-        tally[0] += bool(reason and reason.startswith("hint_mismatch"))
+        tally[0] += bool(elsewhere)
         tally[1] += 1
     return {h: (c, n) for h, (c, n) in counts.items() if n >= cfg.outlier_min_group and 2 * c > n}
 
