@@ -277,11 +277,11 @@ def to_mixed_precision(model):
     import keras
 
     policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
-    outputs = set(model.output_names) | FLOAT32_HEADS
+    float32 = set(model.output_names) | FLOAT32_HEADS
 
     def clone(layer):
         config = layer.get_config()
-        if layer.name not in outputs and not isinstance(layer, keras.layers.InputLayer):
+        if layer.name not in float32 and not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 

@@ -391,9 +391,10 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     unfiled = unfiled_hints(preds.probs, hints, [clf.hint_category(h) for h in hints], list(clf.categories),
                             preds.product_mass, preds.group_mass, clf.groups, cfg.junk)
     for name, (contradicted, photos) in sorted(unfiled.items()):
-        cfg.log({"stage": "hints", "ignored": name, "category": clf.hint_category(name),
+        category = clf.hint_category(name)
+        cfg.log({"stage": "hints", "ignored": name, "category": category,
                  "message": f"{contradicted} of the {photos} photos filed under {name!r} confidently show another "
-                            f"category than {clf.hint_category(name)}: the folder is no category hint"})
+                            f"category than {category}: the folder is no category hint"})
     ctx.unfiled |= set(unfiled)
     sold = None
     if ctx.catalogue is not None:
@@ -419,13 +420,14 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
         if r["status"] == "seen":
             continue
         if s is not None:
-            index_records.append(index_record(ctx.run_id, r, s.hashes.to_fields(),
-                                              kept and r["row"] not in plan.quality_junk, clf.version))
+            rec = index_record(ctx.run_id, r, s.hashes.to_fields(), kept and r["row"] not in plan.quality_junk,
+                               clf.version)
         elif r["status"] == "error":
-            index_records.append(index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]])))
+            rec = index_record(ctx.run_id, r, {}, False, clf.version, file_identity(by_row[r["row"]]))
         else:
             continue
-        index_records[-1]["category_hint"] = ctx.hint(by_row[r["row"]])  # what later nights may count as a hint
+        rec["category_hint"] = ctx.hint(by_row[r["row"]])  # what later nights may count as a hint
+        index_records.append(rec)
     for rec in index_records:  # later chunks judge their folder outliers, and their copies, against these too
         ctx.remember(rec)
         ctx.keep_for_copies(rec["row"], rec)

@@ -236,8 +236,10 @@ def unfiled_hints(probs: np.ndarray, hints: list[str | None], hint_categories: l
         if hint is None or cat not in categories:
             continue
         top = int(probs[i].argmax())
-        elsewhere = (categories[top] != cat and probs[i, top] >= cfg.mismatch_confidence
-                     and probs[i, categories.index(cat)] < cfg.hint_floor and product_mass[i] >= cfg.weak_evidence)
+        reason = semantic_reason(categories[top], float(probs[i, top]), probs[i], categories, float(product_mass[i]),
+                                 group_mass[i], groups, cat, cfg)
+        elsewhere = (reason is not None and reason.startswith("hint_mismatch")
+                     and probs[i, top] >= cfg.mismatch_confidence and product_mass[i] >= cfg.weak_evidence)
         tally = counts.setdefault(hint, [0, 0])
         tally[0] += bool(elsewhere)
         tally[1] += 1
