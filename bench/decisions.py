@@ -263,10 +263,11 @@ def shop_fit(emb: np.ndarray, yk: np.ndarray, train: np.ndarray, n: int, prior: 
                prior=None if prior is None else prior[train])
 
 
-def shop_logits(f: FewShotFit, e: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
-    """A trained shop model's logits on pooled features ``e`` (``prior``: the same photos' prior rows)."""
-    logits = f.embed(e) @ f.weights + f.bias
-    return logits + f.prior_weight * prior if prior is not None and f.prior_weight else logits
+def shop_logits(f: FewShotFit, z: np.ndarray, prior: np.ndarray | None, rows) -> np.ndarray:
+    """A trained shop model's logits on features ``z`` (``f.embed`` of the pooled ones), the photos ``rows``
+    of ``prior`` (every photo's prior, or None)."""
+    logits = z @ f.weights + f.bias
+    return logits + f.prior_weight * prior[rows] if prior is not None and f.prior_weight else logits
 
 
 def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, seed: int = 0,
@@ -278,6 +279,7 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
     out: dict[tuple[int, str], list[float]] = {}
     for k in ks:
         classes = [c for c in np.unique(y) if (y == c).sum() > k]
+        prior = prior_of(classes) if prior_of is not None else None  # the same classes every split
         for _ in range(splits):
             train, test = draw_split(rng, y, classes, k)
             yk = np.searchsorted(classes, y)
@@ -297,10 +299,9 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
                 float((yk[train][(zp_s @ zp_t.T).argmax(axis=1)] == yk[test]).mean()))
             pred = (zp_s @ f.weights + f.bias).argmax(axis=1)
             out.setdefault((k, "labelcat auto without the taxonomy prior"), []).append(float((pred == yk[test]).mean()))
-            prior = prior_of(classes) if prior_of is not None else None
             if prior is not None:
                 fp = shop_fit(emb, yk, train, len(classes), prior)
-                pred = shop_logits(fp, emb[test], prior[test]).argmax(axis=1)
+                pred = shop_logits(fp, fp.embed(emb[test]), prior, test).argmax(axis=1)
             out.setdefault((k, "labelcat auto (centroid/logreg by CV, taxonomy prior weighted by CV)"), []).append(
                 float((pred == yk[test]).mean()))
     return {key: float(np.mean(v)) for key, v in out.items()}
@@ -321,14 +322,13 @@ def few_shot_calibration(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: 
     out: dict[int, dict[str, float]] = {}
     for k in ks:
         classes = [c for c in np.unique(y) if (y == c).sum() > k]
+        prior = prior_of(classes) if prior_of is not None else None  # the same classes every split
         yk = np.searchsorted(classes, y)
         per, floor, probs, labels = [], [], [], []
         for _ in range(splits):
             train, test = draw_split(rng, y, classes, k)
-            prior = prior_of(classes) if prior_of is not None else None
             f = shop_fit(emb, yk, train, len(classes), prior)
-            p = softmax(shop_logits(f, emb[test], None if prior is None else prior[test]),
-                        card_temperature(f, yk[train], len(classes)))
+            p = softmax(shop_logits(f, f.embed(emb[test]), prior, test), card_temperature(f, yk[train], len(classes)))
             per.append(ece(p, yk[test]))
             conf, top = p.max(axis=1), p.argmax(axis=1)
             floor.append(np.mean([ece(p, np.where(draw.random(len(conf)) < conf, top, (top + 1) % len(classes)))
@@ -351,17 +351,17 @@ def junk_rates(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int, spl
     rng = np.random.default_rng(seed)
     caught, lost, n_junk, n_prod = 0, 0, 0, 0
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
+    prior = prior_of(classes) if prior_of is not None else None  # the same classes every split
     for _ in range(splits):
         train, test = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
-        prior = prior_of(classes) if prior_of is not None else None
         f = shop_fit(emb, yk, train, len(classes), prior)
         threshold = f.min_similarity if f.min_similarity is not None else -1.0
 
         def junked(e: np.ndarray, hint: int, row: int) -> bool:
             z = f.embed(e[None, :])[0]
             sims = f.centroids @ z
-            label = int(shop_logits(f, e[None, :], None if prior is None else prior[row][None, :])[0].argmax())
+            label = int(shop_logits(f, z[None, :], prior, [row])[0].argmax())
             return bool(sims.max() < threshold or (label != hint and sims[hint] < OUTLIER_SIMILARITY))
 
         lost += sum(junked(emb[i], int(yk[i]), i) for i in test)
@@ -448,12 +448,12 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
     Returns {tally: (junked, placed)}."""
     rng = np.random.default_rng(seed)
     classes = [c for c in np.unique(y) if (y == c).sum() > k]
+    prior = prior_of(classes) if prior_of is not None else None  # the same classes every split
     names = [str(c) for c in range(len(classes))]
     out: dict[str, list[int]] = {}
     for _ in range(runs):
         train, rows = draw_split(rng, y, classes, k)
         yk = np.searchsorted(classes, y)
-        prior = prior_of(classes) if prior_of is not None else None
         f = shop_fit(emb, yk, train, len(classes), prior)
         card = open_set_card(f)
         t = card_temperature(f, yk[train], len(classes))
@@ -462,7 +462,7 @@ def few_shot_trees(emb: np.ndarray, y: np.ndarray, junk_emb: np.ndarray, k: int,
         photos = np.concatenate([emb[rows], junk_emb])
         source = np.concatenate([rows, len(emb) + np.arange(len(junk_emb))])[[p for p, _, _ in placed]]
         zz = f.embed(photos[[p for p, _, _ in placed]])
-        probs = softmax(shop_logits(f, photos[[p for p, _, _ in placed]], None if prior is None else prior[source]), t)
+        probs = softmax(shop_logits(f, zz, prior, source), t)
         hints = [names[c] for _, c, _ in placed]
         likeness = folder_likeness(zz, hints, cfg)
         for j, (e, hint, (_, _, tally)) in enumerate(zip(zz, hints, placed)):
@@ -568,6 +568,7 @@ def run(work: Path, args: argparse.Namespace) -> None:
                              shop, cfg, runs, sold=sold)
         for name, (j, t) in trees.items():
             print(f"  --catalogue {catalogue}, {name}: {j}/{t} = {j / t:.1%}")
+
     def prior_of(classes: list[int]) -> np.ndarray | None:
         """What ``labelcat train`` adds to a shop model's logits when its classes are these folders."""
         spec = taxonomy_prior([folders[c] for c in classes], clf.taxonomy)
