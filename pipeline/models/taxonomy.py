@@ -53,6 +53,8 @@ class Taxonomy:
     group_matrix: np.ndarray  # (1000, len(groups)) of 0/1
     aliases: dict[str, str] = field(default_factory=dict)  # normalised hint -> category
     digest: str = ""
+    #: each category's department (``None``: in none), the categories a shop may file under one another
+    departments: list[str | None] = field(default_factory=list)
 
     def resolve_hint(self, hint: str | None) -> str | None:
         """The category a ``category_hint`` names, or None when it names none we know."""
@@ -152,6 +154,18 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
             claim(idx, f"not_product:{grp}")
             group[idx, j] = 1.0
 
+    department: dict[str, str] = {}
+    if not isinstance(doc.get("departments", {}), dict):
+        raise TaxonomyError(f"{source}: 'departments' must be an object of category lists")
+    for dept, members in doc.get("departments", {}).items():
+        if not isinstance(members, list):
+            raise TaxonomyError(f"{source}: department {dept!r} must be a list of categories")
+        for cat in members:
+            if cat not in doc["categories"]:
+                raise TaxonomyError(f"{source}: department {dept!r}: {cat!r} is not a category")
+            if department.setdefault(cat, dept) != dept:
+                raise TaxonomyError(f"{source}: category {cat!r} is in both departments {department[cat]!r} and {dept!r}")
+
     return Taxonomy(
         name=str(doc.get("name", Path(source).stem)),
         version=str(doc.get("version", "0")),
@@ -161,4 +175,5 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
         group_matrix=group,
         aliases=aliases,
         digest=hashlib.sha256(raw).hexdigest()[:12],
+        departments=[department.get(c) for c in categories],
     )

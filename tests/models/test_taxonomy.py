@@ -16,6 +16,9 @@ def test_default_taxonomy_is_consistent():
     assert tax.resolve_hint("TV") == "tv_video"
     assert tax.resolve_hint("T-Shirts") == "tops"
     assert tax.resolve_hint("nonsense") is None
+    dept = dict(zip(tax.categories, tax.departments))
+    assert dept["furniture"] == dept["home_decor"] != dept["computers"] == dept["appliances"]  # the tablet's "microwave"
+    assert dept["food_drink"] is None  # an apple is filed under no other category
 
 
 @pytest.mark.parametrize("folder, category", [
@@ -51,6 +54,10 @@ def _write(tmp_path, doc):
         ({"categories": {"a": {"imagenet": [1]}, "b": {"imagenet": ["0-3"]}}}, "in both"),
         ({"categories": {}}, "non-empty"),
         ({"categories": {"a": {"imagenet": [5000]}}}, "out of range"),
+        ({"categories": {"a": {}}, "departments": {"home": ["a", "b"]}}, "department 'home': 'b' is not a category"),
+        ({"categories": {"a": {}}, "departments": {"home": ["a"], "shop": ["a"]}}, "in both departments"),
+        ({"categories": {"a": {}}, "departments": ["a"]}, "'departments' must be an object"),
+        ({"categories": {"a": {}}, "departments": {"home": "a"}}, "department 'home' must be a list"),
     ],
 )
 def test_bad_taxonomies_are_refused_with_the_entry_named(tmp_path, doc, message):
@@ -63,4 +70,5 @@ def test_custom_taxonomy(tmp_path):
         "shoes": {"aliases": ["kicks"], "imagenet": ["running shoe", "Loafer"]},
         "cups": {"imagenet": [968, "coffee mug"]}}}))
     assert tax.categories == ["shoes", "cups"] and tax.resolve_hint("Kicks") == "shoes"
+    assert tax.departments == [None, None]  # a taxonomy without departments folds nothing
     assert tax.product_matrix.sum() == 4
