@@ -415,7 +415,7 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
     out: dict[str, list[int]] = {}
     photos = np.concatenate([np.flatnonzero(hinted >= 0), np.flatnonzero(hinted < 0)])
     n_products = int((hinted >= 0).sum())
-    given = sold_posterior(preds.probs, sold)
+    departments = clf.taxonomy.departments
     for _ in range(runs):
         placed = file_in_folders(rng, hinted[photos[:n_products]], [f"{kinds[i]} products" for i in photos[:n_products]],
                                  shop, [kinds[i] for i in photos[n_products:]], misfiled, share)
@@ -425,10 +425,11 @@ def folder_trees(preds, clf, hinted: np.ndarray, kinds: list[str], shop: list[in
                                 preds.group_mass[rows], clf.taxonomy.groups, cfg)
         hints = [None if h in unfiled else h for h in hints]
         likeness = folder_likeness(preds.embeddings[rows], hints, cfg)
+        given = sold_posterior(preds.probs[rows], sold, departments, np.array([cats.index(h) if h else -1 for h in hints]))
         for j, (i, hint, (_, _, tally)) in enumerate(zip(rows, hints, placed)):
-            label = cats[int(given[i].argmax())]
-            reason = photo_reason(given[i], preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
-                                  clf.taxonomy.groups, hint, cfg)
+            label = cats[int(given[j].argmax())]
+            reason = photo_reason(given[j], preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                                  clf.taxonomy.groups, hint, cfg, departments)
             _count(out, tally, folder_verdict(reason, likeness.get(j), label, hint, cfg)[0] is not None)
     return {k: (v[0], v[1]) for k, v in sorted(out.items())}
 
@@ -519,17 +520,21 @@ def run(work: Path, args: argparse.Namespace) -> None:
     # what `--catalogue auto` makes of a night that files photos under every folder: the shop's categories
     catalogues = {"all": None, "auto": Catalogue(cats, seen={cats[h] for h in shop}).sold()}
 
+    departments = clf.taxonomy.departments
+    # the photo alone (no folder: nothing is filed under a department) given each catalogue
     given = {catalogue: sold_posterior(preds.probs, sold) for catalogue, sold in catalogues.items()}
 
     def junked(i: int, hint: int, catalogue: str) -> bool:
         """The default model's junk rules on photo ``i`` filed under category ``hint``, the runner's way."""
-        return photo_reason(given[catalogue][i], preds.probs[i], catalogues[catalogue], cats,
-                            float(preds.product_mass[i]), preds.group_mass[i], clf.taxonomy.groups, cats[hint],
-                            cfg) is not None
+        sold = catalogues[catalogue]
+        filed = sold_posterior(preds.probs[i:i + 1], sold, departments, np.array([hint]))[0]
+        return photo_reason(filed, preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
+                            clf.taxonomy.groups, cats[hint], cfg, departments) is not None
 
     for catalogue, sold in catalogues.items():
         probs = given[catalogue][:n]
-        fused = hint_posterior(probs, hinted, cfg.hint_trust, int(sold.sum()) if sold is not None else None)
+        filed = sold_posterior(preds.probs[:n], sold, departments, hinted)
+        fused = hint_posterior(filed, hinted, cfg.hint_trust, int(sold.sum()) if sold is not None else None)
         print(f" --catalogue {catalogue} ({len(cats) if sold is None else int(sold.sum())} categories)")
         for name in ("dev", "test"):
             idx = np.flatnonzero(part == name)

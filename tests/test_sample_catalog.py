@@ -122,6 +122,33 @@ def test_a_named_catalogue_junks_what_the_shop_does_not_sell(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_shop_files_what_it_does_not_sell_under_its_department(tmp_path):
+    """A shop of furniture and t-shirts files its cushions under furniture: the cushions (home_textiles 0.99,
+    which the shop does not sell) are labelled furniture, kept, and shown to a person once (``folded``), not
+    junked ``not_sold``. A juice carton in that folder (lotion to ImageNet: beauty_health 0.74, the shop's
+    categories 0.006 together) is ``not_sold``, and so is the misfiled sneaker: the shop sells fashion
+    (t-shirts), but did not file it there."""
+    night = tmp_path / "night"
+    for folder, files in {"furniture": ["cushions/cuschion01.jpg", "cushions/cuschion02.jpg", "juices/fd_juice_01.jpg",
+                                        "hoodies/sneakers_misfiled.jpg"],
+                          "t-shirts": ["t-shirts/cl_boot01_1.jpg", "t-shirts/cl_boot03_1.jpg"]}.items():
+        (night / folder).mkdir(parents=True)
+        for f in files:
+            (night / folder / f.split("/")[1]).write_bytes((SAMPLE / "images" / f).read_bytes())
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(night), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas()
+    t.index = t["path"].str.rsplit("/", n=1).str[-1]
+    cushions = t.loc[["cuschion01.jpg", "cuschion02.jpg"]]
+    assert (cushions["status"] == "labelled").all() and (cushions["label"] == "furniture").all()
+    assert cushions["review_reason"].str.startswith("folded: looks like home_textiles (0.9").all(), cushions["review_reason"]
+    assert t.loc["fd_juice_01.jpg", "junk_reason"].startswith("not_sold: looks like beauty_health")
+    assert t.loc["sneakers_misfiled.jpg", "junk_reason"].startswith("not_sold: looks like footwear")
+    assert (t.loc[["cl_boot01_1.jpg", "cl_boot03_1.jpg"], "label"] == "tops").all()
+
+
+@pytest.mark.slow
 def test_the_catalogue_remembers_what_earlier_nights_filed(tmp_path):
     """``--catalogue auto`` needs two categories: a night of one folder alone says nothing of what else the
     shop sells, so its juice cartons (lotion to ImageNet) are labelled by their folder and shown to a person.

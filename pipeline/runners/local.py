@@ -46,9 +46,9 @@ from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
 from pipeline.stages.ingest import Batch, Record, ingest
-from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, catalogue_for, folder_likeness,
-                                  folder_verdict, hint_posterior, open_set_reason, photo_reason, quality_reason, sold_posterior,
-                                  unfiled_hints)
+from pipeline.stages.junk import (Catalogue, HintReference, JunkConfig, catalogue_for, folded_note, folder_likeness,
+                                  folder_verdict, hint_posterior, open_set_reason, photo_reason, quality_reason,
+                                  sold_posterior, unfiled_hints)
 from pipeline.stages.nearpairs import BatchIndex, SegmentSearch
 from pipeline.stages.output import Summary, SummaryCounter, schema_with_meta, to_table, write_json
 from pipeline.review.sheet import DEFAULT_REVIEW_THRESHOLD, apply_corrections, load_corrections
@@ -227,6 +227,11 @@ class Context:
     catalogue: Catalogue | None = None  # the categories the shop sells (``catalogue_for``); None: any
     unfiled: set[str] = field(default_factory=set)  # tonight's folder names that name no category (``unfiled_hints``)
 
+    @property
+    def departments(self) -> list[str | None] | None:
+        """The catalogue's departments (``junk.files_under``), None without a catalogue or a taxonomy."""
+        return self.catalogue.departments if self.catalogue is not None else None
+
     def hint(self, rec: Record) -> str | None:
         """The record's category hint as the run uses it: none where its folder name named no category of the
         photos filed under it (``unfiled_hints``), tonight, in this chunk or an earlier one."""
@@ -321,10 +326,15 @@ def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context, sold: n
     what a kept row's label and top-k come from, so also what the copy check groups photos by (the index
     records of earlier chunks and nights carry that top-k). ``sold``: the catalogue in force, which the
     prior is spread over."""
-    cats = ctx.classifier.categories
-    named = [ctx.classifier.hint_category(h) for h in hints]
-    return hint_posterior(probs, np.array([cats.index(c) if c in cats else -1 for c in named], int),
-                          ctx.cfg.junk.hint_trust, int(sold.sum()) if sold is not None else None)
+    return hint_posterior(probs, hint_indices(hints, ctx.classifier), ctx.cfg.junk.hint_trust,
+                          int(sold.sum()) if sold is not None else None)
+
+
+def hint_indices(hints: list[str | None], classifier: Classifier) -> np.ndarray:
+    """Each hint's category index among the classifier's categories, -1 where it names none."""
+    cats = classifier.categories
+    named = [classifier.hint_category(h) for h in hints]
+    return np.array([cats.index(c) if c in cats else -1 for c in named], int)
 
 
 def confirm_copies(plan: Plan, preds: Any, hinted: np.ndarray, ctx: Context) -> None:
@@ -406,8 +416,9 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
              **({"catalogue": [c for c, s in zip(clf.categories, sold) if s]} if sold is not None else {})})
     # the photo shows something the shop sells: the labels, the junk rules and the copy check's categories
     # read the probabilities given that; the model's own say which photos show something it does not sell
-    given = sold_posterior(preds.probs, sold)
-    hinted = with_hints(given, [ctx.hint(by_row[row]) for row in plan.to_classify], ctx, sold)
+    hints = [ctx.hint(by_row[row]) for row in plan.to_classify]
+    given = sold_posterior(preds.probs, sold, ctx.departments, hint_indices(hints, clf))
+    hinted = with_hints(given, hints, ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)
@@ -672,7 +683,7 @@ def assemble(
         if not reason:
             reason, review_note = folder_verdict(
                 photo_reason(given[i], preds.probs[i], sold, cats, float(preds.product_mass[i]), preds.group_mass[i],
-                             groups, hint_cat, cfg.junk)
+                             groups, hint_cat, cfg.junk, ctx.departments)
                 or open_set_reason(preds.embeddings[i], open_set, cats, label, hint_cat, cfg.junk),
                 likeness.get(i), label, hint_cat, cfg.junk)
         if reason:  # junk keeps what the photo looks like, for the reviewer to overrule
@@ -683,6 +694,8 @@ def assemble(
                        label_source="model" if labels[i][0] == label else "hint")
             if row["label_source"] == "hint" and not review_note:
                 review_note = f"hint_decided: filed as {hint_cat}; the photo alone says {label} ({confidence:.2f})"
+            review_note = review_note or folded_note(preds.probs[i], row["label"], sold, cats, ctx.departments,
+                                                     hint_cat)
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
         row.update(review_flag(row, review_note, ctx.review_threshold))
         rows.append(row)

@@ -142,6 +142,8 @@ class Catalogue:
     fixed: frozenset[str] | None = None
     auto: bool = True
     seen: set[str] = field(default_factory=set)
+    #: each category's department (the taxonomy's; ``None`` for a model without one): see ``files_under``
+    departments: list[str | None] | None = None
 
     def add(self, category: str | None) -> None:
         """A category the shop filed a photo under (a hint's category; ``None`` for no usable hint)."""
@@ -164,8 +166,10 @@ def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
     the shop's already), ``all``, or names, each a model category or a folder name that maps to one
     (``Classifier.hint_category``)."""
     cats = list(classifier.categories)
+    tax = classifier.taxonomy
+    departments = tax.departments if tax is not None and tax.categories == cats and tax.departments else None
     if option == "auto":
-        return Catalogue(cats, auto=classifier.taxonomy is not None)
+        return Catalogue(cats, auto=tax is not None, departments=departments)
     if option == "all":
         return Catalogue(cats, auto=False)
     names = [n.strip() for n in option.split(",") if n.strip()]
@@ -176,36 +180,83 @@ def catalogue_for(classifier: Classifier, option: str) -> Catalogue:
     if unknown:
         raise CatalogueError(f"--catalogue: {', '.join(unknown)} is not a category of {classifier.name} "
                              f"(its categories: {', '.join(cats)})")
-    return Catalogue(cats, fixed=frozenset(mapped.values()))
+    return Catalogue(cats, fixed=frozenset(mapped.values()), departments=departments)
 
 
-def sold_posterior(probs: np.ndarray, sold: np.ndarray | None) -> np.ndarray:
+def files_under(probs: np.ndarray, hint: int, sold: np.ndarray, departments: list[str | None] | None,
+                floor: float = JunkConfig.hint_floor) -> bool:
+    """Whether a shop files this photo (``probs``: its category probabilities, the model's own), whose top
+    category it does not sell, under its folder or hint ``hint`` (a category index; -1 for none), which it
+    sells: the two share a department of the taxonomy, and no other category the shop sells there gets
+    ``floor`` or more.
+
+    Why: the taxonomy is finer than many shops. A shop that sells furniture and no ``home_decor`` files its
+    lamps under furniture, and one that sells footwear and no ``underwear_swimwear`` its socks under
+    footwear; calling such a photo ``not_sold`` junked a product of the shop's own folder. Only where the
+    shop filed it so: without that folder a department is no evidence (a monument that ImageNet calls a
+    pedestal is home_decor too). And only when the department holds nothing closer that the shop sells:
+    a dress that ImageNet calls outerwear belongs in the shop's dresses folder, not its t-shirts'."""
+    top = int(probs.argmax())
+    if hint < 0 or not sold[hint] or sold[top] or not departments or departments[top] is None \
+            or departments[top] != departments[hint]:
+        return False
+    return all(probs[s] < floor for s in np.flatnonzero(sold) if s != hint and departments[s] == departments[top])
+
+
+def sold_posterior(probs: np.ndarray, sold: np.ndarray | None, departments: list[str | None] | None = None,
+                   hints: np.ndarray | None = None) -> np.ndarray:
     """The category probabilities given that the photo shows something the shop sells: the model's, zero
-    outside ``sold`` and renormalised (rows with no mass there, a failed decode's zeros, stay zero)."""
+    outside ``sold`` and renormalised (rows with no mass there, a failed decode's zeros, stay zero). A photo
+    whose top category the shop files under its hint (``files_under``; ``hints``: each row's hint category
+    index, -1 for none) keeps that category's probability there: the lamp in the furniture folder is
+    furniture. Only the top category: a department's small shares would add up (a juice carton is a little
+    pitcher, vase and soap dispenser)."""
     if sold is None or probs.ndim != 2 or not len(probs):
         return probs
     kept = np.where(sold, probs, 0.0)
+    if departments and hints is not None:
+        for r in np.flatnonzero(hints >= 0):
+            if files_under(probs[r], int(hints[r]), sold, departments):
+                kept[r, hints[r]] += probs[r].max()
     mass = kept.sum(axis=1, keepdims=True)
     return np.divide(kept, mass, out=np.zeros_like(kept), where=mass > 0).astype(probs.dtype)
 
 
-def unsold_reason(probs: np.ndarray, sold: np.ndarray | None, categories: list[str], cfg: JunkConfig) -> str | None:
-    """``not_sold`` when the model confidently names a category the shop does not sell and gives the shop's
-    own categories together less than the hint floor: a sneaker in a shop of TVs. ``probs``: one photo's
+def unsold_reason(probs: np.ndarray, sold: np.ndarray | None, categories: list[str], cfg: JunkConfig,
+                  departments: list[str | None] | None = None, hint_category: str | None = None) -> str | None:
+    """``not_sold`` when the model names a category the shop does not sell, nor files under the photo's
+    folder (``files_under``), and gives the shop's own categories together less than the hint floor: a
+    sneaker in a shop of TVs. As a contradicted hint (``semantic_reason``), it counts by both sides: a
+    confident winner, or shop categories all but ruled out (an apple, food_drink 0.70, in a shop of shoes
+    and furniture that get 0.004: renormalised, it would be a confident shoe). ``probs``: one photo's
     probabilities before ``sold_posterior`` (which would call it the least unlikely TV)."""
     if sold is None or not sold.any() or sold.all():
         return None
     mass = float(probs[sold].sum())
     other = int(np.where(sold, -1.0, probs).argmax())
-    if mass < cfg.hint_floor and probs[other] >= cfg.mismatch_confidence:
+    confident = (probs[other] >= cfg.mismatch_confidence
+                 or (mass < cfg.ruled_out and probs[other] >= cfg.ruled_out_winner))
+    hint = categories.index(hint_category) if hint_category in categories else -1
+    if mass < cfg.hint_floor and confident and not files_under(probs, hint, sold, departments, cfg.hint_floor):
         return (f"not_sold: looks like {categories[other]} ({probs[other]:.2f}); "
                 f"the shop's categories get {mass:.2f}")
     return None
 
 
+def folded_note(probs: np.ndarray, label: str, sold: np.ndarray | None, categories: list[str],
+                departments: list[str | None] | None, hint_category: str | None) -> str | None:
+    """A review note for a kept photo labelled as its folder because the shop files its top category there
+    (``files_under``; ``probs``: the model's, before ``sold_posterior``), or None: the lamp labelled
+    furniture is kept, and a person confirms once that the shop files lamps there."""
+    top = int(probs.argmax())
+    if sold is None or label != hint_category or not files_under(probs, categories.index(label), sold, departments):
+        return None
+    return f"folded: looks like {categories[top]} ({probs[top]:.2f}), which the shop files under {label}"
+
+
 def photo_reason(given: np.ndarray, probs: np.ndarray, sold: np.ndarray | None, categories: list[str],
                  product_mass: float, group_mass: np.ndarray, groups: list[str], hint_category: str | None,
-                 cfg: JunkConfig) -> str | None:
+                 cfg: JunkConfig, departments: list[str | None] | None = None) -> str | None:
     """What one photo's own model evidence says against it, or None: ``semantic_reason`` on ``given`` (its
     probabilities given the catalogue, ``sold_posterior``; the label and confidence are their top), then
     ``unsold_reason`` on ``probs`` (the model's own). One place, so the runner and the benches that
@@ -213,7 +264,7 @@ def photo_reason(given: np.ndarray, probs: np.ndarray, sold: np.ndarray | None, 
     top = int(given.argmax())
     return (semantic_reason(categories[top], float(given[top]), given, categories, product_mass, group_mass, groups,
                             hint_category, cfg)
-            or unsold_reason(probs, sold, categories, cfg))
+            or unsold_reason(probs, sold, categories, cfg, departments, hint_category))
 
 
 def unfiled_hints(probs: np.ndarray, hints: list[str | None], hint_categories: list[str | None],

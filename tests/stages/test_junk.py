@@ -117,3 +117,71 @@ def test_the_shops_catalogue_is_evidence_and_what_it_does_not_sell_is_junk():
     unsure = np.array([0.01, 0.2, 0.78, 0.01], np.float32)  # nothing confident outside the catalogue
     assert unsold_reason(unsure, sold, cats, CFG) is None
     assert unsold_reason(book, None, cats, CFG) is None
+
+
+def test_a_shop_files_what_it_does_not_sell_under_a_folder_of_its_department():
+    """A shop that sells furniture and no home_decor files its lamps under furniture: a lamp in the furniture
+    folder keeps its probability there (``sold_posterior`` with the folders), is not ``not_sold``, and a
+    person confirms the fold once (``folded_note``). Only under such a folder: the same lamp with no folder,
+    or in the footwear folder, is read as before; an apple (no department) in any folder is ``not_sold``."""
+    from pipeline.stages.junk import files_under, folded_note, sold_posterior, unsold_reason
+
+    cats = ["furniture", "home_decor", "footwear", "underwear_swimwear", "computers", "appliances", "food_drink",
+            "garden_plants"]
+    depts = ["home", "home", "fashion", "fashion", "electronics", "electronics", None, "home"]  # a taxonomy of
+    # one's own may put plants among home categories: the packaged one does not (a flower photo is no cushion)
+    sold = np.array([c in ("furniture", "footwear", "computers", "garden_plants") for c in cats])
+    furniture, footwear, computers, plants = (cats.index(c) for c in ("furniture", "footwear", "computers", "garden_plants"))
+
+    def top(category: str, p: float = 0.9, **others: float) -> np.ndarray:
+        probs = np.zeros(len(cats), np.float32)
+        probs[cats.index(category)] = p
+        for name, q in others.items():
+            probs[cats.index(name)] = q
+        return probs
+
+    assert files_under(top("home_decor"), furniture, sold, depts) and files_under(top("appliances"), computers, sold, depts)
+    assert not files_under(top("home_decor"), footwear, sold, depts) and not files_under(top("home_decor"), -1, sold, depts)
+    assert not files_under(top("food_drink"), furniture, sold, depts)
+    assert not files_under(top("home_decor"), furniture, sold, None)
+    assert not files_under(top("furniture"), furniture, sold, depts)  # sold: nothing to fold
+    # a vase that looks a little like a potted plant too: the shop sells plants, so it belongs in that folder
+    assert not files_under(top("home_decor", garden_plants=0.06), furniture, sold, depts)
+    assert files_under(top("home_decor", garden_plants=0.06), plants, sold, depts)
+
+    lamp = np.array([0.01, 0.95, 0.0, 0.0, 0.02, 0.0, 0.02, 0.0], np.float32)  # lampshade, table lamp
+    filed = sold_posterior(np.stack([lamp, lamp, lamp]), sold, depts, np.array([furniture, footwear, -1]))
+    assert cats[int(filed[0].argmax())] == "furniture" and filed[0].max() == pytest.approx(0.96 / 0.98, rel=1e-5)
+    assert np.array_equal(filed[1], filed[2]) and cats[int(filed[2].argmax())] == "computers"  # as before
+    assert np.array_equal(filed[2], sold_posterior(lamp[None], sold)[0])
+    assert unsold_reason(lamp, sold, cats, CFG, depts, "furniture") is None
+    assert unsold_reason(lamp, sold, cats, CFG, depts, "footwear").startswith("not_sold: looks like home_decor (0.95)")
+    assert unsold_reason(lamp, sold, cats, CFG).startswith("not_sold: looks like home_decor (0.95)")
+    assert folded_note(lamp, "furniture", sold, cats, depts, "furniture") == (
+        "folded: looks like home_decor (0.95), which the shop files under furniture")
+    assert folded_note(lamp, "computers", sold, cats, depts, None) is None
+    assert folded_note(lamp, "furniture", None, cats, depts, "furniture") is None  # every category sold
+    apple = top("food_drink", 0.98, footwear=0.02)
+    assert unsold_reason(apple, sold, cats, CFG, depts, "footwear").startswith("not_sold: looks like food_drink (0.98)")
+    assert folded_note(apple, "footwear", sold, cats, depts, "footwear") is None
+    # only the photo's top category folds: a little of many home categories does not make furniture
+    carton = top("food_drink", 0.69, home_decor=0.3, footwear=0.01)
+    assert sold_posterior(carton[None], sold, depts, np.array([furniture]))[0, furniture] == 0.0
+
+
+def test_a_shop_category_all_but_ruled_out_is_not_sold_without_a_confident_winner():
+    """An apple in a shop of shoes and furniture (food_drink 0.70; the shop's categories 0.004 together) would
+    be a confident shoe once the catalogue renormalises; as with a contradicted hint, shop categories all but
+    ruled out (under ``ruled_out``) make it ``not_sold`` at a winner of ``ruled_out_winner``."""
+    from pipeline.stages.junk import unsold_reason
+
+    cats = ["footwear", "furniture", "food_drink", "kitchen"]
+    sold = np.array([True, True, False, False])
+    apple = np.array([0.003, 0.001, 0.70, 0.296], np.float32)
+    assert unsold_reason(apple, sold, cats, CFG) == "not_sold: looks like food_drink (0.70); the shop's categories get 0.00"
+    unsure = np.array([0.003, 0.001, 0.45, 0.546], np.float32)
+    assert unsold_reason(unsure, sold, cats, CFG).startswith("not_sold: looks like kitchen (0.55)")
+    split = np.array([0.003, 0.001, 0.499, 0.497], np.float32)  # no category outside reaches ruled_out_winner
+    assert unsold_reason(split, sold, cats, CFG) is None
+    some = np.array([0.02, 0.01, 0.70, 0.27], np.float32)  # the shop's categories 0.03: not ruled out
+    assert unsold_reason(some, sold, cats, CFG) is None
