@@ -469,7 +469,8 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     for its official test set): accuracy, per-class precision/recall/F1, ECE, confusion matrix,
     reliability diagram and the coverage table, written as Markdown + PNG + JSON.
 
-    Labels are read as `labelcat run` gives them: among the categories of --catalogue.
+    Labels are read as `labelcat run` gives them: among the categories of --catalogue, and for the default
+    model with each photo's most alike others voting, as a run labels photos without a folder.
     """
     from pipeline.models.card import CardError
     from pipeline.learning.evaluate import evaluate_model, summary_line, write_report
@@ -506,6 +507,9 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
         click.echo(f"{model} on {data}: {summary_line(metrics)}")
         if metrics.get("catalogue"):
             click.echo(f"  catalogue: {', '.join(metrics['catalogue'])} (labels name only these; --catalogue all: any)")
+        if metrics.get("photo_alone_accuracy") is not None:
+            click.echo(f"  each photo voted on by its {metrics['neighbours']} most alike others, as a run labels photos "
+                       f"without a folder; the photo alone: accuracy {metrics['photo_alone_accuracy']:.4f}")
         click.echo(f"  review threshold for precision {target_precision}: "
                    + (f"{rt} (rows below it need a person)" if rt is not None else "not reachable"))
         if metrics["skipped"]:

@@ -54,7 +54,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("topk_labels", pa.list_(pa.string()), "the k most likely categories, best first", label=True),
     Column("topk_scores", pa.list_(pa.float32()), "their probabilities", label=True),
     Column("label_source", pa.string(), "model; hint when the folder or hint outweighed the photo's own top category "
-           "(--hint-trust); human when a reviewer's correction (matched by sha256) set it", label=True),
+           "(--hint-trust); neighbours when, without a folder or hint, the night's most alike photos did; human when "
+           "a reviewer's correction (matched by sha256) set it", label=True),
     Column("duplicate_of", pa.int64(), "row of the kept photo this one duplicates"),
     Column("duplicate_of_run", pa.string(), "run_id of that row when it was kept on an earlier night (--store); else null"),
     Column("duplicate_kind", pa.string(), "exact (same bytes) | near (perceptual match) | human (a reviewer said so)"),

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -209,6 +210,8 @@ def test_evaluate_scores_the_labels_a_run_gives(tmp_path):
     shop, output = report("auto")
     assert shop["catalogue"] == ["tops", "food_drink"] and "catalogue: tops, food_drink" in output
     assert shop["per_class"]["food_drink"]["recall"] == 1.0 and shop["accuracy"] == 1.0
+    # as a run labels a night of them without folders: each photo voted on by its 5 most alike others
+    assert shop["neighbours"] == 5 and shop["photo_alone_accuracy"] == 1.0 and "the photo alone: accuracy 1.0000" in output
     every, _ = report("all")
     assert every["catalogue"] is None
     assert every["per_class"]["food_drink"]["recall"] == 0.0 and every["per_class"]["beauty_health"]["support"] == 0
@@ -237,3 +240,38 @@ def test_a_folder_whose_name_is_no_category_of_its_photos_is_no_hint(tmp_path):
     label = {p.rsplit("/", 1)[1]: v for p, v in t["label"].items()}
     assert label["cl_bogo01_1.jpg"] == label["cl_boot01_1.jpg"] == "tops" and label["cuschion01.jpg"] == "home_textiles"
     assert label["wine-red.jpg"] == "food_drink" and label["sneakers_02_3.jpg"] == "footwear"
+
+
+@pytest.mark.slow
+def test_photos_without_a_folder_are_labelled_with_their_most_alike_photos_voting(tmp_path, real_classifier):
+    """A night of photos in one folder that names no category: each photo's label is its own probabilities and
+    its five most alike photos' votes (``embeddings.neighbour_votes``), not the photo alone; a row whose
+    label the votes changed says so (``label_source = "neighbours"``, a ``neighbours_decided`` review note).
+    The astronaut, alike to no product here, is no confident label for the votes to keep (under 0.6: review)."""
+    from pipeline.models.embeddings import neighbour_votes
+    from pipeline.stages.classify import predict
+
+    names = ["hoodies/cl_bogo01_1.jpg", "hoodies/cl_bogo02_1.jpg", "hoodies/cl_bogo03_1.jpg", "t-shirts/cl_boot01_1.jpg",
+             "t-shirts/cl_boot03_1.jpg", "sneakers/sneakers_01_1.jpg", "sneakers/sneakers_02_2.jpg",
+             "cushions/cuschion01.jpg", "cushions/cuschion02.jpg", "juices/fd_juice_01.jpg", "juices/fd_juice_03.jpg",
+             "t-shirts/astronaut.jpg"]
+    night = tmp_path / "night"
+    night.mkdir()
+    for name in names:
+        (night / name.replace("/", "__")).write_bytes((SAMPLE / "images" / name).read_bytes())
+    out = tmp_path / "o.parquet"
+    r = CliRunner().invoke(cli, ["run", str(night), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pandas().sort_values("path").reset_index(drop=True)
+    assert (t["status"] == "labelled").all() and t["hint_category"].isna().all()
+
+    preds = predict(real_classifier, list(t["path"]))
+    cats = real_classifier.categories
+    votes = neighbour_votes(preds.probs, preds.embeddings)
+    assert list(t["label"]) == [cats[int(v.argmax())] for v in votes]
+    assert np.allclose(t["confidence"], votes.max(axis=1), atol=1e-4)
+    changed = preds.probs.argmax(axis=1) != votes.argmax(axis=1)
+    assert list(t["label_source"]) == ["neighbours" if c else "model" for c in changed]
+    assert t.loc[changed, "review_reason"].str.startswith("neighbours_decided").all()
+    astronaut = t[t["path"].str.endswith("astronaut.jpg")].iloc[0]
+    assert preds.probs[astronaut.name].max() > 0.6 > astronaut["confidence"] and astronaut["needs_review"]

@@ -102,6 +102,9 @@ def render_markdown(m: dict[str, Any], title: str) -> str:
     if m.get("catalogue"):
         lines += [f"Catalogue: {', '.join(m['catalogue'])} (labels name only these, as `labelcat run --catalogue` "
                   "gives them)", ""]
+    if m.get("photo_alone_accuracy") is not None:
+        lines += [f"Each photo voted on by its {m['neighbours']} most alike others, as `labelcat run` labels photos "
+                  f"without a folder; the photo alone: accuracy {m['photo_alone_accuracy']:.4f}", ""]
     if "recommended_threshold" in m:
         rt = m["recommended_threshold"]
         lines += [f"Recommended review threshold for precision {m['target_precision']}: "
@@ -145,10 +148,13 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
 
     ``catalogue``: as ``labelcat run --catalogue`` (``junk.catalogue_for``); ``auto`` reads the default
     model's probabilities among the categories the photos are labelled with, as a run does among the
-    categories its photos are filed under, so the report scores the labels a run would give.
+    categories its photos are filed under, so the report scores the labels a run would give. The default
+    model's photos are then voted on by their most alike others (``embeddings.neighbour_votes``), as a run
+    labels a night of photos without folders; ``photo_alone_accuracy`` is the score before the votes.
     """
     from pipeline.models.classifier import load_classifier
     from pipeline.stages.classify import make_step, predict
+    from pipeline.models.embeddings import NEIGHBOURS, neighbour_votes
     from pipeline.stages.junk import catalogue_for, sold_posterior
 
     clf = load_classifier(model_ref, precision="float32")
@@ -180,13 +186,19 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
                 y_list.append(clf.categories.index(cls))
         preds = predict(clf, keep, batch_size=batch_size)
         ok = [i for i, e in enumerate(preds.errors) if e is None]
-        probs, y = preds.probs[ok], np.array(y_list, dtype=int)[ok]
+        probs, embeddings, y = preds.probs[ok], preds.embeddings[ok], np.array(y_list, dtype=int)[ok]
         for c in sorted(set(y.tolist())):
             shop.add(clf.categories[c])
         overlap = training_overlap(clf.info.get("card"), photos.sha256)
     sold = shop.sold()
-    metrics = classification_metrics(y, sold_posterior(probs, sold), clf.categories)
+    given = sold_posterior(probs, sold)
+    alone = None
+    if data != "fashion-mnist" and clf.taxonomy is not None:  # as a run labels a night of them without folders
+        alone, given = float((given.argmax(axis=1) == y).mean()) if len(y) else None, neighbour_votes(given, embeddings)
+    metrics = classification_metrics(y, given, clf.categories)
     metrics["catalogue"] = None if sold is None else [c for c, s in zip(clf.categories, sold) if s]
+    metrics["neighbours"] = NEIGHBOURS if alone is not None else 0
+    metrics["photo_alone_accuracy"] = alone
     if data != "fashion-mnist":
         metrics["training_overlap"] = overlap
     metrics.update(model=str(model_ref), model_version=clf.version, data=str(data), skipped=skipped,

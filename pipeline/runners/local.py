@@ -42,6 +42,7 @@ from pipeline.stages.dedupe import THUMB_SIDE, DedupeConfig, Hashes, Match, Matc
 from pipeline.stages.scan import Scan, candidate, scan_records
 from pipeline.ops.fsutil import atomic_path
 from pipeline.models.classifier import Classifier
+from pipeline.models.embeddings import neighbour_votes
 from pipeline.models.preprocess import Preprocess
 from pipeline.ops.device import has_gpu
 from pipeline.stages.classify import predict, top_k
@@ -330,6 +331,15 @@ def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context, sold: n
                           int(sold.sum()) if sold is not None else None)
 
 
+def with_neighbours(given: np.ndarray, embeddings: np.ndarray, filed: np.ndarray, classifier: Classifier) -> np.ndarray:
+    """``given`` with the rows that have no folder or hint (``filed`` -1) voted on by the chunk's most alike
+    photos (``embeddings.neighbour_votes``): what their labels come from. The default model's zero-shot
+    labels only, where it was measured (README, Decisions); a trained model's classes are the shop's own."""
+    if classifier.taxonomy is None or not (filed < 0).any():
+        return given
+    return np.where((filed < 0)[:, None], neighbour_votes(given, embeddings), given)
+
+
 def hint_indices(hints: list[str | None], classifier: Classifier) -> np.ndarray:
     """Each hint's category index among the classifier's categories, -1 where it names none."""
     cats = classifier.categories
@@ -417,8 +427,9 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     # the photo shows something the shop sells: the labels, the junk rules and the copy check's categories
     # read the probabilities given that; the model's own say which photos show something it does not sell
     hints = [ctx.hint(by_row[row]) for row in plan.to_classify]
-    given = sold_posterior(preds.probs, sold, ctx.departments, hint_indices(hints, clf))
-    hinted = with_hints(given, hints, ctx, sold)
+    filed = hint_indices(hints, clf)
+    given = sold_posterior(preds.probs, sold, ctx.departments, filed)
+    hinted = with_hints(with_neighbours(given, preds.embeddings, filed, clf), hints, ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)
@@ -691,9 +702,12 @@ def assemble(
                        label_source="model")
         else:
             row.update(label=labels[i][0], confidence=scores[i][0], topk_labels=labels[i], topk_scores=scores[i],
-                       label_source="model" if labels[i][0] == label else "hint")
+                       label_source="model" if labels[i][0] == label else "hint" if hint_cat else "neighbours")
             if row["label_source"] == "hint" and not review_note:
                 review_note = f"hint_decided: filed as {hint_cat}; the photo alone says {label} ({confidence:.2f})"
+            if row["label_source"] == "neighbours" and not review_note:
+                review_note = (f"neighbours_decided: the photo alone says {label} ({confidence:.2f}); "
+                               f"its most alike photos tonight say {labels[i][0]}")
             review_note = review_note or folded_note(preds.probs[i], row["label"], sold, cats, ctx.departments,
                                                      hint_cat)
         row.update(status="junk" if reason else "labelled", junk_reason=reason)
