@@ -48,7 +48,7 @@ from pipeline.learning.calibration import ece, softmax  # noqa: E402
 from pipeline.learning.fewshot import (LOGIT_SCALE, OUTLIER_SIMILARITY, FewShotFit, centroid_rule, fit,  # noqa: E402
                                        open_set_card, taxonomy_prior)
 from pipeline.learning.recipe import calibrate  # noqa: E402
-from pipeline.models.embeddings import normalise  # noqa: E402
+from pipeline.models.embeddings import NEIGHBOURS, neighbour_votes, normalise  # noqa: E402
 from pipeline.models.classifier import load_classifier  # noqa: E402
 from pipeline.stages.classify import predict  # noqa: E402
 from pipeline.stages.junk import (Catalogue, JunkConfig, folder_likeness, folder_verdict, hint_posterior,  # noqa: E402
@@ -536,12 +536,16 @@ def run(work: Path, args: argparse.Namespace) -> None:
         filed = sold_posterior(preds.probs[:n], sold, departments, hinted)
         fused = hint_posterior(filed, hinted, cfg.hint_trust, int(sold.sum()) if sold is not None else None)
         print(f" --catalogue {catalogue} ({len(cats) if sold is None else int(sold.sum())} categories)")
+        # a night of every photo without folders: each voted on by its most alike others, as the runner labels them
+        voted = neighbour_votes(given[catalogue], preds.embeddings)[:n]
         for name in ("dev", "test"):
             idx = np.flatnonzero(part == name)
             alone = sum(int(probs[i].argmax()) == hinted[i] for i in idx)
+            votes = sum(int(voted[i].argmax()) == hinted[i] for i in idx)
             lost = [i for i in idx if junked(i, hinted[i], catalogue)]
             kept = sum(int(fused[i].argmax()) == hinted[i] for i in idx if i not in lost)
-            print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}; with its folder as the hint "
+            print(f"  {name}: the photo alone {alone}/{len(idx)} = {alone / len(idx):.1%}, with its {NEIGHBOURS} most alike "
+                  f"photos voting {votes}/{len(idx)} = {votes / len(idx):.1%}; with its folder as the hint "
                   f"(trust {cfg.hint_trust}) labelled right {kept}/{len(idx)} = {kept / len(idx):.1%}, junked {len(lost)}")
     print("\nJunk from the default model's rules (not a product, no product, a contradicted hint, not sold)")
     for catalogue in catalogues:
