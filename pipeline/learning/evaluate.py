@@ -193,8 +193,9 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
     sold = shop.sold()
     given = sold_posterior(probs, sold)
     alone = None
-    if data != "fashion-mnist" and clf.taxonomy is not None:  # as a run labels a night of them without folders
-        alone, given = float((given.argmax(axis=1) == y).mean()) if len(y) else None, neighbour_votes(given, embeddings)
+    if data != "fashion-mnist" and clf.taxonomy is not None and len(y):  # as a run labels them without folders
+        alone = float((given.argmax(axis=1) == y).mean())
+        given = neighbour_votes(given, embeddings)
     metrics = classification_metrics(y, given, clf.categories)
     metrics["catalogue"] = None if sold is None else [c for c, s in zip(clf.categories, sold) if s]
     metrics["neighbours"] = NEIGHBOURS if alone is not None else 0

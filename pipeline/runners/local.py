@@ -322,13 +322,12 @@ def plan_chunk(records: list[Record], scans: dict[int, Scan | tuple[str, str]], 
     return Plan(good, quality_junk, seen, duplicates, to_classify)
 
 
-def with_hints(probs: np.ndarray, hints: list[str | None], ctx: Context, sold: np.ndarray | None = None) -> np.ndarray:
+def with_hints(probs: np.ndarray, filed: np.ndarray, ctx: Context, sold: np.ndarray | None = None) -> np.ndarray:
     """The classified photos' category probabilities with their folders or hints counted (``--hint-trust``):
     what a kept row's label and top-k come from, so also what the copy check groups photos by (the index
-    records of earlier chunks and nights carry that top-k). ``sold``: the catalogue in force, which the
-    prior is spread over."""
-    return hint_posterior(probs, hint_indices(hints, ctx.classifier), ctx.cfg.junk.hint_trust,
-                          int(sold.sum()) if sold is not None else None)
+    records of earlier chunks and nights carry that top-k). ``filed``: each photo's hint category index
+    (``hint_indices``; -1 for none). ``sold``: the catalogue in force, which the prior is spread over."""
+    return hint_posterior(probs, filed, ctx.cfg.junk.hint_trust, int(sold.sum()) if sold is not None else None)
 
 
 def with_neighbours(given: np.ndarray, embeddings: np.ndarray, filed: np.ndarray, classifier: Classifier) -> np.ndarray:
@@ -429,7 +428,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     hints = [ctx.hint(by_row[row]) for row in plan.to_classify]
     filed = hint_indices(hints, clf)
     given = sold_posterior(preds.probs, sold, ctx.departments, filed)
-    hinted = with_hints(with_neighbours(given, preds.embeddings, filed, clf), hints, ctx, sold)
+    hinted = with_hints(with_neighbours(given, preds.embeddings, filed, clf), filed, ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)
