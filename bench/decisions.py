@@ -299,16 +299,11 @@ def few_shot_curve(emb: np.ndarray, y: np.ndarray, ks: list[int], splits: int, s
                 float((yk[train][(zp_s @ zp_t.T).argmax(axis=1)] == yk[test]).mean()))
             pred = (zp_s @ f.weights + f.bias).argmax(axis=1)
             out.setdefault((k, "labelcat auto without the taxonomy prior"), []).append(float((pred == yk[test]).mean()))
-            logits, fp = zp_s @ f.weights + f.bias, f
             if prior is not None:
                 fp = shop_fit(emb, yk, train, len(classes), prior)
-                logits = shop_logits(fp, fp.embed(emb[test]), prior, test)
+                pred = shop_logits(fp, fp.embed(emb[test]), prior, test).argmax(axis=1)
             out.setdefault((k, "labelcat auto (centroid/logreg by CV, taxonomy prior weighted by CV)"), []).append(
-                float((logits.argmax(axis=1) == yk[test]).mean()))
-            # the held-out photos as one night without folders: each voted on by its most alike others, as run does
-            voted = neighbour_votes(softmax(logits).astype(np.float32), fp.embed(emb[test]))
-            out.setdefault((k, "labelcat auto, held-out photos as a night without folders (neighbour votes)"),
-                           []).append(float((voted.argmax(axis=1) == yk[test]).mean()))
+                float((pred == yk[test]).mean()))
     return {key: float(np.mean(v)) for key, v in out.items()}
 
 

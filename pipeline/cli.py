@@ -469,8 +469,8 @@ def evaluate(model: str, data: str, report_dir: Path | None, target_precision: f
     for its official test set): accuracy, per-class precision/recall/F1, ECE, confusion matrix,
     reliability diagram and the coverage table, written as Markdown + PNG + JSON.
 
-    Labels are read as `labelcat run` gives them: among the categories of --catalogue, and with each photo's
-    most alike others voting, as a run labels photos without a folder.
+    Labels are read as `labelcat run` gives them: among the categories of --catalogue, and for the default
+    model with each photo's most alike others voting, as a run labels photos without a folder.
     """
     from pipeline.models.card import CardError
     from pipeline.learning.evaluate import evaluate_model, summary_line, write_report

@@ -148,9 +148,9 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
 
     ``catalogue``: as ``labelcat run --catalogue`` (``junk.catalogue_for``); ``auto`` reads the default
     model's probabilities among the categories the photos are labelled with, as a run does among the
-    categories its photos are filed under, so the report scores the labels a run would give. The photos
-    are then voted on by their most alike others (``embeddings.neighbour_votes``), as a run labels a night
-    of photos without folders; ``photo_alone_accuracy`` is the score before the votes.
+    categories its photos are filed under, so the report scores the labels a run would give. The default
+    model's photos are then voted on by their most alike others (``embeddings.neighbour_votes``), as a run
+    labels a night of photos without folders; ``photo_alone_accuracy`` is the score before the votes.
     """
     from pipeline.models.classifier import load_classifier
     from pipeline.stages.classify import make_step, predict
@@ -193,7 +193,7 @@ def evaluate_model(model_ref: str, data: str, target_precision: float = 0.95, ba
     sold = shop.sold()
     given = sold_posterior(probs, sold)
     alone = None
-    if data != "fashion-mnist" and len(y) and embeddings.shape[1]:  # as a run labels them without folders
+    if data != "fashion-mnist" and clf.taxonomy is not None and len(y):  # as a run labels them without folders
         alone = float((given.argmax(axis=1) == y).mean())
         given = neighbour_votes(given, embeddings)
     metrics = classification_metrics(y, given, clf.categories)

@@ -330,11 +330,11 @@ def with_hints(probs: np.ndarray, filed: np.ndarray, ctx: Context, sold: np.ndar
     return hint_posterior(probs, filed, ctx.cfg.junk.hint_trust, int(sold.sum()) if sold is not None else None)
 
 
-def with_neighbours(given: np.ndarray, embeddings: np.ndarray, filed: np.ndarray) -> np.ndarray:
+def with_neighbours(given: np.ndarray, embeddings: np.ndarray, filed: np.ndarray, classifier: Classifier) -> np.ndarray:
     """``given`` with the rows that have no folder or hint (``filed`` -1) voted on by the chunk's most alike
-    photos (``embeddings.neighbour_votes``): what their labels come from, the default model's and a trained
-    shop model's alike (both measured: README, Decisions)."""
-    if not (filed < 0).any():
+    photos (``embeddings.neighbour_votes``): what their labels come from. The default model's zero-shot
+    labels only, where it was measured (README, Decisions); a trained model's classes are the shop's own."""
+    if classifier.taxonomy is None or not (filed < 0).any():
         return given
     return np.where((filed < 0)[:, None], neighbour_votes(given, embeddings), given)
 
@@ -428,7 +428,7 @@ def process_chunk(records: list[Record], ctx: Context, processed_at: datetime,
     hints = [ctx.hint(by_row[row]) for row in plan.to_classify]
     filed = hint_indices(hints, clf)
     given = sold_posterior(preds.probs, sold, ctx.departments, filed)
-    hinted = with_hints(with_neighbours(given, preds.embeddings, filed), filed, ctx, sold)
+    hinted = with_hints(with_neighbours(given, preds.embeddings, filed, clf), filed, ctx, sold)
     confirm_copies(plan, preds, hinted, ctx)
 
     rows = finish_chunk(records, scans, plan, preds, hinted, ctx, processed_at, given, sold)

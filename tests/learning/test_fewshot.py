@@ -522,38 +522,3 @@ def test_training_leaves_out_what_imagenet_calls_no_product_unless_the_class_sel
     assert t.loc["cat.jpg", "status"] == "labelled" and t.loc["cat.jpg", "label"] == "pets"
     assert t.loc["cl_bogo02_1.jpg", "status"] == "labelled"
     assert t.loc["rocket.jpg", "junk_reason"].startswith(("no_product", "not_product"))
-
-
-@pytest.mark.slow
-def test_a_shop_model_labels_photos_without_a_folder_with_their_most_alike_photos_voting(few_shot, tmp_path):
-    """``run --model`` on the held-out photos in one folder that names no class: a kept photo's label is its
-    own probabilities and its five most alike photos' votes (``embeddings.neighbour_votes``, on the shop
-    model's own features), as for the default model; ``evaluate`` reports the photo alone beside it."""
-    import json
-
-    from pipeline.models.classifier import load_classifier
-    from pipeline.models.embeddings import neighbour_votes
-    from pipeline.stages.classify import predict
-
-    base, _ = few_shot
-    night = tmp_path / "night"
-    night.mkdir()
-    for photo in sorted((base / "test").glob("*/*.jpg")):
-        shutil.copy(photo, night / f"{photo.parent.name}__{photo.name}")
-    out = tmp_path / "o.parquet"
-    r = CliRunner().invoke(cli, ["run", str(night), "--model", str(base / "model"), "--out", str(out), "-q"])
-    assert r.exit_code == 0, r.output
-    t = pq.read_table(out).to_pandas().sort_values("path").reset_index(drop=True)
-    assert len(t) == 6 and t["hint_category"].isna().all()
-    shop = load_classifier(str(base / "model"))
-    preds = predict(shop, list(t["path"]))
-    votes = neighbour_votes(preds.probs, preds.embeddings)
-    kept = t["status"] == "labelled"
-    rows = kept.to_numpy()
-    assert kept.sum() >= 5 and not np.allclose(votes[rows].max(axis=1), preds.probs[rows].max(axis=1))
-    assert list(t.loc[kept, "label"]) == [shop.categories[int(v.argmax())] for v in votes[rows]]
-    assert np.allclose(t.loc[kept, "confidence"], votes[rows].max(axis=1), atol=1e-4)
-    r = CliRunner().invoke(cli, ["evaluate", str(base / "model"), str(base / "test"), "--report", str(tmp_path / "rep"),
-                                 "-q"])
-    m = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert m["neighbours"] == 5 and m["photo_alone_accuracy"] is not None
